@@ -1,0 +1,87 @@
+"""Layer budgets: how a global sparsity S is split across layers.
+
+uniform: every layer keeps 1 - S.
+er:  density_l ∝ (n_in + n_out) / (n_in · n_out)                        (Mocanu et al., 2018)
+erk: density_l ∝ ((n_in + n_out + Σ kernel) / (n_in · n_out · Π kernel)) ** power_scale   (Evci et al., 2020)
+
+The ε that meets the global budget is solved in closed form; a layer whose density would exceed 1 is made dense,
+leaves the budget, and the solve repeats, exactly as the reference RigL implementation does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+from ..errors import SurgeonError
+
+
+def _raw_er(shape: Sequence[int], power_scale: float) -> float:
+    n_out, n_in = shape[0], math.prod(shape[1:])
+    return (n_in + n_out) / (n_in * n_out)
+
+
+def _raw_erk(shape: Sequence[int], power_scale: float) -> float:
+    return (sum(shape) / math.prod(shape)) ** power_scale
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
+        raise SurgeonError(f"sparsity {sparsity!r} is outside [0, 1)", "pass a fraction of weights to remove, e.g. 0.5 or 0.9")
+    return float(sparsity)
+
+
+def layer_densities(
+    shapes: Mapping[str, Sequence[int]],
+    sparsity: float,
+    distribution: str = "erk",
+    power_scale: float = 1.0,
+    overrides: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Return ``{name: density}`` whose parameter-weighted mean is ``1 - sparsity``.
+
+    ``overrides`` pins layers to a given density (1.0 = dense); the rest share what is left of the budget.
+    """
+    sparsity = check_sparsity(sparsity)
+    if distribution not in DISTRIBUTIONS:
+        raise SurgeonError(
+            f"unknown distribution {distribution!r}", f"choose one of: {', '.join(sorted(DISTRIBUTIONS))}"
+        )
+    overrides = dict(overrides or {})
+    for name, d in overrides.items():
+        if name not in shapes:
+            raise SurgeonError(f"density override for unknown layer {name!r}", "name a target tensor FQN from `surgeon inspect`")
+        if not 0.0 <= d <= 1.0:
+            raise SurgeonError(f"density override {d!r} for {name!r} is outside [0, 1]", "use a density between 0 and 1")
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    if distribution == "uniform":
+        return {n: overrides.get(n, 1.0 - sparsity) for n in shapes}
+
+    raw_fn = DISTRIBUTIONS[distribution]
+    raw = {n: raw_fn(s, power_scale) for n, s in shapes.items()}
+    fixed = dict(overrides)
+    while True:
+        # rhs: weights the free layers must keep; divisor: Σ raw_l · n_l over free layers
+        rhs = sum((1.0 - sparsity) * sizes[n] for n in shapes) - sum(fixed[n] * sizes[n] for n in fixed)
+        free = [n for n in shapes if n not in fixed]
+        if not free:
+            break
+        divisor = sum(raw[n] * sizes[n] for n in free)
+        if rhs < 0:
+            raise SurgeonError(
+                f"density overrides keep more weights than sparsity {sparsity} allows",
+                "lower the overrides or the sparsity",
+            )
+        eps = rhs / divisor
+        max_raw = max(raw[n] for n in free)
+        if eps * max_raw <= 1.0:
+            break
+        for n in free:
+            if raw[n] == max_raw:
+                fixed[n] = 1.0
+    out = {}
+    for n in shapes:
+        out[n] = fixed[n] if n in fixed else eps * raw[n]
+    return out
+
+
+DISTRIBUTIONS = {"uniform": None, "er": _raw_er, "erk": _raw_erk}

@@ -1,0 +1,86 @@
+"""Mask patterns: exact top-k, random with an exact count, and N:M along the reduction dimension.
+
+All counts are exact (never Bernoulli). Ties in top-k break towards the lower flat index, so masks are
+deterministic across runs and processes.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import SurgeonError
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of ``scores.shape`` with exactly ``k`` True at the largest scores (ties → lower index)."""
+    flat = scores.detach().reshape(-1)
+    k = int(k)
+    if not 0 <= k <= flat.numel():
+        raise ValueError(f"k={k} outside [0, {flat.numel()}]")
+    order = torch.sort(flat.float(), descending=True, stable=True).indices[:k]
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[order] = True
+    return mask.view(scores.shape)
+
+
+def random_mask(shape, k: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Bool mask with exactly ``k`` True positions drawn uniformly without replacement."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    idx = torch.randperm(n, generator=generator)[: int(k)]
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[idx] = True
+    return mask.view(tuple(shape)).to(device) if device is not None else mask.view(tuple(shape))
+
+
+def parse_nm(nm: str | tuple[int, int]) -> tuple[int, int]:
+    """"2:4" → (2, 4); rejects anything but two integers with 0 < N ≤ M."""
+    if isinstance(nm, (tuple, list)):
+        parts = [str(p) for p in nm]
+    else:
+        parts = str(nm).split(":")
+    hint = "write N:M with 0 < N <= M, e.g. 2:4"
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise SurgeonError(f"invalid N:M pattern {nm!r}", hint)
+    n, m = (int(p) for p in parts)
+    if not 0 < n <= m:
+        raise SurgeonError(f"invalid N:M pattern {nm!r}: need 0 < N <= M", hint)
+    return n, m
+
+
+def nm_groups(w: torch.Tensor, m: int) -> torch.Tensor:
+    """View ``w`` as ``[-1, m]`` groups along the reduction (input) dimension.
+
+    Linear/RNN ``[out, in]`` group along ``in``; Conv ``[out, in, *k]`` is permuted to ``[out, *k, in]`` (NHWC order)
+    first, so each group holds M input channels at one kernel position.
+    """
+    if w.dim() > 2:
+        w = w.movedim(1, -1)
+    return w.reshape(-1, m)
+
+
+def nm_ungroup(g: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of :func:`nm_groups` for a tensor of ``shape``."""
+    shape = tuple(shape)
+    if len(shape) > 2:
+        permuted = (shape[0],) + shape[2:] + (shape[1],)
+        return g.reshape(permuted).movedim(-1, 1)
+    return g.reshape(shape)
+
+
+def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` largest |w| of every ``m`` along the reduction dimension (ties → lower index)."""
+    groups = nm_groups(w.detach().abs(), m)
+    # stable descending sort: equal magnitudes keep their order, so the lower index wins
+    idx = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, idx, True)
+    return nm_ungroup(keep, w.shape)
+
+
+def nm_skip_reason(shape, m: int) -> str | None:
+    """Why a tensor of ``shape`` cannot take an N:M pattern with group size ``m`` (None when it can)."""
+    if len(shape) < 2:
+        return "not a matrix"
+    if shape[1] % m:
+        return f"reduction size {shape[1]} is not divisible by M={m}"
+    return None

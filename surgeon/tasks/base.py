@@ -1,0 +1,54 @@
+"""The task interface the training engine drives; images (UNet) and sequences (ChiroDiff) implement it.
+
+The engine never looks inside a batch. Per step it calls::
+
+    inputs, target, weight = task.noisy_batch(batch, generator)   # x_t, t (and conditioning), ε, loss weight
+    pred = task.predict(model, inputs)                              # the denoiser's ε̂
+    loss = task.mse(pred, target, weight)                           # masked mean squared error
+
+so a distillation loss can run the teacher on the very same ``inputs``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class Task:
+    """Base class: subclasses implement the data, the noising, the forward call and sampling."""
+
+    name: str = "task"
+
+    def dataset(self, split: str = "train") -> Dataset:
+        raise NotImplementedError
+
+    def collate(self, items: list) -> Any:
+        return torch.utils.data.default_collate(items)
+
+    def noisy_batch(self, batch: Any, generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+        """Sample t ~ U{0..T-1} and ε ~ N(0, I); return (model inputs incl. x_t and t, ε, optional weight)."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean squared error; with ``weight`` (e.g. a padding mask broadcastable to pred) only weighted entries count."""
+        err = (pred.float() - target.float()) ** 2
+        if weight is None:
+            return err.mean()
+        weight = weight.to(err.dtype).expand_as(err)
+        return (err * weight).sum() / weight.sum().clamp_min(1.0)
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, n: int, generator: torch.Generator | None = None, steps: int | None = None) -> torch.Tensor:
+        """Generate ``n`` samples with the task's sampler."""
+        raise NotImplementedError
+
+    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples → uint8 images ``[n, H, W, C]`` for grids and FID."""
+        raise NotImplementedError
