@@ -1,0 +1,100 @@
+"""ChiroDiff's score network (Das et al., ICLR 2023), written from the paper and the seed paper's appendix B.1.
+
+What is diffused: the *absolute* representation, every point as (x, y, pen), with the pen bit treated as a
+continuous channel like the coordinates and thresholded only when drawing. ChiroDiff prefers absolute points to
+velocities because noise on velocities accumulates into drift once they are integrated back into positions; its
+reference configuration (``repr: threeseqabs``) diffuses all three channels.
+
+The velocities are still given to the network, as the paper's "spatial coordinates, their point-wise velocities"
+says: they are computed *from the noisy points* inside ``forward`` (first differences of the coordinate channels,
+the first point's velocity measured from the origin), so the noised data stays ``[B, L, 3]``.
+
+Per point the backbone sees ``[x_t (D), velocity (coords), time embedding (time_features)]``. The diffusion step
+is embedded with random Fourier features: fixed Gaussian frequencies (a seeded buffer), ``t`` scaled to
+``(t + 1) / T``. A bidirectional GRU gives every point the whole sequence as context; a linear layer projects
+both directions to ``hidden``, and the head maps ``[hidden, time embedding]`` to ε for every point.
+
+Padding: sequences are packed, so padded points never reach real ones through the GRU; velocities look only
+backwards, so they cannot either; outputs at padded points are zero.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from ..errors import SurgeonError
+
+
+class ChiroDiffNet(nn.Module):
+    def __init__(
+        self,
+        features: int = 3,
+        coords: int = 2,
+        hidden: int = 96,
+        layers: int = 3,
+        time_features: int = 8,
+        fourier_scale: float = 4.0,
+        num_train_timesteps: int = 1000,
+        dropout: float = 0.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not 0 < coords <= features:
+            raise SurgeonError(f"coords={coords} must be in 1..features={features}", "coords counts the leading x, y channels")
+        if time_features <= 0 or time_features % 2:
+            raise SurgeonError(f"time_features={time_features} must be a positive even number", "it holds sin/cos pairs")
+        self.config = dict(
+            features=int(features), coords=int(coords), hidden=int(hidden), layers=int(layers),
+            time_features=int(time_features), fourier_scale=float(fourier_scale),
+            num_train_timesteps=int(num_train_timesteps), dropout=float(dropout), seed=int(seed),
+        )
+        gen = torch.Generator().manual_seed(int(seed))
+        # seeded, so from_config alone rebuilds the same embedding; persistent, so a state_dict carries it anyway
+        self.register_buffer("fourier_freqs", torch.randn(time_features // 2, generator=gen) * fourier_scale)
+        self.rnn = nn.GRU(
+            features + coords + time_features, hidden, layers,
+            batch_first=True, bidirectional=True, dropout=dropout if layers > 1 else 0.0,
+        )
+        self.out_proj = nn.Linear(2 * hidden, hidden)
+        self.head = nn.Linear(hidden + time_features, features)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ChiroDiffNet":
+        try:
+            return cls(**config)
+        except TypeError as e:
+            raise SurgeonError(f"invalid ChiroDiffNet config ({e})", "the config must come from ChiroDiffNet.config") from None
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """[B] long → [B, time_features]."""
+        s = (t.float() + 1.0) / self.config["num_train_timesteps"]
+        proj = 2 * math.pi * s[:, None] * self.fourier_freqs[None, :]
+        return torch.cat([proj.sin(), proj.cos()], dim=-1)
+
+    def velocities(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] → [B, L, coords]: backward first differences, from the origin for the first point."""
+        pos = x[..., : self.config["coords"]]
+        return torch.cat([pos[:, :1], pos[:, 1:] - pos[:, :-1]], dim=1)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, L, D = x_t.shape  # noqa: N806
+        if D != self.config["features"] or t.shape != (B,) or mask.shape != (B, L):
+            raise SurgeonError(
+                f"ChiroDiffNet got x_t {list(x_t.shape)}, t {list(t.shape)}, mask {list(mask.shape)}",
+                f"expected x_t [B, L, {self.config['features']}], t [B], mask [B, L]",
+            )
+        mask = mask.bool()
+        lengths = mask.sum(1)
+        if not torch.equal(mask, torch.arange(L, device=mask.device)[None, :] < lengths[:, None]):
+            raise SurgeonError("mask is not a prefix mask", "pad sequences at the end (collate_sequences does)")
+        temb = self.time_embedding(t)[:, None, :].expand(B, L, -1)  # [B, L, time_features]
+        inp = torch.cat([x_t, self.velocities(x_t), temb.to(x_t.dtype)], dim=-1)
+        # an empty row would break packing; its single computed point is zeroed below with the rest of the padding
+        packed = pack_padded_sequence(inp, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False)
+        hid, _ = self.rnn(packed)
+        hid, _ = pad_packed_sequence(hid, batch_first=True, total_length=L)  # [B, L, 2*hidden]
+        eps = self.head(torch.cat([self.out_proj(hid), temb.to(hid.dtype)], dim=-1))  # [B, L, D]
+        return eps * mask[..., None].to(eps.dtype)
