@@ -17,9 +17,20 @@ class Mask(nn.Module):
     def __init__(self, mask: torch.Tensor):
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool))
+        # RigL needs dL/dW_effective at every position, pruned ones included; the gradient reaching the original
+        # is masked, so at update steps the forward hooks the effective weight and sums what flows into it.
+        self.capture_grad = False
+        self.dense_grad: torch.Tensor | None = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.mask
+        out = w * self.mask
+        if self.capture_grad and out.requires_grad:
+            out.register_hook(self._accumulate_dense_grad)
+        return out
+
+    def _accumulate_dense_grad(self, grad: torch.Tensor) -> None:
+        grad = grad.detach().float()
+        self.dense_grad = grad.clone() if self.dense_grad is None else self.dense_grad + grad
 
     def current_mask(self, w: torch.Tensor) -> torch.Tensor:
         return self.mask

@@ -1,0 +1,18 @@
+"""Sparse training algorithms: small classes that hook into the training loop at named points.
+
+A plain dict registry; add an entry here when you add an algorithm.
+"""
+from .base import Algorithm
+from .dst import MagRan, RigL
+from .nm_ste import NMSTE
+from .static import Dense, Static
+
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    "dense": Dense,
+    "static": Static,
+    "magran": MagRan,
+    "rigl": RigL,
+    "nm_ste": NMSTE,
+}
+
+__all__ = ["ALGORITHMS", "Algorithm", "Dense", "MagRan", "NMSTE", "RigL", "Static"]

@@ -1,0 +1,105 @@
+"""Dynamic sparse training, Algorithm 2 of the paper: MagRan-DM and RigL-DM.
+
+Every ΔT_e steps each masked layer drops the fraction p of its active weights with the smallest |w| and grows the
+same number among the positions inactive after the drop: MagRan at random, RigL where the dense gradient
+|dL/dW_effective| is largest. RigL differs from MagRan only in :meth:`grow_scores` (as in jaxpruner).
+Counts are exact; grown weights start at 0; the loop zeroes optimizer state and EMA at every reset position.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..sparsity.patterns import topk_mask
+from ..sparsity.schedules import drop_fraction, is_update_step
+from ..surgery import Site, sites
+from .base import Algorithm
+
+
+class MagRan(Algorithm):
+    name = "magran"
+    changes_masks = True
+
+    def setup(self, model, accelerator) -> None:
+        super().setup(model, accelerator)
+        self.sites = {f: s for f, s in sites(model).items() if not s.is_nm}
+        self.updating = False
+        self.history: list[dict] = []
+
+    def is_update(self, step: int) -> bool:
+        d = self.recipe.dst
+        return is_update_step(step, d.delta_t, self.total_steps, d.stop_fraction)
+
+    def begin_step(self, step: int) -> None:
+        self.updating = self.is_update(step)
+
+    def skip_optimizer_step(self, step: int) -> bool:
+        return self.updating and self.recipe.dst.skip_optimizer_step
+
+    def grow_scores(self, site: Site, generator: torch.Generator) -> torch.Tensor:
+        """Higher = grown first. MagRan: i.i.d. uniform, drawn from a generator seeded identically on every process."""
+        return torch.rand(site.original.shape, generator=generator).to(site.original.device)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> dict[str, torch.Tensor]:
+        if not self.updating:
+            return {}
+        d = self.recipe.dst
+        frac = drop_fraction(step, d.p, self.total_steps, d.stop_fraction, d.p_decay)
+        generator = torch.Generator().manual_seed(self.recipe.training.seed * 1_000_003 + step)
+        resets, moved = {}, 0
+        for fqn, site in self.sites.items():
+            w, mask = site.original, site.mask
+            k = int(mask.sum())
+            n = int(frac * k)
+            scores = self.grow_scores(site, generator)  # drawn for every layer so the random stream stays aligned
+            if n == 0:
+                continue
+            keep = topk_mask(torch.where(mask, w.abs().float(), -torch.inf), k - n)
+            grow = topk_mask(torch.where(keep, -torch.inf, scores.float()), n)
+            new_mask = keep | grow
+            reset = (mask & ~keep) | grow  # dropped, and grown (a grown weight starts at 0)
+            site.set_mask(new_mask)
+            w.mul_(new_mask).masked_fill_(grow, 0.0)
+            resets[fqn] = reset
+            moved += int((grow & ~mask).sum())
+        self.history.append({"step": step, "p": frac, "regrown": moved})
+        self.end_update()
+        return resets
+
+    def end_update(self) -> None:
+        self.updating = False
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state.get("history", []))
+
+
+class RigL(MagRan):
+    name = "rigl"
+
+    def begin_step(self, step: int) -> None:
+        super().begin_step(step)
+        for site in self.sites.values():
+            site.parametrization.capture_grad = self.updating
+            site.parametrization.dense_grad = None
+
+    def after_backward(self, step: int) -> None:
+        if not self.updating:
+            return
+        for fqn, site in self.sites.items():
+            g = site.parametrization.dense_grad
+            if g is None:  # the layer took no part in this step's forward
+                g = torch.zeros_like(site.original, dtype=torch.float32)
+            # average over processes so every rank ranks the same scores and grows the same positions
+            site.parametrization.dense_grad = self.accelerator.reduce(g, reduction="mean")
+
+    def grow_scores(self, site: Site, generator: torch.Generator) -> torch.Tensor:
+        return site.parametrization.dense_grad.abs()
+
+    def end_update(self) -> None:
+        super().end_update()
+        for site in self.sites.values():
+            site.parametrization.capture_grad = False
+            site.parametrization.dense_grad = None
