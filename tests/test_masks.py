@@ -1,0 +1,204 @@
+"""Mask and NMMask parametrizations (DESIGN §3 first and N:M invariants, §4 SparseDM straight-through)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from surgeon.masks import Mask, NMMask
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _reduction_groups(t: torch.Tensor, m: int) -> torch.Tensor:
+    """Independent grouping: [out, in] → along in; [out, in, *k] → permute to [out, *k, in] (NHWC), then by M."""
+    if t.dim() > 2:
+        t = t.permute(0, *range(2, t.dim()), 1).contiguous()
+    return t.reshape(-1, m)
+
+
+def _manual_nm(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """S(W) by plain Python: in every group of M along the reduction dim keep the N largest |w| (lower index on ties)."""
+    groups = _reduction_groups(w.detach(), m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    for r in range(groups.shape[0]):
+        vals = groups[r].abs().tolist()
+        order = sorted(range(m), key=lambda j: (-vals[j], j))[:n]
+        keep[r, order] = True
+    # un-group back to w's layout
+    if w.dim() > 2:
+        permuted = (w.shape[0], *w.shape[2:], w.shape[1])
+        keep = keep.reshape(permuted).permute(0, w.dim() - 1, *range(1, w.dim() - 1))
+    return keep.reshape(w.shape)
+
+
+# ------------------------------------------------------------------------------------------- Mask
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_mask_effective_weight_and_forward_exact(mode):
+    g = _gen(0)
+    lin = nn.Linear(12, 7)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(7, 12, generator=g) + 3.0)  # no accidental zeros
+    mask = torch.rand(7, 12, generator=g) < 0.4
+    w = lin.weight.detach().clone()
+    parametrize.register_parametrization(lin, "weight", Mask(mask))
+    getattr(lin, mode)()
+    eff = lin.weight
+    assert torch.equal(eff, w * mask)
+    assert (eff[~mask] == 0).all() and (eff[mask] != 0).all()
+    x = torch.randn(5, 12, generator=g)
+    assert torch.equal(lin(x), F.linear(x, w * mask, lin.bias))
+    with torch.no_grad():
+        assert torch.equal(lin(x), F.linear(x, w * mask, lin.bias))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_mask_conv_forward_ignores_values_stored_at_pruned_positions(mode):
+    g = _gen(1)
+    conv = nn.Conv2d(3, 4, 3)
+    mask = torch.rand(conv.weight.shape, generator=g) < 0.5
+    parametrize.register_parametrization(conv, "weight", Mask(mask))
+    with torch.no_grad():  # whatever sits in the stored tensor at pruned positions must never reach the forward
+        conv.parametrizations.weight.original[~mask] = 1e6
+    kept_w = conv.parametrizations.weight.original.detach() * mask
+    getattr(conv, mode)()
+    x = torch.randn(2, 3, 6, 6, generator=g)
+    assert (conv.weight[~mask] == 0).all()
+    assert torch.equal(conv(x), F.conv2d(x, kept_w, conv.bias))
+
+
+def test_mask_gradient_zero_at_pruned_equals_masked_dense_grad_at_kept():
+    g = _gen(2)
+    lin = nn.Linear(9, 6)
+    mask = torch.rand(6, 9, generator=g) < 0.5
+    parametrize.register_parametrization(lin, "weight", Mask(mask))
+    x = torch.randn(4, 9, generator=g)
+    (lin(x) ** 2).sum().backward()
+    grad = lin.parametrizations.weight.original.grad
+    # manual: gradient of the loss wrt the effective weight, then through w ⊙ mask
+    w_eff = (lin.parametrizations.weight.original.detach() * mask).requires_grad_()
+    (F.linear(x, w_eff, lin.bias.detach()) ** 2).sum().backward()
+    assert (grad[~mask] == 0).all()
+    assert (grad[mask] != 0).any()
+    torch.testing.assert_close(grad, w_eff.grad * mask, rtol=0, atol=0)
+
+
+def test_mask_buffer_is_bool_and_current_mask():
+    m = Mask(torch.tensor([[1.0, 0.0], [0.5, 0.0]]))
+    assert m.mask.dtype == torch.bool
+    assert torch.equal(m.current_mask(torch.ones(2, 2)), torch.tensor([[True, False], [True, False]]))
+    assert "mask" in dict(m.named_buffers())
+
+
+# ------------------------------------------------------------------------------------------- NMMask
+
+SHAPES = [(6, 8), (3, 12), (4, 8, 3, 3), (2, 4, 2, 5), (5, 8, 3), (2, 4, 1, 2, 3)]
+NM = [(2, 4), (1, 4), (3, 4), (1, 2), (4, 4)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n,m", NM)
+def test_nm_every_reduction_group_has_exactly_n_nonzeros_at_top_magnitudes(shape, n, m):
+    if shape[1] % m:
+        pytest.fail("test shapes must have a reduction size divisible by M")
+    w = torch.randn(shape, generator=_gen(hash((shape, n, m)) % 1000))
+    eff = NMMask(n, m)(w)
+    groups = _reduction_groups(eff, m)
+    assert ((groups != 0).sum(dim=1) == n).all()
+    expected = _manual_nm(w, n, m)
+    assert torch.equal(eff != 0, expected)
+    assert torch.equal(eff, w * expected)
+
+
+def test_nm_conv_groups_run_over_input_channels_not_the_flat_row():
+    # in NCHW row-major order a conv row [in, kh, kw] would be grouped over kernel positions; NHWC groups channels.
+    # Make one kernel position dominate across all input channels: a flat-row grouping would keep it,
+    # the channel grouping must keep exactly n channels per kernel position instead.
+    w = torch.full((1, 4, 2, 2), 0.1)
+    w[0, :, 0, 0] = torch.tensor([5.0, 4.0, 3.0, 2.0])
+    w[0, 2, 1, 1] = 9.0
+    keep = NMMask(2, 4)(w) != 0
+    for kh, kw in itertools.product(range(2), range(2)):
+        assert keep[0, :, kh, kw].sum() == 2
+    assert keep[0, :, 0, 0].tolist() == [True, True, False, False]
+    assert keep[0, 2, 1, 1]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_nm_linear_module_forward_uses_projection(mode):
+    g = _gen(3)
+    lin = nn.Linear(8, 5)
+    parametrize.register_parametrization(lin, "weight", NMMask(2, 4))
+    getattr(lin, mode)()
+    w = lin.parametrizations.weight.original.detach()
+    s = w * _manual_nm(w, 2, 4)
+    x = torch.randn(3, 8, generator=g)
+    assert torch.equal(lin.weight, s)
+    assert torch.equal(lin(x), F.linear(x, s, lin.bias))
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (4, 8, 3, 3)])
+def test_nm_straight_through_gradient_without_regularizer(shape):
+    g = _gen(4)
+    w = torch.randn(shape, generator=g).requires_grad_()
+    up = torch.randn(shape, generator=g)
+    NMMask(2, 4, lambda_w=0.0)(w).backward(up)
+    assert torch.equal(w.grad, up)  # including pruned positions: straight through
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (4, 8, 3, 3)])
+@pytest.mark.parametrize("lam", [2e-4, 0.5])
+def test_nm_sr_ste_gradient_matches_manual(shape, lam):
+    g = _gen(5)
+    w = torch.randn(shape, generator=g).requires_grad_()
+    up = torch.randn(shape, generator=g)
+    NMMask(2, 4, lambda_w=lam)(w).backward(up)
+    s = w.detach() * _manual_nm(w, 2, 4)
+    expected = up + lam * (w.detach() - s)
+    torch.testing.assert_close(w.grad, expected, rtol=1e-6, atol=1e-7)
+    pruned = ~_manual_nm(w, 2, 4)
+    assert not torch.equal(w.grad[pruned], up[pruned])  # the term is really there
+
+
+def test_nm_sr_ste_through_a_module_loss():
+    g = _gen(6)
+    lin = nn.Linear(8, 4)
+    lam = 0.3
+    parametrize.register_parametrization(lin, "weight", NMMask(2, 4, lambda_w=lam))
+    x = torch.randn(5, 8, generator=g)
+    (lin(x) ** 2).sum().backward()
+    w = lin.parametrizations.weight.original.detach()
+    keep = _manual_nm(w, 2, 4)
+    w_eff = (w * keep).requires_grad_()
+    (F.linear(x, w_eff, lin.bias.detach()) ** 2).sum().backward()
+    expected = w_eff.grad + lam * (w - w * keep)
+    torch.testing.assert_close(lin.parametrizations.weight.original.grad, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_nm_ties_are_deterministic_and_keep_lower_index():
+    lin_w = torch.ones(3, 8)
+    keep = NMMask(2, 4)(lin_w) != 0
+    assert keep.tolist() == [[True, True, False, False] * 2] * 3
+    signed = torch.tensor([[-1.0, 1.0, -1.0, 1.0, 0.5, -0.5, 0.5, -0.5]])
+    assert (NMMask(1, 4)(signed) != 0).tolist() == [[True, False, False, False, True, False, False, False]]
+    conv_w = torch.ones(2, 8, 3, 3)
+    keep = NMMask(2, 4)(conv_w) != 0
+    # at every (out, kh, kw): input channels 0,1 of the first group and 4,5 of the second
+    assert torch.equal(keep.sum(dim=(0, 2, 3)), torch.tensor([18, 18, 0, 0, 18, 18, 0, 0]))
+    again = [NMMask(2, 4)(conv_w) != 0 for _ in range(3)]
+    assert all(torch.equal(a, keep) for a in again)
+
+
+def test_nm_current_mask_matches_forward():
+    w = torch.randn(4, 8, 3, 3, generator=_gen(7))
+    p = NMMask(1, 4)
+    assert torch.equal(p.current_mask(w), p(w) != 0)
+    assert p.current_mask(w).sum() == w.numel() // 4
