@@ -52,3 +52,22 @@ class Task:
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples → uint8 images ``[n, H, W, C]`` for grids and FID."""
         raise NotImplementedError
+
+
+def ddpm_scheduler(timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2, beta_schedule: str = "linear"):
+    """The training noise schedule (diffusers DDPMScheduler, ε-prediction, no sample clipping)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
+                         beta_schedule=beta_schedule, clip_sample=False)
+
+
+def apply_diffusion_settings(task: Task, diffusion) -> None:
+    """Rebuild ``task.scheduler`` from a recipe's diffusion section; unset betas keep the task's defaults."""
+    cfg = task.scheduler.config
+    task.scheduler = ddpm_scheduler(
+        diffusion.timesteps,
+        cfg.beta_start if diffusion.beta_start is None else diffusion.beta_start,
+        cfg.beta_end if diffusion.beta_end is None else diffusion.beta_end,
+        diffusion.beta_schedule,
+    )

@@ -1,0 +1,127 @@
+"""Resumable training checkpoints: one safetensors file per checkpoint, no pickles anywhere.
+
+It holds the full model state (originals and mask buffers), every optimizer state tensor, the EMA, the torch RNG
+state, and in its JSON metadata the step, optimizer hyper-parameters, algorithm state and a model fingerprint.
+Data order and diffusion noise are pure functions of (seed, step), so nothing else is needed to resume a run
+bit-identically. (Accelerate's own ``save_state`` pickles optimizer and RNG state, which surgeon never loads.)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import SurgeonError
+
+FORMAT = "surgeon.checkpoint/1"
+_NAME = re.compile(r"^step-(\d+)\.safetensors$")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Class name plus every state tensor's name and shape: two checkpoints of one model share it."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, param_names: list[str],
+                    algorithm_state: dict, ema=None, extra: dict | None = None) -> Path:
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars = {}
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{param_names[idx]}.{key}"] = value.detach().contiguous()
+            else:
+                scalars[f"{param_names[idx]}.{key}"] = value
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.contiguous() for k, v in ema.state_dict().items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
+    meta = {
+        "format": FORMAT,
+        "step": str(step),
+        "fingerprint": fingerprint(model),
+        "param_names": json.dumps(param_names),
+        "param_groups": json.dumps(groups),
+        "optim_scalars": json.dumps(scalars),
+        "algorithm": json.dumps(algorithm_state),
+        "extra": json.dumps(extra or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    found = [(int(m.group(1)), p) for p in Path(folder).glob("step-*.safetensors") if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    for p in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        p.unlink(missing_ok=True)
+
+
+def resolve(ref: str | os.PathLike) -> Path:
+    """A checkpoint file, a run folder or its checkpoints/ folder (→ the latest checkpoint in it)."""
+    p = Path(ref)
+    if p.is_dir():
+        for folder in (p / "checkpoints", p):
+            found = list_checkpoints(folder)
+            if found:
+                return found[-1]
+        raise SurgeonError(f"no checkpoint found in {p}", "point --resume at a step-N.safetensors file or a run folder")
+    if not p.is_file():
+        raise SurgeonError(f"checkpoint {p} does not exist", "point --resume at a step-N.safetensors file or a run folder")
+    return p
+
+
+def load_checkpoint(ref, model: nn.Module, optimizer: torch.optim.Optimizer, param_names: list[str], ema=None) -> tuple[int, dict, dict]:
+    """Restore in place; returns (step, algorithm_state, extra). Refuses a checkpoint of another model."""
+    path = resolve(ref)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise SurgeonError(f"{path} is not a surgeon training checkpoint", "resume from a checkpoints/step-N.safetensors of a surgeon run")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise SurgeonError(f"cannot read checkpoint {path} ({e})", "the file is truncated or damaged; use an earlier checkpoint") from None
+    if meta["fingerprint"] != fingerprint(model):
+        raise SurgeonError(f"checkpoint {path} belongs to another model", "resume with the same MODEL, recipe and sparsity settings")
+    if json.loads(meta["param_names"]) != param_names:
+        raise SurgeonError(f"checkpoint {path} has different trainable parameters", "resume with the same recipe")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    index = {n: i for i, n in enumerate(param_names)}
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            name, _, slot = key[6:].rpartition(".")
+            state.setdefault(index[name], {})[slot] = value
+    for key, value in json.loads(meta["optim_scalars"]).items():
+        name, _, slot = key.rpartition(".")
+        state.setdefault(index[name], {})[slot] = value
+    groups = json.loads(meta["param_groups"])
+    current = optimizer.state_dict()["param_groups"]
+    for g, cur in zip(groups, current):
+        g["params"] = cur["params"]
+        g.update({k: tuple(v) for k, v in g.items() if k == "betas"})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if ema is not None:
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["step"]), json.loads(meta["algorithm"]), json.loads(meta["extra"])

@@ -1,0 +1,36 @@
+"""Exponential moving average of the trainable tensors that follows the masks (DESIGN §3)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def reset(self, positions: dict[str, torch.Tensor]) -> None:
+        """Zero the average where a mask update dropped or grew a weight ({parameter name: bool positions})."""
+        for n, pos in positions.items():
+            self.shadow[n].masked_fill_(pos.to(self.shadow[n].device), 0.0)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                p.copy_(self.shadow[n].to(p.dtype))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for n in self.shadow:
+            self.shadow[n].copy_(state[n])

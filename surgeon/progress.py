@@ -1,0 +1,33 @@
+"""Rich progress bars for long work: training shows loss, measured sparsity and it/s."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class TrainProgress:
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, label: str = "train"):
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  sparsity {task.fields[sparsity]:.3f}  {task.speed_text}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+        )
+        self.task = self.progress.add_task(label, total=total, completed=start, loss=float("nan"), sparsity=0.0, speed_text="")
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def update(self, step: int, loss: float, sparsity: float) -> None:
+        speed = self.progress.tasks[0].speed
+        self.progress.update(self.task, completed=step, loss=loss, sparsity=sparsity,
+                             speed_text=f"{speed:.2f} it/s" if speed else "")

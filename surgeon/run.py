@@ -1,0 +1,150 @@
+"""End-to-end runs behind ``surgeon sparsify`` (and the Python API): load → plan → inject → train → save.
+
+The output folder holds ``model/`` (packed masks, DESIGN §5), ``recipe.yaml`` (fully resolved), ``metrics.jsonl``,
+``samples.png``, ``summary.json`` and ``checkpoints/`` for ``--resume``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import SurgeonError
+from .plan import plan as make_plan
+from .recipe import Recipe, dump_recipe
+from .surgery import inject, sites
+from .tasks import apply_diffusion_settings, make_task
+
+
+@dataclass
+class RunSummary:
+    recipe: str
+    algorithm: str
+    sparsity: float  # measured over the masked tensors
+    params_total: int  # every parameter of the denoiser
+    params_kept: int  # nonzero after masking (unmasked tensors count in full)
+    steps: int
+    final_loss: float
+    val_loss: float | None
+    seconds: float
+    seconds_per_step: float
+    out_dir: str
+
+
+def reinitialize(model: nn.Module, seed: int) -> nn.Module:
+    """Fresh weights for training from scratch (the paper's setting), in place, seeded."""
+    torch.manual_seed(seed)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(type(model), "from_config"):
+        fresh = type(model).from_config(cfg)
+        model.load_state_dict(fresh.state_dict())
+        return model
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return model
+
+
+def find_autoencoder(ref: str) -> nn.Module | None:
+    """The frozen autoencoder of a latent-diffusion pipeline folder (vae/ or vqvae/), if any."""
+    root = Path(ref)
+    if not (root / "model_index.json").is_file():
+        return None
+    for sub in ("vqvae", "vae"):
+        cfg = root / sub / "config.json"
+        if cfg.is_file():
+            import diffusers
+
+            cls_name = json.loads(cfg.read_text()).get("_class_name", "AutoencoderKL")
+            cls = getattr(diffusers, cls_name, None)
+            if cls is None:
+                raise SurgeonError(f"unknown autoencoder class {cls_name!r} in {cfg}", "use AutoencoderKL or VQModel")
+            return cls.from_pretrained(str(root / sub))
+    return None
+
+
+def check_out_dir(out: Path, force: bool, resume) -> None:
+    if out.exists() and not out.is_dir():
+        raise SurgeonError(f"output path {out} exists and is not a folder", "choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (force or resume):
+        raise SurgeonError(f"output folder {out} exists", "pass --force to overwrite, or --resume to continue a run")
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    masked = sites(model)
+    total = sum(p.numel() for n, p in model.named_parameters())
+    pruned = sum(int((~s.mask).sum()) for s in masked.values())
+    return total, total - pruned
+
+
+def prepare(model: nn.Module, recipe: Recipe, init: str | None = None) -> nn.Module:
+    """Re-initialize (scratch) and inject the recipe's masks, in place."""
+    from .algorithms import ALGORITHMS
+
+    init = init or recipe.init
+    if init == "scratch":
+        reinitialize(model, recipe.training.seed)
+    if recipe.algorithm == "dense":
+        return model
+    p = make_plan(model, sparsity=None if recipe.nm else recipe.sparsity, nm=recipe.nm, distribution=recipe.distribution,
+                  include=recipe.include or None, exclude=recipe.exclude or None, dense_first=recipe.dense_first,
+                  dense_last=recipe.dense_last, power_scale=recipe.power_scale)
+    mask_init = "magnitude" if init == "pretrained" else ALGORITHMS[recipe.algorithm].mask_init
+    return inject(model, p, init=mask_init, seed=recipe.training.seed, lambda_w=recipe.lambda_w)
+
+
+def save_samples(model: nn.Module, task, path: Path, n: int, steps: int, seed: int) -> Path:
+    from .data.render import render_grid
+
+    images = task.to_images(task.sample(model, n, generator=torch.Generator().manual_seed(seed), steps=steps))
+    grid = render_grid(images, nrow=max(1, int(n**0.5)))
+    tmp = path.with_name(path.name + ".tmp.png")
+    grid.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def sparsify(model_ref: str, recipe: Recipe, data: str, out: str | os.PathLike, init: str | None = None,
+             limit: int | None = None, force: bool = False, resume=None, progress: bool = True,
+             samples: bool = True, stop_after: int | None = None) -> RunSummary:
+    from .io import save
+    from .loading import load_model
+    from .train import train
+
+    out = Path(out)
+    check_out_dir(out, force, resume)
+    model = load_model(model_ref)
+    task = make_task(model, data, vae=find_autoencoder(model_ref), limit=limit)
+    apply_diffusion_settings(task, recipe.diffusion)
+    if len(task.dataset("train")) == 0:
+        raise SurgeonError(f"no training examples in {data}", "check --data")
+    prepare(model, recipe, init)
+    started = time.perf_counter()
+    result = train(model, task, recipe, out, resume=resume, progress=progress, stop_after=stop_after)
+    model = model.cpu()
+    save(model, out / "model", recipe=recipe.to_dict(), force=True)
+    _write(out / "recipe.yaml", dump_recipe(recipe))
+    if samples:
+        save_samples(model, task, out / "samples.png", recipe.training.num_samples, recipe.diffusion.sample_steps, recipe.training.seed)
+    total, kept = count_params(model)
+    summary = RunSummary(recipe.name or recipe.algorithm, recipe.algorithm, _sparsity(model), total, kept, result.steps,
+                         result.final_loss, result.val_loss, time.perf_counter() - started, result.seconds_per_step, str(out))
+    _write(out / "summary.json", json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+def _sparsity(model: nn.Module) -> float:
+    from .train import measured_sparsity
+
+    return measured_sparsity(model)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

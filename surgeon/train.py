@@ -1,0 +1,258 @@
+"""The one training loop (Accelerate): DDPM ε-objective, AdamW, EMA, checkpoints, resume, algorithm hooks.
+
+Data order and noise are pure functions of (seed, step, rank), so a resumed run repeats an uninterrupted one
+bit for bit, and every process sees its own shard of each global batch. The loop is the same for dense, static,
+dynamic (RigL/MagRan) and N:M runs; algorithms act only at the hook points named in surgeon.algorithms.base.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from . import checkpoint as ckpt
+from .algorithms import ALGORITHMS
+from .distill import EpsilonLoss
+from .ema import EMA
+from .errors import SurgeonError
+from .progress import TrainProgress
+from .recipe import Recipe
+from .surgery import sites
+from .tasks.base import Task
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float  # mean training loss over the last log interval
+    val_loss: float | None  # held-out denoising loss with fixed noise
+    seconds: float
+    seconds_per_step: float
+    mask_updates: list[dict] = field(default_factory=list)
+
+
+def _seed(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p)) % (2**63 - 1)
+    return h
+
+
+class BatchSampler:
+    """Global batch ``step`` = positions [step·B, (step+1)·B) of an endless stream of per-epoch permutations."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if n == 0:
+            raise SurgeonError("the training data is empty", "point --data at a folder with images, or use kanjivg")
+        if batch_size % world:
+            raise SurgeonError(f"batch size {batch_size} is not divisible by {world} processes", "pick a multiple")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_seed(self.seed, epoch)))
+        return self._perm
+
+    def indices(self, step: int) -> list[int]:
+        out = []
+        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+            out.append(int(self._permutation(pos // self.n)[pos % self.n]))
+        return out[self.rank :: self.world]
+
+
+def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> tuple[torch.optim.Optimizer, list[str]]:
+    named = trainable(model)
+    o = recipe.optimizer
+    opt = torch.optim.AdamW([p for _, p in named], lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return opt, [n for n, _ in named]
+
+
+@torch.no_grad()
+def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, positions: torch.Tensor) -> None:
+    """Zero every per-element state tensor (AdamW exp_avg, exp_avg_sq, ...) of ``param`` at ``positions``."""
+    for value in optimizer.state.get(param, {}).values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value.masked_fill_(positions, 0)
+
+
+def measured_sparsity(model: nn.Module) -> float:
+    total = kept = 0
+    for s in sites(model).values():
+        total += s.mask.numel()
+        kept += int(s.mask.sum())
+    return 1.0 - kept / total if total else 0.0
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, task: Task, objective, batch_size: int, batches: int, seed: int) -> float | None:
+    """Denoising loss on the validation split with fixed noise: comparable across runs and recipes."""
+    data = task.dataset("val")
+    if data is None or len(data) == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    sampler = BatchSampler(len(data), min(batch_size, len(data)), seed=_seed(seed, 7))
+    losses = []
+    for b in range(batches):
+        batch = task.collate([data[i] for i in sampler.indices(b)])
+        gen = torch.Generator().manual_seed(_seed(seed, 99, b))
+        inputs, target, weight = task.noisy_batch(batch, gen)
+        losses.append(float(objective(model, inputs, target, weight)))
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, objective=None, resume=None,
+          accelerator: Accelerator | None = None, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train ``model`` (already injected) in place. ``stop_after`` ends early after that many steps (tests)."""
+    t = recipe.training
+    out_dir = Path(out_dir)
+    acc = accelerator or Accelerator(mixed_precision=t.mixed_precision)
+    device = acc.device
+    model.to(device).train()
+    objective = objective or EpsilonLoss(task)
+
+    algorithm = ALGORITHMS[recipe.algorithm](recipe, t.steps)
+    optimizer, param_names = make_optimizer(model, recipe)
+    ema = EMA(model, t.ema_decay) if t.ema_decay else None
+    name_of = {id(p): n for n, p in model.named_parameters()}
+
+    step = 0
+    if resume is not None:
+        step, algo_state, _ = ckpt.load_checkpoint(resume, model, optimizer, param_names, ema)
+        algorithm.load_state_dict(algo_state)
+    wrapped, optimizer = acc.prepare(model, optimizer)
+    algorithm.setup(model, acc)
+    data = task.dataset("train")
+    sampler = BatchSampler(len(data), t.batch_size, t.seed, acc.process_index, acc.num_processes)
+
+    ckpt_dir = out_dir / "checkpoints"
+    log_path = out_dir / "metrics.jsonl"
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_path, step)
+
+    def save(at: int) -> Path:
+        path = ckpt_dir / f"step-{at:07d}.safetensors"
+        if acc.is_main_process:
+            ckpt.save_checkpoint(path, at, model, optimizer.optimizer, param_names, algorithm.state_dict(), ema)
+            ckpt.prune_checkpoints(ckpt_dir, t.keep_checkpoints)
+        acc.wait_for_everyone()
+        return path
+
+    end = t.steps if stop_after is None else min(t.steps, step + stop_after)
+    bar = TrainProgress(t.steps, start=step, enabled=progress and acc.is_main_process, label=recipe.name or recipe.algorithm)
+    window: list[float] = []
+    started = time.perf_counter()
+    first_step = step
+    with bar, _deferred_interrupt() as interrupted:
+        while step < end:
+            step += 1  # steps count from 1: "after every ΔT_e-th step"
+            algorithm.begin_step(step)
+            for micro in range(t.grad_accum):
+                idx = sampler.indices((step - 1) * t.grad_accum + micro)
+                batch = task.collate([data[i] for i in idx])
+                gen = torch.Generator().manual_seed(_seed(t.seed, step, micro, acc.process_index))
+                inputs, target, weight = task.noisy_batch(_to(batch, device), gen)
+                sync = nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(wrapped)
+                with sync, acc.autocast():
+                    loss = objective(wrapped, inputs, target, weight)
+                acc.backward(loss / t.grad_accum)
+                window.append(float(loss.detach()))
+            algorithm.after_backward(step)
+            if not algorithm.skip_optimizer_step(step):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            resets = algorithm.after_optimizer_step(step)
+            for fqn, positions in resets.items():
+                param = algorithm.sites[fqn].original
+                zero_optimizer_state(optimizer.optimizer, param, positions)
+                if ema is not None:
+                    ema.reset({name_of[id(param)]: positions})
+            if ema is not None:
+                ema.update(model)
+            if step % t.log_every == 0 or step == end:
+                record = {"step": step, "loss": sum(window) / len(window), "sparsity": measured_sparsity(model),
+                          "lr": optimizer.param_groups[0]["lr"], "time": time.perf_counter() - started}
+                if resets:
+                    record["mask_update"] = algorithm.history[-1]
+                _log(acc, log_path, record)
+                bar.update(step, record["loss"], record["sparsity"])
+                last_loss, window = record["loss"], []
+            elif resets:
+                _log(acc, log_path, {"step": step, "mask_update": algorithm.history[-1]})
+            if step % t.checkpoint_every == 0 and step < t.steps:
+                save(step)
+            if interrupted():
+                path = save(step)
+                raise Interrupted(f"interrupted after step {step}; checkpoint saved to {path}", f"resume with --resume {path}")
+    seconds = time.perf_counter() - started
+    if ema is not None:
+        ema.copy_to(model)
+    val = heldout_loss(model, task, objective, t.batch_size, t.eval_batches, t.seed)
+    done = max(step - first_step, 1)
+    return TrainResult(step, last_loss if step > first_step else math.nan, val, seconds, seconds / done,
+                       list(getattr(algorithm, "history", [])))
+
+
+class Interrupted(SurgeonError):
+    exit_code = 130
+
+
+@contextmanager
+def _deferred_interrupt():
+    """Ctrl-C ends the run at the next step boundary (so the checkpoint is consistent); a second Ctrl-C aborts."""
+    hit = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _to(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def _log(acc: Accelerator, path: Path, record: dict) -> None:
+    if acc.is_main_process:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint so the log reads like one uninterrupted run."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
