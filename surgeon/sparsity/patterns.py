@@ -40,7 +40,7 @@ def parse_nm(nm: str | tuple[int, int]) -> tuple[int, int]:
     else:
         parts = str(nm).split(":")
     hint = "write N:M with 0 < N <= M, e.g. 2:4"
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):  # "²" isdigit
         raise SurgeonError(f"invalid N:M pattern {nm!r}", hint)
     n, m = (int(p) for p in parts)
     if not 0 < n <= m:

@@ -1,0 +1,168 @@
+"""Mask patterns: exact top-k, exact-count random, N:M along the reduction dimension, N:M parsing."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from surgeon.errors import SurgeonError
+from surgeon.sparsity.patterns import (
+    nm_groups,
+    nm_mask,
+    nm_skip_reason,
+    nm_ungroup,
+    parse_nm,
+    random_mask,
+    topk_mask,
+)
+
+FAST = settings(max_examples=40, deadline=None, derandomize=True)
+
+shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
+
+
+@st.composite
+def shape_and_k(draw):
+    shape = draw(shapes)
+    k = draw(st.integers(0, math.prod(shape)))
+    return shape, k
+
+
+def _nhwc_groups(t: torch.Tensor, m: int) -> torch.Tensor:
+    if t.dim() > 2:
+        t = t.permute(0, *range(2, t.dim()), 1).contiguous()
+    return t.reshape(-1, m)
+
+
+# ------------------------------------------------------------------------------------------- top-k
+
+
+@FAST
+@given(shape_and_k(), st.integers(0, 2**31 - 1), st.booleans())
+def test_topk_exact_count_and_largest(sk, seed, integer_scores):
+    shape, k = sk
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(shape, generator=g)
+    if integer_scores:  # many ties
+        scores = torch.randint(-2, 3, shape, generator=g).float()
+    mask = topk_mask(scores, k)
+    assert mask.shape == scores.shape and mask.dtype == torch.bool
+    assert int(mask.sum()) == k
+    if 0 < k < scores.numel():
+        kept, dropped = scores[mask], scores[~mask]
+        assert kept.min() >= dropped.max()
+        # ties at the boundary go to the lower flat index
+        v = kept.min()
+        flat, fmask = scores.reshape(-1), mask.reshape(-1)
+        kept_idx = torch.nonzero(fmask & (flat == v)).flatten()
+        dropped_idx = torch.nonzero(~fmask & (flat == v)).flatten()
+        if len(kept_idx) and len(dropped_idx):
+            assert kept_idx.max() < dropped_idx.min()
+
+
+def test_topk_independent_example_and_bounds():
+    scores = torch.tensor([[0.1, 3.0, -5.0], [2.0, 2.0, 0.0]])
+    # |.| is the caller's business: topk ranks the scores as given
+    assert topk_mask(scores, 2).tolist() == [[False, True, False], [True, False, False]]
+    assert topk_mask(scores.abs(), 2).tolist() == [[False, True, True], [False, False, False]]
+    assert topk_mask(scores, 0).sum() == 0 and topk_mask(scores, 6).all()
+    with pytest.raises(ValueError):
+        topk_mask(scores, 7)
+    with pytest.raises(ValueError):
+        topk_mask(scores, -1)
+
+
+# ------------------------------------------------------------------------------------------- random
+
+
+@FAST
+@given(shape_and_k(), st.integers(0, 2**31 - 1))
+def test_random_mask_exact_count_and_seeded(sk, seed):
+    shape, k = sk
+    a = random_mask(shape, k, generator=torch.Generator().manual_seed(seed))
+    b = random_mask(shape, k, generator=torch.Generator().manual_seed(seed))
+    assert a.shape == shape and a.dtype == torch.bool
+    assert int(a.sum()) == k
+    assert torch.equal(a, b)
+
+
+def test_random_mask_different_seeds_differ_and_is_uniform():
+    a = random_mask((20, 10), 100, generator=torch.Generator().manual_seed(0))
+    b = random_mask((20, 10), 100, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(a, b)
+    g = torch.Generator().manual_seed(2)
+    draws = torch.stack([random_mask((10,), 3, generator=g) for _ in range(3000)]).float()
+    freq = draws.mean(dim=0)  # each position is kept with probability 3/10 (std ≈ 0.008)
+    assert (freq - 0.3).abs().max() < 0.04
+
+
+# ------------------------------------------------------------------------------------------- N:M
+
+
+@st.composite
+def nm_case(draw):
+    m = draw(st.integers(1, 8))
+    n = draw(st.integers(1, m))
+    out = draw(st.integers(1, 4))
+    n_in = m * draw(st.integers(1, 3))
+    kernel = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)))
+    return (out, n_in, *kernel), n, m
+
+
+@FAST
+@given(nm_case(), st.integers(0, 2**31 - 1))
+def test_nm_mask_valid_along_reduction_dim(case, seed):
+    shape, n, m = case
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    keep = nm_mask(w, n, m)
+    assert keep.shape == w.shape and keep.dtype == torch.bool
+    groups_keep = _nhwc_groups(keep, m)
+    groups_w = _nhwc_groups(w.abs(), m)
+    assert (groups_keep.sum(dim=1) == n).all()
+    if n < m:  # kept entries are the N largest magnitudes of their group
+        kept_min = torch.where(groups_keep, groups_w, torch.inf).min(dim=1).values
+        dropped_max = torch.where(groups_keep, -torch.inf, groups_w).max(dim=1).values
+        assert (kept_min >= dropped_max).all()
+    assert int(keep.sum()) == w.numel() // m * n
+
+
+@FAST
+@given(nm_case(), st.integers(0, 2**31 - 1))
+def test_nm_groups_is_nhwc_and_ungroup_inverts(case, seed):
+    shape, _, m = case
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    g = nm_groups(w, m)
+    assert torch.equal(g, _nhwc_groups(w, m))
+    assert torch.equal(nm_ungroup(g, w.shape), w)
+
+
+@pytest.mark.parametrize("text,expected", [("2:4", (2, 4)), ("1:1", (1, 1)), ("4:8", (4, 8)), ((2, 4), (2, 4))])
+def test_parse_nm_accepts(text, expected):
+    assert parse_nm(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2:3:4", "5:4", "0:4", "a:b", "", "2:", ":4", "-2:4", "2.0:4", "2:0", "²:4",
+                                  (2, 4.5), (0, 4), (2,)])
+def test_parse_nm_rejects_with_surgeon_error(text):
+    with pytest.raises(SurgeonError):
+        parse_nm(text)
+
+
+@FAST
+@given(st.integers(1, 64), st.integers(1, 16), st.integers(0, 2), st.integers(1, 8))
+def test_nm_skip_reason(n_in, out, n_kernel_dims, m):
+    shape = (out, n_in) + (3,) * n_kernel_dims
+    reason = nm_skip_reason(shape, m)
+    if n_in % m == 0:
+        assert reason is None
+    else:
+        assert isinstance(reason, str) and str(n_in) in reason and str(m) in reason
+
+
+def test_nm_skip_reason_looks_at_reduction_dim_only():
+    assert nm_skip_reason((6, 8), 4) is None  # out not divisible: fine
+    assert nm_skip_reason((8, 2, 2, 2), 4)  # in=2, even though in·kh·kw = 8 is divisible
+    assert nm_skip_reason((8,), 4)  # not a matrix
