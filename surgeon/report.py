@@ -1,0 +1,93 @@
+"""What a model's target weights actually keep: per-layer density and N:M validity, measured, never taken from a plan.
+
+Works on plain and masked models alike. Density counts the mask of a masked tensor (a kept weight may be zero)
+and the nonzeros of a plain one; N:M validity asks whether the effective weight has at most N nonzeros in every
+group of M along the reduction dimension (the grouping of :func:`surgeon.sparsity.nm_groups`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .sparsity.patterns import nm_groups, nm_skip_reason, parse_nm
+from .surgery import sites
+from .targets import find_targets
+
+
+@dataclass
+class Row:
+    name: str  # parameter FQN
+    kind: str  # linear | conv | rnn
+    shape: tuple[int, ...]
+    masked: str  # "mask", "n:m" or "" (plain)
+    numel: int
+    kept: int
+    nm_valid: bool | None  # None when the pattern does not apply; nm_reason says why
+    nm_reason: str | None = None
+
+    @property
+    def density(self) -> float:
+        return self.kept / self.numel if self.numel else 1.0
+
+
+@dataclass
+class Report:
+    nm: tuple[int, int]
+    rows: list[Row]
+    model_params: int  # every parameter of the model, targets or not
+
+    @property
+    def target_params(self) -> int:
+        return sum(r.numel for r in self.rows)
+
+    @property
+    def kept(self) -> int:
+        return sum(r.kept for r in self.rows)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.kept / self.target_params if self.target_params else 0.0
+
+    @property
+    def totals(self) -> dict:
+        return {
+            "target_params": self.target_params,
+            "kept": self.kept,
+            "sparsity": self.sparsity,
+            "model_params": self.model_params,
+            "nm_valid_layers": sum(r.nm_valid is True for r in self.rows),
+            "nm_applicable_layers": sum(r.nm_valid is not None for r in self.rows),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "nm": f"{self.nm[0]}:{self.nm[1]}",
+            "rows": [{**asdict(r), "shape": list(r.shape), "density": r.density} for r in self.rows],
+            "totals": self.totals,
+        }
+
+
+def report(
+    model: nn.Module,
+    nm: str | tuple[int, int] = "2:4",
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+) -> Report:
+    n, m = parse_nm(nm)
+    masked = sites(model)
+    rows = []
+    with torch.no_grad():
+        for fqn, t in find_targets(model, include, exclude).items():
+            site = masked.get(fqn)
+            nonzero = getattr(t.module, t.tensor_name) != 0  # the effective weight, through any parametrization
+            kept = site.mask if site is not None else nonzero
+            reason = nm_skip_reason(t.shape, m)
+            valid = None if reason else bool((nm_groups(nonzero, m).sum(dim=1) <= n).all())
+            rows.append(Row(
+                fqn, t.kind, t.shape, ("n:m" if site.is_nm else "mask") if site is not None else "",
+                t.numel, int(kept.sum()), valid, reason,
+            ))
+    return Report((n, m), rows, sum(p.numel() for p in model.parameters()))
