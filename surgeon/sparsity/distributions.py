@@ -16,8 +16,13 @@ from ..errors import SurgeonError
 
 
 def _raw_er(shape: Sequence[int], power_scale: float) -> float:
-    n_out, n_in = shape[0], math.prod(shape[1:])
+    # ER ignores kernel sizes: channels only, like the reference RigL code (n_in, n_out = shape[-2:] of a TF kernel)
+    n_out, n_in = shape[0], shape[1]
     return (n_in + n_out) / (n_in * n_out)
+
+
+def _raw_uniform(shape: Sequence[int], power_scale: float) -> float:
+    return 1.0
 
 
 def _raw_erk(shape: Sequence[int], power_scale: float) -> float:
@@ -53,25 +58,31 @@ def layer_densities(
         if not 0.0 <= d <= 1.0:
             raise SurgeonError(f"density override {d!r} for {name!r} is outside [0, 1]", "use a density between 0 and 1")
     sizes = {n: math.prod(s) for n, s in shapes.items()}
-    if distribution == "uniform":
-        return {n: overrides.get(n, 1.0 - sparsity) for n in shapes}
+    if distribution == "uniform" and not overrides:
+        return {n: 1.0 - sparsity for n in shapes}
 
-    raw_fn = DISTRIBUTIONS[distribution]
+    # uniform with overrides is the same solve with equal raw scores: the other layers share what is left
+    raw_fn = DISTRIBUTIONS[distribution] or _raw_uniform
     raw = {n: raw_fn(s, power_scale) for n, s in shapes.items()}
     fixed = dict(overrides)
     while True:
         # rhs: weights the free layers must keep; divisor: Σ raw_l · n_l over free layers
         rhs = sum((1.0 - sparsity) * sizes[n] for n in shapes) - sum(fixed[n] * sizes[n] for n in fixed)
         free = [n for n in shapes if n not in fixed]
-        if not free:
-            break
-        divisor = sum(raw[n] * sizes[n] for n in free)
-        if rhs < 0:
+        if rhs < -0.5:  # tolerance: half a weight of float noise
             raise SurgeonError(
                 f"density overrides keep more weights than sparsity {sparsity} allows",
                 "lower the overrides or the sparsity",
             )
-        eps = rhs / divisor
+        if not free:
+            if rhs > 0.5:  # every other layer is already dense and the budget is still not spent
+                raise SurgeonError(
+                    f"density overrides keep fewer weights than sparsity {sparsity} needs, even with every other layer dense",
+                    "raise the overrides or the sparsity",
+                )
+            break
+        divisor = sum(raw[n] * sizes[n] for n in free)
+        eps = max(rhs, 0.0) / divisor
         max_raw = max(raw[n] for n in free)
         if eps * max_raw <= 1.0:
             break
