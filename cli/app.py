@@ -1,0 +1,45 @@
+"""The ``surgeon`` command. Each command lives in its own module and is registered below with one line."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from surgeon import __version__
+
+from . import inspect as inspect_cmd
+from .common import SurgeonGroup
+
+app = typer.Typer(
+    name="surgeon",
+    cls=SurgeonGroup,
+    help="Model surgery for diffusion models: masks on weights, sparse training, packed saving, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"surgeon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """Model surgery for diffusion models."""
+
+
+# commands: one line each
+app.command("inspect")(inspect_cmd.inspect)
+
+
+def main() -> None:
+    app(prog_name="surgeon")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""What every command shares: option aliases (same names, same help everywhere) and the one error formatter.
+
+Errors: a SurgeonError prints ``error: <message>`` and ``hint: <hint>`` on stderr and exits with its exit_code
+(1; 2 for UsageError). Click's own usage errors exit 2 as usual. Any other exception prints one line and exits 1;
+``SURGEON_DEBUG=1`` adds the full traceback. The formatter sits in the command group, so every command registered
+on the app gets it without decorating anything.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
+
+from surgeon.errors import SurgeonError, UsageError
+from surgeon.loading import brief
+from surgeon.sparsity.patterns import parse_nm
+
+
+def _nm_value(value: str) -> str:
+    try:
+        parse_nm(value)
+    except SurgeonError as e:
+        raise UsageError(f"--nm: {e.message}", e.hint) from None
+    return value
+
+
+ModelRef = Annotated[str, typer.Argument(
+    metavar="REF", show_default=False,
+    help="Model: a diffusers model or pipeline folder, a folder saved by surgeon, path/to/file.py:Class, "
+         "a preset (tiny-unet, unet-kanji, ...) or a hub id.",
+)]
+Include = Annotated[Optional[list[str]], typer.Option(
+    "--include", metavar="GLOB", help="Only tensors whose FQN or module name matches this glob (or re:REGEX). Repeatable.",
+)]
+Exclude = Annotated[Optional[list[str]], typer.Option(
+    "--exclude", metavar="GLOB", help="Skip tensors whose FQN or module name matches this glob (or re:REGEX). Repeatable.",
+)]
+NMPattern = Annotated[str, typer.Option("--nm", metavar="N:M", callback=_nm_value, help="N:M pattern, e.g. 2:4.")]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
+OutDir = Annotated[Path, typer.Option("--out", "-o", metavar="FOLDER", help="Output folder.", show_default=False)]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite the output folder if it exists.")]
+
+
+def print_error(err: BaseException) -> int:
+    """Print ``err`` the one way the CLI prints errors; returns the exit code."""
+    console = Console(stderr=True, soft_wrap=True, highlight=False)  # soft_wrap: one line, however long
+    if os.environ.get("SURGEON_DEBUG") == "1":
+        console.print(Text("".join(traceback.format_exception(err)).rstrip()))
+    if isinstance(err, SurgeonError):
+        message, hint, code = err.message, err.hint, err.exit_code
+    else:
+        message, hint, code = f"{type(err).__name__}: {brief(err)}", "set SURGEON_DEBUG=1 to see the traceback", 1
+    console.print(Text(f"error: {' '.join(message.split())}", style="bold red"))
+    if hint:
+        console.print(Text(f"hint: {hint}", style="yellow"))
+    return code
+
+
+class SurgeonGroup(TyperGroup):
+    """The app's command group: runs a command and turns what it raises into one formatted error."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except (TyperException, typer.Exit, typer.Abort):  # usage errors and exits: Typer reports them itself
+            raise
+        except Exception as err:  # noqa: BLE001 - the one place where every error becomes an exit code
+            raise typer.Exit(print_error(err)) from None
