@@ -48,7 +48,7 @@ class MagRan(Algorithm):
         generator = torch.Generator().manual_seed(self.recipe.training.seed * 1_000_003 + step)
         resets, moved = {}, 0
         for fqn, site in self.sites.items():
-            w, mask = site.original, site.mask
+            w, mask = site.original, site.mask.clone()  # set_mask below writes the buffer in place
             k = int(mask.sum())
             n = int(frac * k)
             scores = self.grow_scores(site, generator)  # drawn for every layer so the random stream stays aligned
