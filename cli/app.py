@@ -8,6 +8,7 @@ import typer
 from surgeon import __version__
 
 from . import inspect as inspect_cmd
+from . import sparsify as sparsify_cmd
 from .common import SurgeonGroup
 
 app = typer.Typer(
@@ -35,6 +36,7 @@ def _root(
 
 # commands: one line each
 app.command("inspect")(inspect_cmd.inspect)
+app.command("sparsify")(sparsify_cmd.sparsify)
 
 
 def main() -> None:
