@@ -1,0 +1,103 @@
+"""A folder of images as a training set: every readable image below it, resized, centre-cropped, in [-1, 1]."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from surgeon.errors import SurgeonError
+
+__all__ = ["COMMON_EXTENSIONS", "ImageFolder", "image_extensions"]
+
+COMMON_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_MODES = {1: "L", 3: "RGB"}
+
+
+def image_extensions() -> frozenset[str]:
+    """File extensions Pillow can open here (the common ones plus whatever plugins are installed)."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN) | set(
+        COMMON_EXTENSIONS
+    )
+
+
+def _readable(path: Path) -> bool:
+    # verify() checks the file's structure without decoding pixels: a broken file is skipped here, at start-up,
+    # instead of crashing a training run hours later.
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):  # Pillow raises SyntaxError on some bad headers
+        return False
+
+
+def _to_mode(im: Image.Image, mode: str) -> Image.Image:
+    """Convert to ``mode``; transparent images are flattened onto white, as an image viewer would show them."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return im.convert(mode)
+
+
+class ImageFolder(Dataset):
+    """Every readable image file below ``path`` (recursively) as float ``[channels, size, size]`` in [-1, 1].
+
+    The shorter side is resized to ``size`` and the centre cropped; channels 1 → grayscale, 3 → RGB. Files that
+    are not images (or are unreadable) are skipped. Order is the sorted relative path; with ``limit``, the first
+    ``limit`` files of a shuffle seeded by ``seed`` are used (so a small subset still spans the folder).
+    """
+
+    def __init__(self, path: str | os.PathLike, size: int, channels: int = 3, *, limit: int | None = None,
+                 seed: int = 0):
+        root = Path(path).expanduser()
+        if not root.exists():
+            raise SurgeonError(f"image folder {root} does not exist", "check the path passed as --data")
+        if not root.is_dir():
+            raise SurgeonError(f"{root} is not a folder", "pass a folder that contains image files")
+        if channels not in _MODES:
+            raise SurgeonError(f"images can have 1 or 3 channels, got {channels}", "use 1 (grayscale) or 3 (RGB)")
+        if size < 1:
+            raise SurgeonError(f"image size must be positive, got {size}", "try 64")
+        if limit is not None and limit < 1:
+            raise SurgeonError(f"limit must be a positive number of images, got {limit}",
+                               "leave it unset to use every image")
+        self.root, self.size, self.channels = root, size, channels
+        extensions = image_extensions()
+        candidates = sorted(
+            p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file()
+        )
+        if limit is not None:
+            candidates = random.Random(seed).sample(candidates, len(candidates))
+        files: list[Path] = []
+        for p in candidates:
+            if limit is not None and len(files) >= limit:
+                break
+            if _readable(p):
+                files.append(p)
+        if not files:
+            raise SurgeonError(f"no images found in {root}",
+                               f"images are read from files ending in {', '.join(COMMON_EXTENSIONS)} "
+                               "(or another format Pillow opens)")
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.files[i]) as im:
+            im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
+            im = _to_mode(im, _MODES[self.channels])
+            scale = self.size / min(im.size)
+            w, h = max(self.size, round(im.width * scale)), max(self.size, round(im.height * scale))
+            im = im.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            im = im.crop((left, top, left + self.size, top + self.size))
+            arr = np.asarray(im, dtype=np.float32)
+        arr = arr[..., None] if arr.ndim == 2 else arr  # [H, W, C]
+        return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0).contiguous()
