@@ -286,7 +286,8 @@ def _match_state(model: nn.Module, state: Mapping[str, torch.Tensor], folder: Pa
         parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
         raise SurgeonError(f"{folder} does not match the model: {', '.join(parts)} tensors",
                            "load into the model class it was saved from")
-    for key, tensor in state.items():
+    for key in sorted(state, key=lambda k: k not in masked):  # masked tensors first: theirs is the telling error
+        tensor = state[key]
         if tuple(tensor.shape) != expected[key]:
             what = "mask shape" if key in masked else "shape"
             raise SurgeonError(f"{what} mismatch for {key}: file has {list(tensor.shape)}, model has {list(expected[key])}",
