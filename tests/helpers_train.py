@@ -1,0 +1,85 @@
+"""Shared helpers for the training tests: a synthetic image task (no KanjiVG, no files) and small recipes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import TensorDataset
+
+from surgeon import presets
+from surgeon.recipe import Recipe, load_recipe
+from surgeon.run import prepare
+from surgeon.surgery import sites
+from surgeon.tasks.images import ImageTask
+
+
+class _Images(torch.utils.data.Dataset):
+    """Plain tensors (no labels), as ImageFolder yields them."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i]
+
+
+class SyntheticImageTask(ImageTask):
+    """ImageTask over seeded random images in [-1, 1]: ``n`` training and ``n_val`` validation examples."""
+
+    def __init__(self, model, n: int = 32, n_val: int = 8, seed: int = 0):
+        super().__init__(model, data="synthetic")
+        g = torch.Generator().manual_seed(seed)
+        shape = (self.image_channels, self.image_size, self.image_size)
+        # smooth blobs rather than white noise, so the denoiser has something to learn
+        base = torch.rand((n + n_val, *shape), generator=g) * 2 - 1
+        base = torch.nn.functional.avg_pool2d(base, 3, stride=1, padding=1).clamp(-1, 1)
+        self._datasets = {"train": _Images(base[:n]), "validation": _Images(base[n:]), "val": _Images(base[n:])}
+
+    def dataset(self, split: str = "train"):
+        return self._datasets[split]
+
+
+def small_recipe(name: str = "rigl", **changes) -> Recipe:
+    """A shipped recipe shrunk for tests: few steps, tiny batches, no checkpoints unless asked."""
+    base = {
+        "training.steps": 12,
+        "training.batch_size": 4,
+        "training.checkpoint_every": 10_000,
+        "training.log_every": 1,
+        "training.eval_batches": 1,
+        "training.num_samples": 4,
+        "diffusion.sample_steps": 2,
+        "optimizer.lr": 1e-3,
+        "dst.delta_t": 3,
+        "dst.p": 0.3,
+        "dst.p_decay": "constant",
+        "dst.stop_fraction": 1.0,
+    }
+    base.update(changes)
+    return load_recipe(name).override(**base)
+
+
+def tiny_model(recipe: Recipe, seed: int = 0):
+    """presets tiny-unet (45K parameters), re-initialized and injected as ``recipe`` says."""
+    model = presets.build("tiny-unet", seed=seed)
+    return prepare(model, recipe)
+
+
+def masks_of(model) -> dict[str, torch.Tensor]:
+    return {f: s.mask.detach().clone() for f, s in sites(model).items()}
+
+
+def state_of(model) -> dict[str, torch.Tensor]:
+    """Every state tensor (originals and mask buffers), detached clones on CPU."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def save_state(model, path: Path) -> None:
+    """Masks (as uint8) and the full state dict to one safetensors file, for comparison across processes."""
+    tensors = {f"state.{k}": v.contiguous() for k, v in state_of(model).items()}
+    tensors.update({f"mask.{k}": v.to(torch.uint8).contiguous() for k, v in masks_of(model).items()})
+    save_file(tensors, str(path))
