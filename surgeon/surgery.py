@@ -119,6 +119,8 @@ def inject(
         raise SurgeonError(f"unknown mask init {init!r}", f"choose one of: {', '.join(INITS)}")
     existing = sites(model)
     gen = torch.Generator().manual_seed(int(seed))
+    # check every planned tensor before touching any, so a bad plan leaves the model as it was
+    todo = []
     for fqn, lp in plan.layers.items():
         if lp.is_dense:
             continue
@@ -135,10 +137,8 @@ def inject(
                 f"mask shape mismatch for {fqn}: plan has {list(lp.shape)}, model has {list(w.shape)}",
                 "the plan or saved masks belong to a different model",
             )
-        if lp.nm is not None:
-            parametrize.register_parametrization(module, name, NMMask(*lp.nm, lambda_w=lambda_w))
-            continue
-        if masks is not None:
+        mask = None
+        if lp.nm is None and masks is not None:
             if fqn not in masks:
                 raise SurgeonError(f"no mask given for {fqn}", "the saved masks do not match the plan")
             mask = masks[fqn].to(device=w.device, dtype=torch.bool)
@@ -147,7 +147,12 @@ def inject(
                     f"mask shape mismatch for {fqn}: mask {list(mask.shape)}, weight {list(w.shape)}",
                     "the masks belong to a different model",
                 )
-        else:
+        todo.append((module, name, w, lp, mask))
+    for module, name, w, lp, mask in todo:
+        if lp.nm is not None:
+            parametrize.register_parametrization(module, name, NMMask(*lp.nm, lambda_w=lambda_w))
+            continue
+        if mask is None:
             mask = _initial_mask(w, lp, init, gen)
         with torch.no_grad():
             w.mul_(mask)
