@@ -71,7 +71,8 @@ def render_grid(images: Sequence | np.ndarray | torch.Tensor, nrow: int = 8, pad
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
     elif not isinstance(images, np.ndarray):
-        images = np.stack([im.detach().cpu().numpy() if isinstance(im, torch.Tensor) else np.asarray(im) for im in images])
+        images = np.stack([im.detach().cpu().numpy() if isinstance(im, torch.Tensor) else np.asarray(im)
+                           for im in images])
     if images.dtype != np.uint8:
         raise ValueError(f"render_grid expects uint8 images, got {images.dtype}; map [-1, 1] floats with "
                          "((x + 1) * 127.5).round().clip(0, 255) first")
