@@ -89,6 +89,14 @@ def test_random_mask_exact_count_and_seeded(sk, seed):
     assert torch.equal(a, b)
 
 
+def test_random_mask_rejects_impossible_counts():
+    with pytest.raises(ValueError):
+        random_mask((3, 4), 13)
+    with pytest.raises(ValueError):
+        random_mask((3, 4), -1)
+    assert random_mask((3, 4), 12).all() and not random_mask((3, 4), 0).any()
+
+
 def test_random_mask_different_seeds_differ_and_is_uniform():
     a = random_mask((20, 10), 100, generator=torch.Generator().manual_seed(0))
     b = random_mask((20, 10), 100, generator=torch.Generator().manual_seed(1))

@@ -27,7 +27,10 @@ def random_mask(shape, k: int, generator: torch.Generator | None = None, device=
     n = 1
     for s in shape:
         n *= int(s)
-    idx = torch.randperm(n, generator=generator)[: int(k)]
+    k = int(k)
+    if not 0 <= k <= n:  # randperm(n)[:k] would silently keep n (k > n) or n + k (k < 0) positions
+        raise ValueError(f"k={k} outside [0, {n}]")
+    idx = torch.randperm(n, generator=generator)[:k]
     mask = torch.zeros(n, dtype=torch.bool)
     mask[idx] = True
     return mask.view(tuple(shape)).to(device) if device is not None else mask.view(tuple(shape))
