@@ -54,12 +54,15 @@ def sparsify(
 
 def print_summary(summaries) -> None:
     table = Table(title="surgeon sparsify")
-    for col in ("run", "final loss", "held-out loss", "params kept", "sparsity", "s/step", "time", "output"):
-        table.add_column(col, justify="left" if col in ("run", "output") else "right")
+    for col in ("run", "train loss", "held-out", "params kept", "sparsity", "s/step", "time"):
+        table.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
     for s in summaries:
         table.add_row(
             s.recipe, f"{s.final_loss:.4f}", "n/a" if s.val_loss is None else f"{s.val_loss:.4f}",
-            f"{s.params_kept:,} / {s.params_total:,}", f"{s.sparsity:.3f}", f"{s.seconds_per_step:.3f}",
-            f"{s.seconds:.0f}s", s.out_dir,
+            f"{s.params_kept / 1e6:.3f}M / {s.params_total / 1e6:.3f}M", f"{s.sparsity:.3f}", f"{s.seconds_per_step:.2f}",
+            f"{s.seconds:.0f}s",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for s in summaries:
+        console.print(f"{s.recipe}: {s.out_dir}", soft_wrap=True)

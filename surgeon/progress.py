@@ -12,7 +12,7 @@ class TrainProgress:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  sparsity {task.fields[sparsity]:.3f}  {task.speed_text}"),
+            TextColumn("loss {task.fields[loss]:.4f}  sparsity {task.fields[sparsity]:.3f}  {task.fields[speed_text]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=Console(stderr=True),

@@ -26,7 +26,7 @@ from .ema import EMA
 from .errors import SurgeonError
 from .progress import TrainProgress
 from .recipe import Recipe
-from .surgery import sites
+from .surgery import get_plan, sites
 from .tasks.base import Task
 
 
@@ -91,10 +91,15 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, 
 
 
 def measured_sparsity(model: nn.Module) -> float:
+    """Fraction of zeros over all planned target tensors (layers the budget left dense count as kept)."""
+    plan = get_plan(model)
+    masked = sites(model)
+    if plan is None:
+        return 0.0
     total = kept = 0
-    for s in sites(model).values():
-        total += s.mask.numel()
-        kept += int(s.mask.sum())
+    for fqn, lp in plan.layers.items():
+        total += lp.numel
+        kept += int(masked[fqn].mask.sum()) if fqn in masked else lp.numel
     return 1.0 - kept / total if total else 0.0
 
 
