@@ -52,23 +52,17 @@ def make(name: str) -> nn.Module:
     return build(name)
 
 
-def inputs(name: str):
-    g = torch.Generator().manual_seed(1)
-    t = torch.tensor([3, 700])
-    if name == "tiny-unet":
-        return (torch.randn(2, 1, 16, 16, generator=g), t), {}
-    if name == "tiny-unet-cond":
-        return (torch.randn(2, 4, 16, 16, generator=g), t), {"encoder_hidden_states": torch.randn(2, 3, 16, generator=g)}
-    if name == "tiny-dit":
-        return (torch.randn(2, 4, 8, 8, generator=g), t), {"class_labels": torch.tensor([1, 7])}
-    return (torch.randn(2, 5, 3, generator=g),), {}
+@pytest.fixture
+def forward(run_preset):
+    """``forward(name, model)``: one seeded forward of a preset (conftest's inputs) or of the BiGRU."""
 
+    def fwd(name: str, model: nn.Module) -> torch.Tensor:
+        if name != "bigru":
+            return run_preset(name, model)
+        with torch.no_grad():
+            return model.eval()(torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(1)))
 
-def run(model: nn.Module, name: str) -> torch.Tensor:
-    args, kwargs = inputs(name)
-    with torch.no_grad():
-        out = model.eval()(*args, **kwargs)
-    return out.sample if hasattr(out, "sample") else out
+    return fwd
 
 
 def assert_same_masks(a: nn.Module, b: nn.Module) -> None:
@@ -81,7 +75,7 @@ def assert_same_masks(a: nn.Module, b: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("name", ["tiny-unet", "tiny-unet-cond", "tiny-dit", "bigru"])
-def test_masked_round_trip_is_exact(tmp_path, name):
+def test_masked_round_trip_is_exact(tmp_path, forward, name):
     model = make(name)
     surgeon.inject(model, surgeon.plan(model, sparsity=0.7), init="random", seed=3)
     surgeon.save(model, tmp_path / "out")
@@ -91,7 +85,7 @@ def test_masked_round_trip_is_exact(tmp_path, name):
     assert type(loaded) is type(model)
     assert_same_masks(model, loaded)
     assert get_plan(loaded).to_dict() == get_plan(model).to_dict()
-    torch.testing.assert_close(run(loaded, name), run(model, name), rtol=0, atol=0)
+    torch.testing.assert_close(forward(name, loaded), forward(name, model), rtol=0, atol=0)
 
 
 def test_gru_weights_are_masked_after_load(tmp_path):
@@ -105,7 +99,7 @@ def test_gru_weights_are_masked_after_load(tmp_path):
         assert site.effective()[~site.mask].abs().sum() == 0
 
 
-def test_nm_round_trip_keeps_pattern_and_lambda(tmp_path):
+def test_nm_round_trip_keeps_pattern_and_lambda(tmp_path, run_preset):
     model = make("tiny-unet")
     surgeon.inject(model, surgeon.plan(model, nm="2:4"), lambda_w=2e-4)
     surgeon.save(model, tmp_path / "out")
@@ -114,24 +108,24 @@ def test_nm_round_trip_keeps_pattern_and_lambda(tmp_path):
 
     assert all(s.is_nm and s.parametrization.lambda_w == 2e-4 for s in sites(loaded).values())
     assert_same_masks(model, loaded)
-    torch.testing.assert_close(run(loaded, "tiny-unet"), run(model, "tiny-unet"), rtol=0, atol=0)
+    torch.testing.assert_close(run_preset("tiny-unet", loaded), run_preset("tiny-unet", model), rtol=0, atol=0)
     # only the N:M projection is stored: the loaded originals are zero wherever the mask is
     for site in sites(loaded).values():
         assert site.original[~site.mask].abs().sum() == 0
 
 
-def test_fold_then_save_pretrained_loads_in_stock_diffusers(tmp_path):
+def test_fold_then_save_pretrained_loads_in_stock_diffusers(tmp_path, run_preset):
     from diffusers import UNet2DModel
 
     model = make("tiny-unet")
     surgeon.inject(model, surgeon.plan(model, sparsity=0.6))
-    expected = run(model, "tiny-unet")
+    expected = run_preset("tiny-unet", model)
     surgeon.fold(model)
     model.save_pretrained(tmp_path / "dense")
 
     stock = UNet2DModel.from_pretrained(tmp_path / "dense")
 
-    torch.testing.assert_close(run(stock, "tiny-unet"), expected, rtol=0, atol=0)
+    torch.testing.assert_close(run_preset("tiny-unet", stock), expected, rtol=0, atol=0)
 
 
 def test_packed_masks_use_numpy_packbits_little_layout(tmp_path):
