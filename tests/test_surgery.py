@@ -425,3 +425,36 @@ def test_site_set_mask_and_nm_refusal():
     with pytest.raises(TypeError):
         nm_site.set_mask(torch.ones(4, 8, dtype=torch.bool))
     assert torch.equal(nm_site.mask, nm_site.effective() != 0)
+
+
+def test_fold_bakes_the_nm_projection():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Conv2d(8, 4, 3))
+    inject(model, plan(model, nm="2:4"))
+    effective = {fqn: s.effective().detach().clone() for fqn, s in sites(model).items()}
+    fold(model)
+    assert _no_parametrizations(model)
+    params = dict(model.named_parameters())
+    for fqn, eff in effective.items():
+        assert torch.equal(params[fqn], eff)
+        assert ((_nhwc_groups(params[fqn], 4) != 0).sum(dim=1) == 2).all()
+
+
+def test_nm_gru_forward_uses_the_projection():
+    torch.manual_seed(0)
+    gru = nn.GRU(8, 4, num_layers=2, bidirectional=True, batch_first=True)
+    p = plan(gru, nm="2:4")
+    assert set(p.layers) == {n for n, _ in gru.named_parameters() if n.startswith("weight")}
+    inject(gru, p)
+    dense = nn.GRU(8, 4, num_layers=2, bidirectional=True, batch_first=True)
+    ss = sites(gru)
+    with torch.no_grad():
+        for name, prm in dense.named_parameters():
+            prm.copy_(ss[name].effective() if name in ss else getattr(gru, name))
+            if name in ss:
+                assert (_nhwc_groups(prm, 4) != 0).sum(dim=1).eq(2).all()
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        torch.testing.assert_close(gru(x)[0], dense(x)[0], rtol=1e-5, atol=1e-6)
+    gru(x)[0].sum().backward()
+    assert all((s.original.grad[~s.mask] != 0).any() for s in ss.values())  # straight through: pruned W trains
