@@ -16,7 +16,8 @@ from .sparsity.patterns import nm_mask
 class Mask(nn.Module):
     def __init__(self, mask: torch.Tensor):
         super().__init__()
-        self.register_buffer("mask", mask.to(torch.bool))
+        # a copy: DST updates the buffer in place, which must never write through to the caller's tensor
+        self.register_buffer("mask", mask.detach().to(torch.bool, copy=True))
         # RigL needs dL/dW_effective at every position, pruned ones included; the gradient reaching the original
         # is masked, so at update steps the forward hooks the effective weight and sums what flows into it.
         self.capture_grad = False

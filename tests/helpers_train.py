@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import TensorDataset
 
 from surgeon import presets
 from surgeon.recipe import Recipe, load_recipe
@@ -83,3 +83,27 @@ def save_state(model, path: Path) -> None:
     tensors = {f"state.{k}": v.contiguous() for k, v in state_of(model).items()}
     tensors.update({f"mask.{k}": v.to(torch.uint8).contiguous() for k, v in masks_of(model).items()})
     save_file(tensors, str(path))
+
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = REPO / ".venv" / "bin" / "python"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the machine is small and shared, and bit-identical comparisons between processes
+    need the same reduction order everywhere (subprocesses get OMP_NUM_THREADS=1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def subprocess_env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                "PYTHONPATH": str(REPO / "tests") + os.pathsep + env.get("PYTHONPATH", ""),
+                "PYTHONUNBUFFERED": "1"})
+    return env
