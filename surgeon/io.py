@@ -13,8 +13,8 @@ A saved model is a folder:
     the plan, the recipe.
 
 N:M tensors are saved as their current N:M projection S(W) only. That is the model the student computes, so
-outputs round-trip exactly; the dense W under it is training state, which resumable training checkpoints
-(Accelerate state) keep. Fine-tuning a loaded N:M model restarts from S(W).
+outputs round-trip exactly; the dense W under it is training state, which the resumable training checkpoints
+(:mod:`surgeon.checkpoint`) keep. Fine-tuning a loaded N:M model restarts from S(W).
 """
 from __future__ import annotations
 
