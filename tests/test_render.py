@@ -20,7 +20,7 @@ def draw(points, **kw) -> np.ndarray:
 
 def test_horizontal_stroke_lights_its_rows_only():
     img = draw([[-0.5, 0.0, 0], [0.5, 0.0, 1]], line_width=2)
-    assert img.dtype == np.uint8 and img.shape == (SIZE, SIZE)
+    assert img.dtype == np.uint8 and img.shape == (SIZE, SIZE) and img.flags.writeable
     y = px(0.0)  # 16.0: the 2 px line covers rows 15 and 16
     rows = np.flatnonzero(img.max(axis=1))
     assert set(rows) <= {14, 15, 16, 17}  # round caps may touch the neighbouring rows at the ends

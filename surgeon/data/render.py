@@ -63,7 +63,7 @@ def render_sequence(
         # Pillow's joint="curve", which is pure Python. Its ellipse box includes both corner pixels: half a pixel in.
         for x, y in pts.tolist():
             draw.ellipse((x - radius + 0.5, y - radius + 0.5, x + radius - 0.5, y + radius - 0.5), fill=255)
-    return np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.uint8)
+    return np.array(canvas.reduce(SUPERSAMPLE), dtype=np.uint8)  # a writable copy (torch warns on read-only)
 
 
 def render_grid(images: Sequence | np.ndarray | torch.Tensor, nrow: int = 8, padding: int = 2) -> Image.Image:
