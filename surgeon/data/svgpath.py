@@ -88,6 +88,10 @@ class _Builder:
         self.curves.append(controls)
         self.rows += self.n
 
+    def end_path(self) -> None:
+        self.path += 1
+        self.open = False
+
     def build(self) -> list[list[np.ndarray]]:
         """Subpaths grouped by path; a lone moveto draws nothing and is dropped."""
         out = np.empty((self.rows, 2), dtype=np.float64)
@@ -118,8 +122,7 @@ def parse_paths(ds: list[str], samples_per_curve: int = 16) -> list[list[np.ndar
     out = _Builder(samples_per_curve)
     for d in ds:
         _parse_into(out, d)
-        out.path += 1
-        out.open = False
+        out.end_path()
     return out.build()
 
 
