@@ -17,10 +17,10 @@ def unet2d(sample_size: int = 32, channels: int = 1) -> nn.Module:
         sample_size=sample_size,
         in_channels=channels,
         out_channels=channels,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(16, 32, 64),
         layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
         attention_head_dim=16,
     )
@@ -94,7 +94,22 @@ def tiny_dit() -> nn.Module:
     )
 
 
+def chirodiff() -> nn.Module:
+    """ChiroDiff as the seed paper trains it on KanjiVG: 3-layer bidirectional GRU, 96 hidden units."""
+    from .models.chirodiff import ChiroDiffNet
+
+    return ChiroDiffNet()
+
+
+def tiny_chirodiff() -> nn.Module:
+    from .models.chirodiff import ChiroDiffNet
+
+    return ChiroDiffNet(hidden=16, layers=2)
+
+
 PRESETS = {
+    "chirodiff": chirodiff,
+    "tiny-chirodiff": tiny_chirodiff,
     "unet-kanji": unet2d,
     "tiny-unet": tiny_unet2d,
     "tiny-unet-cond": tiny_unet2d_condition,
