@@ -1,0 +1,186 @@
+"""``surgeon sparsify``: bad inputs end in one ``error:`` + ``hint:`` pair with nothing half-written; a tiny run
+writes every artifact and its saved model restores the trained masks exactly."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers_train import one_thread  # noqa: F401
+from PIL import Image
+from safetensors import safe_open
+from torch import nn
+from typer.testing import CliRunner
+
+import surgeon
+import surgeon.train as train_mod
+from surgeon.checkpoint import save_checkpoint
+from surgeon.cli.app import app
+from surgeon.recipe import load_recipe
+from surgeon.surgery import sites
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def write_images(folder, n: int = 16, size: int = 16) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L").save(folder / f"img{i:02d}.png")
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    write_images(folder)
+    return folder
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, ["sparsify", *map(str, args)])
+
+
+def assert_one_error(result, *words: str) -> None:
+    assert result.exit_code != 0, result.output
+    text = result.stderr
+    assert "Traceback" not in result.output and "Traceback" not in text
+    lines = [line for line in text.splitlines() if line.strip()]
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(errors) == 1, text
+    i = errors[0]
+    assert i + 1 < len(lines) and lines[i + 1].startswith("hint: "), text
+    for w in words:
+        assert w in lines[i], lines[i]
+
+
+def assert_nothing_written(out) -> None:
+    assert not out.exists(), f"{out} was created: {list(out.iterdir())}"
+
+
+def test_unknown_recipe_name(tmp_path, images):
+    out = tmp_path / "out"
+    r = invoke("tiny-unet", "--recipe", "riggle", "--data", images, "--out", out, "--steps", 2)
+    assert_one_error(r, "unknown recipe 'riggle'")
+    assert_nothing_written(out)
+
+
+def test_recipe_yaml_with_an_unknown_key(tmp_path, images):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algorithm: rigl\nsparsity: 0.5\ndst: {delta_t: 10, regrow: gradient}\n")
+    out = tmp_path / "out"
+    r = invoke("tiny-unet", "--recipe", bad, "--data", images, "--out", out)
+    assert_one_error(r, "unknown key 'dst.regrow'")
+    assert_nothing_written(out)
+
+
+def test_sparsity_out_of_range(tmp_path, images):
+    out = tmp_path / "out"
+    r = invoke("tiny-unet", "--recipe", "rigl", "--s", 1.2, "--data", images, "--out", out)
+    assert_one_error(r, "sparsity 1.2")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("content", ["empty", "no-images"])
+def test_data_folder_without_images(tmp_path, content):
+    data = tmp_path / "data"
+    data.mkdir()
+    if content == "no-images":
+        (data / "notes.txt").write_text("not an image")
+        (data / "fake.png").write_bytes(b"not a png either")
+    out = tmp_path / "out"
+    r = invoke("tiny-unet", "--data", data, "--out", out, "--steps", 2)
+    assert_one_error(r, "no images found")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("ref, words", [
+    ("no such model", "not a folder, file.py:Class, preset or hub id"),
+    ("missing/model.py:Net", "does not exist"),
+])
+def test_model_that_is_neither_folder_id_nor_file_class(tmp_path, images, ref, words):
+    out = tmp_path / "out"
+    r = invoke(ref, "--data", images, "--out", out, "--steps", 2)
+    assert_one_error(r, "cannot load model", words)
+    assert_nothing_written(out)
+
+
+def test_resume_from_a_checkpoint_of_another_model(tmp_path, images):
+    other = nn.Sequential(nn.Linear(3, 2))
+    opt = torch.optim.AdamW(other.parameters())
+    other(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    ckpt = save_checkpoint(tmp_path / "other" / "checkpoints" / "step-0000002.safetensors", 2, other, opt,
+                           ["0.weight", "0.bias"], {})
+    out = tmp_path / "out"
+    r = invoke("tiny-unet", "--data", images, "--out", out, "--steps", 4, "--batch-size", 4, "--resume", ckpt,
+               "--no-progress", "--no-samples")
+    assert_one_error(r, "belongs to another model")
+    assert_nothing_written(out)
+    # a run folder as --resume is resolved to its latest checkpoint, with the same refusal
+    r = invoke("tiny-unet", "--data", images, "--out", out, "--steps", 4, "--resume", tmp_path / "other", "--no-progress")
+    assert_one_error(r, "belongs to another model")
+    assert_nothing_written(out)
+
+
+def test_existing_output_folder_is_not_overwritten(tmp_path, images):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = invoke("tiny-unet", "--data", images, "--out", out, "--steps", 2)
+    assert_one_error(r, "exists")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def unpack_little(packed: torch.Tensor, shape) -> torch.Tensor:
+    """DESIGN §5 decoded with numpy: bits little-endian along the last dim of the tensor viewed as [shape[0], -1]."""
+    cols = int(np.prod(shape[1:]))
+    bits = np.unpackbits(packed.numpy(), axis=1, bitorder="little")[:, :cols]
+    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
+
+
+def test_tiny_end_to_end_run_writes_everything_and_restores_masks(tmp_path, images, monkeypatch):
+    trained = {}
+    real_train = train_mod.train
+
+    def capture(model, *a, **k):
+        trained["model"] = model
+        return real_train(model, *a, **k)
+
+    monkeypatch.setattr(train_mod, "train", capture)
+    out = tmp_path / "run"
+    r = invoke("tiny-unet", "--recipe", "rigl", "--data", images, "--out", out, "--steps", 4, "--batch-size", 4,
+               "--delta-t", 2, "--p", 0.2, "--no-progress")
+    assert r.exit_code == 0, r.output
+    for name in ("model", "recipe.yaml", "metrics.jsonl", "samples.png", "summary.json"):
+        assert (out / name).exists(), name
+    assert not list(out.rglob("*.tmp*"))
+
+    recipe = load_recipe(out / "recipe.yaml")
+    assert (recipe.algorithm, recipe.training.steps, recipe.training.batch_size, recipe.dst.delta_t, recipe.dst.p) == (
+        "rigl", 4, 4, 2, 0.2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["algorithm"] == "rigl"
+    assert summary["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 4 and "loss" in records[-1]
+    assert [r["step"] for r in records if "mask_update" in r] == [2]  # ΔT_e = 2, stop step 0.75·4 = 3
+    with Image.open(out / "samples.png") as im:
+        im.load()
+        assert min(im.size) >= 16
+
+    model = trained["model"]
+    loaded = surgeon.load(out / "model")
+    want, got = sites(model), sites(loaded)
+    assert want.keys() == got.keys() and len(want) > 0
+    with safe_open(str(out / "model" / "model.safetensors"), framework="pt") as f:
+        for fqn, site in want.items():
+            assert torch.equal(got[fqn].mask, site.mask), fqn
+            assert torch.equal(unpack_little(f.get_tensor(f"{fqn}.mask"), site.mask.shape), site.mask), fqn
+            assert torch.equal(got[fqn].original, site.original.detach()), fqn
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
