@@ -19,11 +19,15 @@ class MagRan(Algorithm):
     name = "magran"
     changes_masks = True
 
+    def __init__(self, recipe, total_steps: int):
+        super().__init__(recipe, total_steps)
+        # set here, not in setup(): the loop restores it from a checkpoint (load_state_dict) before setup()
+        self.history: list[dict] = []
+
     def setup(self, model, accelerator) -> None:
         super().setup(model, accelerator)
         self.sites = {f: s for f, s in sites(model).items() if not s.is_nm}
         self.updating = False
-        self.history: list[dict] = []
 
     def is_update(self, step: int) -> bool:
         d = self.recipe.dst
