@@ -1,0 +1,68 @@
+"""Two CPU processes (Accelerate, gloo) end with identical masks and weights after RigL and MagRan updates.
+
+RigL averages its dense gradient across processes and MagRan draws the same random numbers on every process
+(DESIGN §3), so every rank must hold the same masks and the same weights after every update.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+
+import torch
+from helpers_train import PYTHON, subprocess_env
+from safetensors.torch import load_file
+
+SCRIPT = r'''
+import json, sys
+import torch
+from accelerate import Accelerator
+from helpers_train import SyntheticImageTask, masks_of, save_state, small_recipe, tiny_model
+from surgeon.train import train
+
+out = sys.argv[1]
+acc = Accelerator(cpu=True)
+backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+for name in ("rigl", "magran"):
+    recipe = small_recipe(name, **{"training.steps": 6, "dst.delta_t": 2, "training.batch_size": 4})
+    model = tiny_model(recipe)
+    start = masks_of(model)
+    result = train(model, SyntheticImageTask(model), recipe, f"{out}/{name}-run", accelerator=acc, progress=False)
+    save_state(model, f"{out}/{name}-rank{acc.process_index}.safetensors")
+    moved = sum(int((start[f] != m).sum()) for f, m in masks_of(model).items())
+    with open(f"{out}/{name}-rank{acc.process_index}.json", "w") as f:
+        json.dump({"processes": acc.num_processes, "backend": backend, "distributed": str(acc.distributed_type),
+                   "updates": result.mask_updates, "moved": moved}, f)
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_end_with_identical_masks_and_weights(tmp_path):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(SCRIPT)
+    env = subprocess_env()
+    env["HF_HOME"] = str(tmp_path / "hf")  # no user accelerate config file can change the launch
+    # `accelerate launch --cpu` runs a single process; --multi_gpu is the torchrun launcher, and the script's
+    # Accelerator(cpu=True) then runs the two ranks on CPU with gloo (DistributedType.MULTI_CPU)
+    cmd = [str(PYTHON), "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("rigl", "magran"):
+        info = [json.loads((tmp_path / f"{name}-rank{r}.json").read_text()) for r in range(2)]
+        for i in info:
+            assert i["processes"] == 2 and i["backend"] == "gloo" and i["distributed"].endswith("MULTI_CPU")
+            assert [u["step"] for u in i["updates"]] == [2, 4, 6]  # ΔT_e = 2, no stop step (small_recipe)
+            assert i["moved"] > 0  # the masks did change
+        assert info[0]["updates"] == info[1]["updates"]
+        a = load_file(str(tmp_path / f"{name}-rank0.safetensors"))
+        b = load_file(str(tmp_path / f"{name}-rank1.safetensors"))
+        assert a.keys() == b.keys() and any(k.startswith("mask.") for k in a)
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not different, f"{name}: ranks differ in {different[:5]}"
