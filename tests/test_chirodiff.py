@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from surgeon.errors import SurgeonError
 from surgeon.models import ChiroDiffNet
@@ -86,6 +87,26 @@ def test_padding_never_reaches_real_points_or_the_loss():
     torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
 
 
+def test_backbone_is_exactly_a_packed_bidirectional_gru():
+    model = _tiny()
+    H, n_layers = model.config["hidden"], model.config["layers"]  # noqa: N806
+    ref = torch.nn.GRU(model.rnn[0].fwd.input_size, H, n_layers, batch_first=True, bidirectional=True)
+    with torch.no_grad():
+        for i, layer in enumerate(model.rnn):
+            for suffix, gru in (("", layer.fwd), ("_reverse", layer.bwd)):
+                for name, p in gru.named_parameters():
+                    getattr(ref, name.replace("_l0", f"_l{i}") + suffix).copy_(p)
+    batch = _batch(_data(5))
+    x, mask = batch["points"], batch["mask"]
+    t = torch.tensor([0, 9, 99, 499, 999])
+    temb = model.time_embedding(t)[:, None, :].expand(-1, x.shape[1], -1)
+    inp = torch.cat([x, model.velocities(x), temb], -1)
+    packed = pack_padded_sequence(inp, mask.sum(1), batch_first=True, enforce_sorted=False)
+    hid, _ = pad_packed_sequence(ref(packed)[0], batch_first=True, total_length=x.shape[1])
+    expected = model.head(torch.cat([model.out_proj(hid), temb], -1))
+    torch.testing.assert_close(model(x, t, mask)[mask], expected[mask])
+
+
 def test_noisy_batch_follows_the_ddpm_marginal():
     task = SequenceTask()
     batch = _batch(_data(4))
@@ -99,7 +120,7 @@ def test_noisy_batch_follows_the_ddpm_marginal():
 def test_every_gru_weight_is_a_target_and_masks_act_in_the_forward():
     model = ChiroDiffNet(hidden=16, layers=3)
     found = find_targets(model)
-    gru = {f"rnn.weight_{k}_l{i}{d}" for k in ("ih", "hh") for i in range(3) for d in ("", "_reverse")}
+    gru = {f"rnn.{i}.{d}.weight_{k}_l0" for k in ("ih", "hh") for i in range(3) for d in ("fwd", "bwd")}
     assert gru <= set(found)
     assert all(found[f].kind == "rnn" for f in gru)
 
@@ -113,7 +134,7 @@ def test_every_gru_weight_is_a_target_and_masks_act_in_the_forward():
     batch = _batch(_data(3))
     t = torch.tensor([3, 300, 900])
     torch.testing.assert_close(model(batch["points"], t, batch["mask"]), dense(batch["points"], t, batch["mask"]))
-    sparse_hh = dense.rnn.weight_hh_l2_reverse
+    sparse_hh = dense.rnn[2].bwd.weight_hh_l0
     assert (sparse_hh == 0).float().mean() > 0.5
 
 

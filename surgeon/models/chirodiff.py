@@ -14,8 +14,11 @@ is embedded with random Fourier features: fixed Gaussian frequencies (a seeded b
 ``(t + 1) / T``. A bidirectional GRU gives every point the whole sequence as context; a linear layer projects
 both directions to ``hidden``, and the head maps ``[hidden, time embedding]`` to ε for every point.
 
-Padding: sequences are packed, so padded points never reach real ones through the GRU; velocities look only
-backwards, so they cannot either; outputs at padded points are zero.
+Padding never reaches real points: each direction of each layer is its own one-layer ``nn.GRU`` run on the padded
+batch, the backward one on every sequence reversed *within its length*, so in both directions the real points come
+first and the trailing padding can only influence padding. This is the bidirectional GRU of the paper, computed
+exactly; it avoids ``pack_padded_sequence``, whose CPU backward is several times slower than the padded path
+(measured 4x at batch 128, 100 points). Velocities look only backwards; outputs at padded points are zero.
 """
 from __future__ import annotations
 
@@ -23,9 +26,24 @@ import math
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn import functional as F  # noqa: N812
 
 from ..errors import SurgeonError
+
+
+class BiGRULayer(nn.Module):
+    """One bidirectional layer: ``fwd`` reads each sequence left to right, ``bwd`` right to left, both from its ends."""
+
+    def __init__(self, n_in: int, hidden: int):
+        super().__init__()
+        self.fwd = nn.GRU(n_in, hidden, batch_first=True)
+        self.bwd = nn.GRU(n_in, hidden, batch_first=True)
+
+    def forward(self, h: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """h [B, L, n_in], flip [B, L, 1] (a per-row index that reverses the real points, an involution) → [B, L, 2·hidden]."""
+        out_f, _ = self.fwd(h)
+        out_b, _ = self.bwd(h.gather(1, flip.expand_as(h)))
+        return torch.cat([out_f, out_b.gather(1, flip.expand_as(out_b))], dim=-1)
 
 
 class ChiroDiffNet(nn.Module):
@@ -54,10 +72,8 @@ class ChiroDiffNet(nn.Module):
         gen = torch.Generator().manual_seed(int(seed))
         # seeded, so from_config alone rebuilds the same embedding; persistent, so a state_dict carries it anyway
         self.register_buffer("fourier_freqs", torch.randn(time_features // 2, generator=gen) * fourier_scale)
-        self.rnn = nn.GRU(
-            features + coords + time_features, hidden, layers,
-            batch_first=True, bidirectional=True, dropout=dropout if layers > 1 else 0.0,
-        )
+        n_in = features + coords + time_features
+        self.rnn = nn.ModuleList(BiGRULayer(n_in if i == 0 else 2 * hidden, hidden) for i in range(layers))
         self.out_proj = nn.Linear(2 * hidden, hidden)
         self.head = nn.Linear(hidden + time_features, features)
 
@@ -87,14 +103,15 @@ class ChiroDiffNet(nn.Module):
                 f"expected x_t [B, L, {self.config['features']}], t [B], mask [B, L]",
             )
         mask = mask.bool()
-        lengths = mask.sum(1)
-        if not torch.equal(mask, torch.arange(L, device=mask.device)[None, :] < lengths[:, None]):
+        lengths, pos = mask.sum(1, keepdim=True), torch.arange(L, device=mask.device)[None, :]  # [B, 1], [1, L]
+        if not torch.equal(mask, pos < lengths):
             raise SurgeonError("mask is not a prefix mask", "pad sequences at the end (collate_sequences does)")
+        flip = torch.where(mask, lengths - 1 - pos, pos)[..., None]  # [B, L, 1]; padding stays put
         temb = self.time_embedding(t)[:, None, :].expand(B, L, -1)  # [B, L, time_features]
-        inp = torch.cat([x_t, self.velocities(x_t), temb.to(x_t.dtype)], dim=-1)
-        # an empty row would break packing; its single computed point is zeroed below with the rest of the padding
-        packed = pack_padded_sequence(inp, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False)
-        hid, _ = self.rnn(packed)
-        hid, _ = pad_packed_sequence(hid, batch_first=True, total_length=L)  # [B, L, 2*hidden]
+        hid = torch.cat([x_t, self.velocities(x_t), temb.to(x_t.dtype)], dim=-1)
+        for i, layer in enumerate(self.rnn):
+            if i:  # between layers, as nn.GRU(dropout=...) does
+                hid = F.dropout(hid, self.config["dropout"], self.training)
+            hid = layer(hid, flip)  # [B, L, 2*hidden]
         eps = self.head(torch.cat([self.out_proj(hid), temb.to(hid.dtype)], dim=-1))  # [B, L, D]
         return eps * mask[..., None].to(eps.dtype)
