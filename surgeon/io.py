@@ -37,12 +37,16 @@ from .errors import SurgeonError
 from .loading import brief, class_path, diffusers_class, is_diffusers_class, read_json, resolve_class
 from .plan import LayerPlan, Plan
 from .surgery import get_plan, inject, sites
-from .targets import find_targets
 
 FORMAT = "surgeon"
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
-_BITS = torch.arange(8, dtype=torch.uint8)
+# Packing works on 8 mask bytes at once, read as one little-endian int64 (byte i = bits 8i..8i+7, each 0 or 1).
+# Multiplying by _GATHER moves byte i's bit to bit 56 + i and every cross term out of bits 56..63 (they are
+# 56 + 8i - 7j for j != i: distinct, so no carries), leaving the packed byte in the top 8 bits.
+_GATHER = 0x0102040810204080
+# Unpacking is the inverse by table: byte value → the int64 whose 8 bytes are its bits, 0 or 1.
+_SPREAD = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8).view(torch.int64).squeeze(1)
 
 
 # --- mask packing ------------------------------------------------------------------------------------------------
@@ -55,16 +59,17 @@ def _rows_cols(shape) -> tuple[int, int]:
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """bool ``shape`` → uint8 ``[shape[0], ceil(cols / 8)]``; element 8j+i of a row is bit i of byte j."""
     rows, cols = _rows_cols(mask.shape)
-    bits = mask.detach().to("cpu", torch.uint8).reshape(rows, cols)
-    bits = torch.nn.functional.pad(bits, (0, -cols % 8))
-    return (bits.view(rows, -1, 8) << _BITS).sum(-1, dtype=torch.uint8)
+    bits = mask.detach().to("cpu", torch.bool).contiguous().view(torch.uint8).reshape(rows, cols)
+    if cols % 8 or bits.storage_offset() % 8:  # int64 views need whole, aligned groups of 8 bytes
+        bits = torch.nn.functional.pad(bits, (0, -cols % 8))
+    return ((bits.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
     """The inverse of :func:`pack_mask`: a bool tensor of ``shape``."""
     rows, cols = _rows_cols(shape)
-    bits = (packed.unsqueeze(-1) >> _BITS) & 1
-    return bits.reshape(rows, -1)[:, :cols].to(torch.bool).reshape(tuple(shape))
+    bits = _SPREAD[packed.long()].view(torch.uint8)  # [rows, 8 * bytes], one 0/1 byte per element
+    return bits[:, :cols].view(torch.bool).reshape(tuple(shape))
 
 
 # --- what a model becomes on disk --------------------------------------------------------------------------------
@@ -95,8 +100,7 @@ def _json(value: Any, what: str) -> str:
 
 
 def _pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    masked = sites(model)
-    kinds = {fqn: t.kind for fqn, t in find_targets(model).items()}
+    masked, model_plan = sites(model), get_plan(model)
     tensors, info, seen = {}, {}, set()
     for key, value in model.state_dict().items():
         if _hidden_fqn(key) in masked:
@@ -118,7 +122,7 @@ def _pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, di
         info[fqn] = {
             "shape": list(mask.shape),
             "dtype": str(values.dtype).removeprefix("torch."),
-            "kind": kinds.get(fqn, "other"),
+            "kind": model_plan.layers[fqn].kind if model_plan and fqn in model_plan.layers else "other",
             "nm": [p.n, p.m] if site.is_nm else None,
             "lambda_w": p.lambda_w if site.is_nm else None,
             "kept": int(values.numel()),
@@ -243,7 +247,7 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 
 def _unpack_entry(fqn: str, info: Mapping, tensors: dict[str, torch.Tensor], path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check one masked tensor of the file and return (dense tensor with zeros at pruned positions, bool mask)."""
+    """Check one masked tensor of the file, take it out of ``tensors`` and return (kept values, bool mask)."""
     bad = lambda why: SurgeonError(f"{path} is corrupt: {fqn} {why}", "save the model again")  # noqa: E731
     values, packed = tensors.pop(f"{fqn}.values", None), tensors.pop(f"{fqn}.mask", None)
     if values is None or packed is None:
@@ -255,12 +259,10 @@ def _unpack_entry(fqn: str, info: Mapping, tensors: dict[str, torch.Tensor], pat
     if values.dim() != 1 or str(values.dtype).removeprefix("torch.") != info["dtype"]:
         raise bad(f"has values of {list(values.shape)} {values.dtype}, expected 1-D {info['dtype']}")
     mask = unpack_mask(packed, shape)
-    kept = int(mask.sum())
+    kept = int(torch.count_nonzero(mask))
     if kept != values.numel() or kept != info["kept"]:
         raise bad(f"keeps {values.numel()} values but its mask has {kept} set bits (metadata: {info['kept']})")
-    dense = torch.zeros(shape, dtype=values.dtype)
-    dense[mask] = values
-    return dense, mask
+    return values, mask
 
 
 def _injection_plan(meta: Mapping, path: Path) -> Plan:
@@ -278,19 +280,20 @@ def _injection_plan(meta: Mapping, path: Path) -> Plan:
     return Plan(layers)
 
 
-def _match_state(model: nn.Module, state: Mapping[str, torch.Tensor], folder: Path, masked: set[str]) -> None:
+def _match_state(model: nn.Module, state: Mapping[str, torch.Tensor], masked: Mapping[str, torch.Size], folder: Path) -> None:
+    """Every tensor of the model is in the file, plain or masked, with its shape; nothing else is."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    given = {**{k: tuple(v.shape) for k, v in state.items()}, **{k: tuple(v) for k, v in masked.items()}}
+    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
     if missing or unexpected:
         parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
         parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
         raise SurgeonError(f"{folder} does not match the model: {', '.join(parts)} tensors",
                            "load into the model class it was saved from")
-    for key in sorted(state, key=lambda k: k not in masked):  # masked tensors first: theirs is the telling error
-        tensor = state[key]
-        if tuple(tensor.shape) != expected[key]:
+    for key in sorted(given, key=lambda k: k not in masked):  # masked tensors first: theirs is the telling error
+        if given[key] != expected[key]:
             what = "mask shape" if key in masked else "shape"
-            raise SurgeonError(f"{what} mismatch for {key}: file has {list(tensor.shape)}, model has {list(expected[key])}",
+            raise SurgeonError(f"{what} mismatch for {key}: file has {list(given[key])}, model has {list(expected[key])}",
                                "the file belongs to a different model configuration")
 
 
@@ -298,16 +301,20 @@ def _restore(model: nn.Module, folder: Path, meta: Mapping, tensors: dict[str, t
     if sites(model):
         raise SurgeonError("the model already has masks", "load into a plain model (surgeon.remove or fold first)")
     path = folder / WEIGHTS
-    masks = {}
-    for fqn, info in meta["tensors"].items():
-        tensors[fqn], masks[fqn] = _unpack_entry(fqn, info, tensors, path)
-    _match_state(model, tensors, folder, set(masks))
-    model.load_state_dict(tensors, strict=True)
-    if masks:
-        inject(model, _injection_plan(meta, path), masks={f: m for f, m in masks.items() if not meta["tensors"][f]["nm"]})
-        for fqn, site in sites(model).items():
-            if site.is_nm:
-                site.parametrization.lambda_w = float(meta["tensors"][fqn]["lambda_w"] or 0.0)
+    entries = {fqn: _unpack_entry(fqn, info, tensors, path) for fqn, info in meta["tensors"].items()}
+    _match_state(model, tensors, {fqn: mask.shape for fqn, (_, mask) in entries.items()}, folder)
+    # everything is checked: only now is the model touched
+    model.load_state_dict(tensors, strict=False)  # the plain tensors; _match_state vouched for the rest
+    with torch.no_grad():
+        for fqn, (values, mask) in entries.items():
+            param = model.get_parameter(fqn)
+            param.zero_().masked_scatter_(mask.to(param.device), values.to(param.device, param.dtype))
+    if entries:
+        nm = {fqn for fqn, info in meta["tensors"].items() if info["nm"]}
+        inject(model, _injection_plan(meta, path), masks={f: m for f, (_, m) in entries.items() if f not in nm})
+        restored = sites(model)
+        for fqn in nm:
+            restored[fqn].parametrization.lambda_w = float(meta["tensors"][fqn]["lambda_w"] or 0.0)
     return model
 
 

@@ -85,9 +85,9 @@ def report(
             nonzero = getattr(t.module, t.tensor_name) != 0  # the effective weight, through any parametrization
             kept = site.mask if site is not None else nonzero
             reason = nm_skip_reason(t.shape, m)
-            valid = None if reason else bool((nm_groups(nonzero, m).sum(dim=1) <= n).all())
+            valid = None if reason else bool((torch.count_nonzero(nm_groups(nonzero, m), dim=1) <= n).all())
             rows.append(Row(
                 fqn, t.kind, t.shape, ("n:m" if site.is_nm else "mask") if site is not None else "",
-                t.numel, int(kept.sum()), valid, reason,
+                t.numel, int(torch.count_nonzero(kept)), valid, reason,
             ))
     return Report((n, m), rows, sum(p.numel() for p in model.parameters()))

@@ -1,0 +1,150 @@
+"""Packed storage and mask overhead, measured side by side in one run; prints ratios against their targets.
+
+    .venv/bin/python benchmarks/bench_storage.py [--batch 4] [--repeats 7] [--threads N] [--device cpu]
+
+Model: a diffusers UNet2DModel built from a config (16.7M parameters, DDPM-style, 32x32 RGB), masked with the
+default ERK plan. Compared, each pair run interleaved (A B A B ...) so that load from other processes hits both
+alike, after a warm-up, reporting the median:
+
+- bytes of the packed file (surgeon.save) / bytes of the dense model in plain safetensors, fp32, S = 0.5 and 0.9
+- surgeon.save / safetensors save_file of the dense state_dict
+- surgeon.load_into / load_file + load_state_dict, both into an already built plain model
+- one masked forward+backward / one dense forward+backward on the same input (same weights, dense kernels)
+
+The masks cost one multiply per masked weight in the forward and one in the backward, whatever the batch, so the
+fwd+bwd ratio falls towards 1 as the batch (or the resolution) grows.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import surgeon
+
+CONFIG = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(64, 128, 256, 256),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+)
+
+
+def build() -> torch.nn.Module:
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(**CONFIG)
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, sync: Callable[[], None]) -> dict[str, float]:
+    """Median seconds of each fn, run round-robin so slow phases of a shared machine hit all of them."""
+    times = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def storage_ratios(dense: torch.nn.Module, tmp: Path) -> list[tuple[str, float, str, str]]:
+    save_file(dense.state_dict(), tmp / "dense.safetensors")
+    dense_bytes = (tmp / "dense.safetensors").stat().st_size
+    rows = []
+    for s, target in ((0.5, 0.54), (0.9, 0.14)):
+        model = copy.deepcopy(dense)
+        surgeon.inject(model, surgeon.plan(model, sparsity=s))
+        surgeon.save(model, tmp / f"s{s}", force=True)
+        packed = (tmp / f"s{s}" / "model.safetensors").stat().st_size
+        rows.append((f"file bytes, S={s}", packed / dense_bytes, f"<= {target}", f"{packed / 2**20:.1f} / {dense_bytes / 2**20:.1f} MiB"))
+    return rows
+
+
+def io_ratios(dense: torch.nn.Module, tmp: Path, repeats: int) -> list[tuple[str, float, str, str]]:
+    masked = copy.deepcopy(dense)
+    surgeon.inject(masked, surgeon.plan(masked, sparsity=0.9))
+    state = dense.state_dict()
+    save_t = interleaved({
+        "plain": lambda: save_file(state, tmp / "plain.safetensors"),
+        "surgeon": lambda: surgeon.save(masked, tmp / "packed", force=True),
+    }, repeats, warmup=1, sync=lambda: None)
+
+    targets = [build() for _ in range(2)]  # fresh plain models: load_into refuses a model that already has masks
+    def surgeon_load():
+        surgeon.remove(targets[0])
+        surgeon.load_into(targets[0], tmp / "packed")
+
+    load_t = interleaved({
+        "plain": lambda: targets[1].load_state_dict(load_file(tmp / "plain.safetensors")),
+        "surgeon": surgeon_load,
+    }, repeats, warmup=1, sync=lambda: None)
+    return [
+        ("save time, S=0.9", save_t["surgeon"] / save_t["plain"], "", f"{save_t['surgeon'] * 1e3:.0f} / {save_t['plain'] * 1e3:.0f} ms"),
+        ("load time, S=0.9", load_t["surgeon"] / load_t["plain"], "", f"{load_t['surgeon'] * 1e3:.0f} / {load_t['plain'] * 1e3:.0f} ms"),
+    ]
+
+
+def train_step_ratio(dense: torch.nn.Module, batch: int, repeats: int, device: str) -> list[tuple[str, float, str, str]]:
+    masked = copy.deepcopy(dense)
+    surgeon.inject(masked, surgeon.plan(masked, sparsity=0.5))
+    dense, masked = dense.to(device).train(), masked.to(device).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, CONFIG["in_channels"], 32, 32, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+
+    def step(model):
+        def run():
+            model(x, t).sample.pow(2).mean().backward()
+            model.zero_grad(set_to_none=True)
+        return run
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    secs = interleaved({"dense": step(dense), "masked": step(masked)}, repeats, warmup=2, sync=sync)
+    return [("fwd+bwd time, S=0.5", secs["masked"] / secs["dense"], "<= 1.05",
+             f"{secs['masked'] * 1e3:.0f} / {secs['dense'] * 1e3:.0f} ms, batch {batch}")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        # on a busy machine, OpenMP threads spin-waiting for each other can slow parallel ops by 10x or more
+        torch.set_num_threads(args.threads)
+
+    dense = build()
+    n = sum(p.numel() for p in dense.parameters())
+    print(f"UNet2DModel {n / 1e6:.1f}M params, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device {args.device}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        rows = storage_ratios(dense, tmp) + io_ratios(dense, tmp, args.repeats)
+    rows += train_step_ratio(dense, args.batch, args.repeats, args.device)
+
+    print(f"\n{'measured (surgeon / plain)':<26} {'ratio':>7}  {'target':<8} detail")
+    for name, ratio, target, detail in rows:
+        print(f"{name:<26} {ratio:>7.3f}  {target:<8} {detail}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
