@@ -41,7 +41,7 @@ from .surgery import get_plan, inject, sites
 FORMAT = "surgeon"
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
-# Packing works on 8 mask bytes at once, read as one little-endian int64 (byte i = bits 8i..8i+7, each 0 or 1).
+# Packing works on 8 mask bytes at once, read as one little-endian int64 (torch only runs on little-endian hosts) (byte i = bits 8i..8i+7, each 0 or 1).
 # Multiplying by _GATHER moves byte i's bit to bit 56 + i and every cross term out of bits 56..63 (they are
 # 56 + 8i - 7j for j != i: distinct, so no carries), leaving the packed byte in the top 8 bits.
 _GATHER = 0x0102040810204080
@@ -174,14 +174,13 @@ def save(
     _check_output(folder, force)
     config = _config_json(model)
     tensors, info = _pack_state(model)
-    model_plan = get_plan(model)
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "surgeon_version": __version__,
         "class": class_path(type(model)),
         "tensors": _json(info, "tensor info"),
-        "plan": _json(model_plan.to_dict() if model_plan else None, "the plan"),
+        "plan": _json(_plan_of(model, info).to_dict() if info else None, "the plan"),
         "recipe": _json(recipe.to_dict() if hasattr(recipe, "to_dict") else recipe, "the recipe"),
         "extra": _json(dict(extra_metadata or {}), "extra_metadata"),
     }
@@ -265,19 +264,28 @@ def _unpack_entry(fqn: str, info: Mapping, tensors: dict[str, torch.Tensor], pat
     return values, mask
 
 
-def _injection_plan(meta: Mapping, path: Path) -> Plan:
-    info = meta["tensors"]
-    if meta["plan"] is not None:
-        p = Plan.from_dict(meta["plan"])
-        if {f for f, lp in p.layers.items() if not lp.is_dense} == set(info):
-            return p
-        raise SurgeonError(f"{path} is corrupt: its plan and its masked tensors differ", "save the model again")
+def _masks_plan(p: Plan) -> set[str]:
+    return {f for f, lp in p.layers.items() if not lp.is_dense}
+
+
+def _plan_of(model: nn.Module, info: Mapping[str, Mapping]) -> Plan:
+    """The model's plan, or, if masks were added or removed since it was made, one describing the masks it has."""
+    p = get_plan(model)
+    if p is not None and _masks_plan(p) == set(info):
+        return p
     layers = {
         f: LayerPlan(i["kind"], tuple(i["shape"]), density=None if i["nm"] else i["kept"] / math.prod(i["shape"]),
                      nm=tuple(i["nm"]) if i["nm"] else None)
         for f, i in info.items()
     }
     return Plan(layers)
+
+
+def _injection_plan(meta: Mapping, path: Path) -> Plan:
+    p = Plan.from_dict(meta["plan"]) if meta["plan"] is not None else None
+    if p is None or _masks_plan(p) != set(meta["tensors"]):
+        raise SurgeonError(f"{path} is corrupt: its plan and its masked tensors differ", "save the model again")
+    return p
 
 
 def _match_state(model: nn.Module, state: Mapping[str, torch.Tensor], masked: Mapping[str, torch.Size], folder: Path) -> None:

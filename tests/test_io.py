@@ -192,6 +192,16 @@ def test_bfloat16_model_loads_back_in_bfloat16(tmp_path):
     assert_same_masks(model, loaded)
 
 
+def test_masks_injected_in_two_steps_round_trip(tmp_path):
+    model = make("tiny-unet")
+    surgeon.inject(model, surgeon.plan(model, sparsity=0.5, include=["conv_in*"]))
+    surgeon.inject(model, surgeon.plan(model, sparsity=0.5, exclude=["conv_in*"]))  # the model's plan now lacks conv_in
+    surgeon.save(model, tmp_path / "out")
+    loaded = surgeon.load(tmp_path / "out")
+    assert_same_masks(model, loaded)
+    assert "conv_in.weight" in get_plan(loaded).layers
+
+
 def test_custom_module_without_config_needs_load_into(tmp_path):
     model = NoConfigNet(6)
     surgeon.inject(model, surgeon.plan(model, sparsity=0.5))
