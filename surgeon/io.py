@@ -227,9 +227,10 @@ def _valid_tensor_info(info: Any) -> bool:
         return (
             isinstance(i, dict)
             and isinstance(i.get("shape"), list) and len(i["shape"]) > 0
-            and all(isinstance(s, int) and s > 0 for s in i["shape"])
+            and all(isinstance(n, int) and n > 0 for n in i["shape"])
             and isinstance(i.get("dtype"), str) and isinstance(i.get("kept"), int) and isinstance(i.get("kind"), str)
             and (i.get("nm") is None or (isinstance(i["nm"], list) and len(i["nm"]) == 2))
+            and (i.get("lambda_w") is None or isinstance(i["lambda_w"], (int, float)))
         )
 
     return isinstance(info, dict) and all(entry_ok(i) for i in info.values())
@@ -247,7 +248,9 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def _unpack_entry(fqn: str, info: Mapping, tensors: dict[str, torch.Tensor], path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Check one masked tensor of the file, take it out of ``tensors`` and return (kept values, bool mask)."""
-    bad = lambda why: SurgeonError(f"{path} is corrupt: {fqn} {why}", "save the model again")  # noqa: E731
+    def bad(why: str) -> SurgeonError:
+        return SurgeonError(f"{path} is corrupt: {fqn} {why}", "save the model again")
+
     values, packed = tensors.pop(f"{fqn}.values", None), tensors.pop(f"{fqn}.mask", None)
     if values is None or packed is None:
         raise bad("lacks its .values or .mask tensor")

@@ -247,13 +247,30 @@ def test_plain_safetensors_is_refused(tmp_path):
     assert one_line(err).endswith("was not written by surgeon")
 
 
+def raw_metadata(folder) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return f.metadata()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("tensors", "{not json", "corrupt metadata"),
+    ("tensors", '{"conv_in.weight": {"shape": "8x1x3x3"}}', "corrupt metadata (tensors)"),
+    ("format_version", "2", "format version '2'"),
+])
+def test_damaged_metadata_is_one_line_error(saved, key, value, message):
+    path = saved / "model.safetensors"
+    save_file(load_file(path), path, metadata={**raw_metadata(saved), key: value})
+    with pytest.raises(SurgeonError) as err:
+        surgeon.load(saved)
+    assert message in one_line(err)
+
+
 def test_popcount_must_match_kept_values(saved):
     path = saved / "model.safetensors"
     meta = read_metadata(saved)
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        raw_meta = f.metadata()
+    raw_meta = raw_metadata(saved)
     tensors = load_file(path)
     fqn = next(iter(meta["tensors"]))
     packed = tensors[f"{fqn}.mask"]
