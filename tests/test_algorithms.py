@@ -91,6 +91,7 @@ class Probe:
             for key in ("exp_avg", "exp_avg_sq"):
                 state = self.optimizer.state[site.original][key]
                 assert torch.all(state[reset] == 0), f"{fqn}: {key} not zeroed at reset positions"
+                assert torch.all(state[~mask] == 0), f"{fqn}: {key} nonzero at a pruned position"
                 # untouched positions keep their moments
                 assert torch.equal(state[~reset], u["moments"][fqn][key][~reset])
             if self.ema is not None:
