@@ -192,12 +192,16 @@ def test_sample_lengths_follow_the_training_set_else_a_fixed_length(monkeypatch)
 
 def test_bad_sampling_options_raise_surgeon_errors():
     task, model = SequenceTask(), _tiny()
+    with pytest.raises(SurgeonError, match="n=0"):
+        task.sample(model, 0)
     with pytest.raises(SurgeonError, match="sampler"):
         task.sample(model, 2, sampler="euler")
     with pytest.raises(SurgeonError, match="lengths"):
         task.sample(model, 2, lengths=[3, 0])
     with pytest.raises(SurgeonError, match="steps"):
         task.sample(model, 2, steps=5000)
+    with pytest.raises(SurgeonError, match="steps"):
+        task.sample(model, 2, steps=0)
 
 
 def test_to_images_thresholds_pen_and_drops_padding(monkeypatch):

@@ -17,8 +17,8 @@ both directions to ``hidden``, and the head maps ``[hidden, time embedding]`` to
 Padding never reaches real points: each direction of each layer is its own one-layer ``nn.GRU`` run on the padded
 batch, the backward one on every sequence reversed *within its length*, so in both directions the real points come
 first and the trailing padding can only influence padding. This is the bidirectional GRU of the paper, computed
-exactly; it avoids ``pack_padded_sequence``, whose CPU backward is several times slower than the padded path
-(measured 4x at batch 128, 100 points). Velocities look only backwards; outputs at padded points are zero.
+exactly. It replaces ``pack_padded_sequence``, whose slow CPU backward made a training step at batch 128 about 3x
+slower with 100-point sequences and 1.3x with 30-100 points. Velocities look only backwards; padded outputs are 0.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class BiGRULayer(nn.Module):
         self.bwd = nn.GRU(n_in, hidden, batch_first=True)
 
     def forward(self, h: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        """h [B, L, n_in], flip [B, L, 1] (a per-row index that reverses the real points, an involution) → [B, L, 2·hidden]."""
+        """h [B, L, n_in] → [B, L, 2·hidden]; flip [B, L, 1] reverses each row's real points (an involution)."""
         out_f, _ = self.fwd(h)
         out_b, _ = self.bwd(h.gather(1, flip.expand_as(h)))
         return torch.cat([out_f, out_b.gather(1, flip.expand_as(out_b))], dim=-1)
@@ -61,7 +61,7 @@ class ChiroDiffNet(nn.Module):
     ):
         super().__init__()
         if not 0 < coords <= features:
-            raise SurgeonError(f"coords={coords} must be in 1..features={features}", "coords counts the leading x, y channels")
+            raise SurgeonError(f"coords={coords} must be in 1..features={features}", "coords counts leading x, y channels")
         if time_features <= 0 or time_features % 2:
             raise SurgeonError(f"time_features={time_features} must be a positive even number", "it holds sin/cos pairs")
         self.config = dict(
@@ -82,7 +82,7 @@ class ChiroDiffNet(nn.Module):
         try:
             return cls(**config)
         except TypeError as e:
-            raise SurgeonError(f"invalid ChiroDiffNet config ({e})", "the config must come from ChiroDiffNet.config") from None
+            raise SurgeonError(f"invalid ChiroDiffNet config ({e})", "use a config from ChiroDiffNet.config") from None
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """[B] long → [B, time_features]."""

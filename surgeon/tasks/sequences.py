@@ -28,7 +28,8 @@ def _draw_device(generator: torch.Generator | None, device: torch.device) -> tor
 class SequenceTask(Task):
     name = "sequences"
 
-    def __init__(self, data: str = "kanjivg", limit: int | None = None, max_points: int | None = None, image_size: int = 64):
+    def __init__(self, data: str = "kanjivg", limit: int | None = None, max_points: int | None = None,
+                 image_size: int = 64):
         self.data, self.limit, self.max_points, self.image_size = data, limit, max_points, int(image_size)
         self.scheduler = DDPMScheduler(
             num_train_timesteps=1000, beta_start=1e-4, beta_end=2e-2, beta_schedule="linear", clip_sample=False
@@ -40,7 +41,9 @@ class SequenceTask(Task):
         if split not in self._datasets:
             from ..data import resolve_sequence_data
 
-            self._datasets[split] = resolve_sequence_data(self.data, split=split, limit=self.limit, max_points=self.max_points)
+            self._datasets[split] = resolve_sequence_data(
+                self.data, split=split, limit=self.limit, max_points=self.max_points
+            )
         return self._datasets[split]
 
     def collate(self, items: list) -> dict:
@@ -74,13 +77,13 @@ class SequenceTask(Task):
             pool = self._default_lengths()
             if pool is None or len(pool) == 0:
                 return torch.full((n,), self.max_points or _FALLBACK_LENGTH, dtype=torch.long)
-            idx = torch.randint(0, len(pool), (n,), generator=generator, device=_draw_device(generator, torch.device("cpu")))
-            return pool[idx.cpu()]
+            gdev = _draw_device(generator, torch.device("cpu"))
+            return pool[torch.randint(0, len(pool), (n,), generator=generator, device=gdev).cpu()]
         out = torch.as_tensor(lengths, dtype=torch.long).flatten().cpu()
         if out.numel() == 1:
             out = out.expand(n).clone()
         if out.numel() != n or bool((out < 1).any()):
-            raise SurgeonError(f"lengths must be one positive length or {n} of them", "e.g. lengths=64 or lengths=[30, 50]")
+            raise SurgeonError(f"lengths must be one positive length or {n} of them", "e.g. lengths=64 or [30, 50]")
         return out
 
     @torch.no_grad()
@@ -99,10 +102,12 @@ class SequenceTask(Task):
         lengths: one length, ``n`` lengths, or None to draw them from the training lengths (``self.lengths``,
         filled from the training set once it is loaded), else ``max_points`` or 64 points.
         """
+        if n < 1:
+            raise SurgeonError(f"cannot sample n={n} sequences", "ask for at least one")
         if sampler not in SAMPLERS:
             raise SurgeonError(f"unknown sampler {sampler!r}", f"choose one of: {', '.join(SAMPLERS)}")
         T = self.scheduler.config.num_train_timesteps  # noqa: N806
-        steps = steps or (50 if sampler == "ddim" else T)
+        steps = (50 if sampler == "ddim" else T) if steps is None else steps
         if not 1 <= steps <= T:
             raise SurgeonError(f"steps={steps} out of range", f"use 1..{T}")
         cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
@@ -114,7 +119,8 @@ class SequenceTask(Task):
         mask = (torch.arange(int(lens.max()))[None, :] < lens[:, None]).to(param.device)  # [n, Lmax]
         features = getattr(model, "config", {}).get("features", 3)
         shape = (n, mask.shape[1], features)
-        x = torch.randn(shape, generator=generator, device=_draw_device(generator, param.device)).to(param.device, param.dtype)
+        x = torch.randn(shape, generator=generator, device=_draw_device(generator, param.device))
+        x = x.to(param.device, param.dtype)
         extra = {"eta": eta} if sampler == "ddim" else {}
         was_training = model.training
         model.eval()
@@ -127,11 +133,11 @@ class SequenceTask(Task):
         return {"points": x * mask[..., None].to(x.dtype), "mask": mask}
 
     def to_images(self, samples: dict | torch.Tensor) -> torch.Tensor:
-        """Render each sequence (pen bit thresholded at 0.5) → uint8 ``[n, H, W, 1]``; a bare tensor counts as unpadded."""
+        """Render each sequence (pen bit thresholded at 0.5) → uint8 ``[n, H, W, 1]``; a bare tensor is unpadded."""
         from ..data.render import render_sequence
 
         if isinstance(samples, torch.Tensor):
-            samples = {"points": samples, "mask": torch.ones(samples.shape[:2], dtype=torch.bool, device=samples.device)}
+            samples = {"points": samples, "mask": torch.ones(samples.shape[:2], dtype=torch.bool)}
         images = []
         for seq, m in zip(samples["points"].detach().float().cpu(), samples["mask"].cpu()):
             seq = seq[m.bool()].clone()
