@@ -18,8 +18,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-from surgeon.errors import SurgeonError, UsageError
-from surgeon.loading import brief
+from surgeon.errors import SurgeonError, UsageError, brief
 from surgeon.sparsity.patterns import parse_nm
 
 

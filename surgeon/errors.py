@@ -22,3 +22,10 @@ class UsageError(SurgeonError):
     """A malformed option or argument value: the CLI exits 2, like click's usage errors."""
 
     exit_code = 2
+
+
+def brief(exc: BaseException) -> str:
+    """An exception as one short line: library messages often span many lines."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -34,7 +34,8 @@ from torch import nn
 
 from . import __version__
 from .errors import SurgeonError
-from .loading import brief, class_path, diffusers_class, is_diffusers_class, read_json, resolve_class
+from .errors import brief
+from .loading import class_path, diffusers_class, is_diffusers_class, read_json, resolve_class
 from .plan import LayerPlan, Plan
 from .surgery import get_plan, inject, sites
 

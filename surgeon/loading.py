@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from . import presets
-from .errors import SurgeonError
+from .errors import SurgeonError, brief
 
 # the only weights a model folder may hold; loading never unpickles
 _WEIGHTS = "diffusion_pytorch_model*.safetensors*"
@@ -28,13 +28,6 @@ _HUB_PATTERNS = [
 ]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _PIPELINE_PARTS = ("unet", "transformer")
-
-
-def brief(exc: BaseException) -> str:
-    """An exception as one short line: library messages often span many lines."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def diffusers_class(name: str) -> type[nn.Module]:

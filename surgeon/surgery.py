@@ -150,13 +150,14 @@ def inject(
         todo.append((module, name, w, lp, mask))
     for module, name, w, lp, mask in todo:
         if lp.nm is not None:
-            parametrize.register_parametrization(module, name, NMMask(*lp.nm, lambda_w=lambda_w))
+            # unsafe: both parametrizations keep shape and dtype, so skip parametrize's checking forward pass
+            parametrize.register_parametrization(module, name, NMMask(*lp.nm, lambda_w=lambda_w), unsafe=True)
             continue
         if mask is None:
             mask = _initial_mask(w, lp, init, gen)
         with torch.no_grad():
             w.mul_(mask)
-        parametrize.register_parametrization(module, name, Mask(mask))
+        parametrize.register_parametrization(module, name, Mask(mask), unsafe=True)
     for module in {id(m): m for m in (s.module for s in sites(model).values())}.values():
         if isinstance(module, nn.RNNBase) and _rnn_release_flat_weights not in module._forward_hooks.values():
             module.register_forward_hook(_rnn_release_flat_weights)

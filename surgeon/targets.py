@@ -60,6 +60,12 @@ def _tensor_names(module: nn.Module, kind: str) -> list[str]:
     return ["weight"]
 
 
+def _shape(module: nn.Module, name: str) -> tuple[int, ...]:
+    """The tensor's shape without evaluating a parametrization (masks keep shapes, and evaluating costs a pass)."""
+    stored = getattr(module, "parametrizations", {})
+    return tuple(stored[name].original.shape if name in stored else getattr(module, name).shape)
+
+
 def _rnn_order(module: nn.Module):
     order = {n: i for i, n in enumerate(getattr(module, "_flat_weights_names", []))}
     return lambda n: order.get(n, len(order))
@@ -108,7 +114,7 @@ def find_targets(
                 continue
             if exc and _matches(fqn, module_name, exc):
                 continue
-            shape = tuple(getattr(module, tname).shape)
+            shape = _shape(module, tname)
             found[fqn] = Target(fqn, module_name, tname, kind, shape, module)
     if dense_first or dense_last:
         modules = list(dict.fromkeys(t.module_name for t in found.values()))
