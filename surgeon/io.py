@@ -79,7 +79,8 @@ def _config_json(model: nn.Module) -> str:
     if is_diffusers_class(type(model)):
         return model.to_json_string()
     config = getattr(model, "config", None)
-    record = {"_surgeon_class": class_path(type(model)), "_surgeon_init": dict(config) if isinstance(config, Mapping) else None}
+    init = dict(config) if isinstance(config, Mapping) else getattr(model, "_surgeon_init", None)
+    record = {"_surgeon_class": class_path(type(model)), "_surgeon_init": init}
     try:
         return json.dumps(record, indent=2, sort_keys=True) + "\n"
     except (TypeError, ValueError) as e:

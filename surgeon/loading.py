@@ -143,7 +143,10 @@ def _load_file_class(ref: str, file: str, name: str) -> nn.Module:
         what = "has no class" if cls is None else "defines, but not as a torch.nn.Module class,"
         raise SurgeonError(f"cannot load model {ref}: {file} {what} {name}", "name an nn.Module class defined in that file")
     try:
-        return cls()
+        model = cls()
+        # built with no arguments, so save() can record "no init arguments" and load() can build it again
+        model._surgeon_init = {}
+        return model
     except Exception as e:
         raise SurgeonError(
             f"cannot construct {name}() from {file}: {type(e).__name__}: {brief(e)}",

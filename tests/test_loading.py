@@ -109,10 +109,22 @@ def test_file_class_with_config_saves_and_loads_back(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
-def test_file_class_without_config_loads_into_a_built_model(tmp_path):
+def test_file_class_built_by_load_model_loads_back_without_a_config(tmp_path):
+    (tmp_path / "net.py").write_text(NET_PY)
+    model = load_model(f"{tmp_path / 'net.py'}:Net")  # built with no arguments, so load() can rebuild it
+    surgeon.inject(model, surgeon.plan(model, sparsity=0.5))
+    surgeon.save(model, tmp_path / "sparse")
+    loaded = surgeon.load(tmp_path / "sparse")
+    assert all(torch.equal(sites(loaded)[f].mask, s.mask) for f, s in sites(model).items())
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_module_built_by_the_user_without_config_loads_into_a_built_model(tmp_path):
     (tmp_path / "net.py").write_text(NET_PY)
     ref = f"{tmp_path / 'net.py'}:Net"
-    model = load_model(ref)
+    model = type(load_model(ref))()  # the user's own construction: its init arguments are unknown to surgeon
     surgeon.inject(model, surgeon.plan(model, sparsity=0.5))
     surgeon.save(model, tmp_path / "sparse")
 
