@@ -11,7 +11,7 @@ from rich.table import Table
 
 from surgeon.recipe import load_recipe
 
-from .common import Force, ModelRef
+from .common import Exclude, Force, Include, ModelRef
 
 
 def default_out(model: str, recipe: str, sparsity: float | None) -> Path:
@@ -34,6 +34,11 @@ def sparsify(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for masks, data order and noise.")] = None,
     distribution: Annotated[Optional[str], typer.Option("--distribution", help="Layer budget: erk, er or uniform.")] = None,
     init: Annotated[Optional[str], typer.Option("--init", help="scratch (re-initialize, the paper's setting) or pretrained.")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option("--mixed-precision", help="no, fp16 or bf16 (Accelerate).")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = None,
+    ema: Annotated[Optional[float], typer.Option("--ema", help="EMA decay of the weights (e.g. 0.999); EMA follows the masks.")] = None,
+    include: Include = None,
+    exclude: Exclude = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N training examples.")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Checkpoint file or run folder to continue from.")] = None,
     force: Force = False,
@@ -46,6 +51,8 @@ def sparsify(
     r = load_recipe(recipe).override(**{
         "sparsity": s, "dst.p": p, "dst.delta_t": delta_t, "training.steps": steps, "optimizer.lr": lr,
         "training.batch_size": batch_size, "training.seed": seed, "distribution": distribution, "init": init,
+        "training.mixed_precision": mixed_precision, "training.grad_accum": grad_accum, "training.ema_decay": ema,
+        "include": include or None, "exclude": exclude or None,
     })
     out = out or default_out(model, recipe, r.sparsity if r.algorithm != "dense" else None)
     summary = run(model, r, data, out, limit=limit, force=force, resume=resume, progress=progress, samples=samples)
