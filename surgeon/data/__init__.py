@@ -42,7 +42,11 @@ def _folder_split(root: Path, split: str) -> Path | None:
 
 def resolve_image_data(spec: str, size: int, channels: int, split: str = "train",
                        limit: int | None = None) -> Dataset | None:
-    """Images ``[channels, size, size]`` in [-1, 1] for ``spec`` = "kanjivg" (rendered glyphs) or a folder."""
+    """Images ``[channels, size, size]`` in [-1, 1] for ``spec`` = "kanjivg" (rendered glyphs) or a folder.
+
+    A folder in the class-folder layout yields ``(image, label)`` items (see ``surgeon.data.images``); its
+    validation split numbers its classes as the training split does.
+    """
     split = canonical_split(split)
     if spec == BUILTIN:
         from surgeon.data.kanjivg import KanjiVGGlyphs
@@ -57,7 +61,15 @@ def resolve_image_data(spec: str, size: int, channels: int, split: str = "train"
     if not root.is_dir():
         return ImageFolder(root, size, channels)  # raises its "not a folder" error
     folder = _folder_split(root, split)
-    return None if folder is None else ImageFolder(folder, size, channels, limit=limit)
+    if folder is None:
+        return None
+    if split == "validation":  # labels must mean the same classes as in training
+        from surgeon.data.images import class_folders
+
+        classes = class_folders(_folder_split(root, "train"))
+        if classes is not None:
+            return ImageFolder(folder, size, channels, limit=limit, classes=classes)
+    return ImageFolder(folder, size, channels, limit=limit)
 
 
 def resolve_sequence_data(spec: str, split: str = "train", limit: int | None = None,

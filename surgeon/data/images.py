@@ -1,4 +1,9 @@
-"""A folder of images as a training set: every readable image below it, resized, centre-cropped, in [-1, 1]."""
+"""A folder of images as a training set: every readable image below it, resized, centre-cropped, in [-1, 1].
+
+Class folders (``root/<class>/...``, torchvision's ImageFolder layout) give labels: when no image sits directly
+in ``root`` and images sit in its subfolders, each first-level subfolder is a class, labels are the sorted folder
+names numbered 0..K-1, and items are ``(image, label)`` pairs instead of bare images.
+"""
 from __future__ import annotations
 
 import os
@@ -12,7 +17,7 @@ from torch.utils.data import Dataset
 
 from surgeon.errors import SurgeonError
 
-__all__ = ["COMMON_EXTENSIONS", "ImageFolder", "image_extensions"]
+__all__ = ["COMMON_EXTENSIONS", "ImageFolder", "class_folders", "image_extensions"]
 
 COMMON_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _MODES = {1: "L", 3: "RGB"}
@@ -24,6 +29,32 @@ def image_extensions() -> frozenset[str]:
     return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN) | set(
         COMMON_EXTENSIONS
     )
+
+
+def _image_files(root: Path) -> list[Path]:
+    extensions = image_extensions()
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+
+
+def _class_of(root: Path, file: Path) -> str | None:
+    """The first-level subfolder ``file`` lies in, or None for a file directly in ``root``."""
+    parts = file.relative_to(root).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def _classes(root: Path, files: list[Path]) -> list[str] | None:
+    # folders whose name starts with "." (.ipynb_checkpoints, ...) are never classes
+    names = [_class_of(root, p) for p in files]
+    if not names or any(n is None for n in names):
+        return None
+    classes = sorted({n for n in names if not n.startswith(".")})
+    return classes or None
+
+
+def class_folders(root: str | os.PathLike) -> list[str] | None:
+    """Sorted class names if ``root`` has the class-folder layout (no image directly in it, images in subfolders)."""
+    root = Path(root).expanduser()
+    return _classes(root, _image_files(root)) if root.is_dir() else None
 
 
 def _readable(path: Path) -> bool:
@@ -51,10 +82,14 @@ class ImageFolder(Dataset):
     The shorter side is resized to ``size`` and the centre cropped; channels 1 → grayscale, 3 → RGB. Files that
     are not images (or are unreadable) are skipped. Order is the sorted relative path; with ``limit``, the first
     ``limit`` files of a shuffle seeded by ``seed`` are used (so a small subset still spans the folder).
+
+    In the class-folder layout (module docstring) items are ``(image, label)``; ``classes`` lists the class names
+    (``None`` for a folder without classes). Pass ``classes`` to number the folders as another split does (a
+    validation split uses the training split's classes); its folders must then be among them.
     """
 
     def __init__(self, path: str | os.PathLike, size: int, channels: int = 3, *, limit: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, classes: list[str] | None = None):
         root = Path(path).expanduser()
         if not root.exists():
             raise SurgeonError(f"image folder {root} does not exist", "check the path passed as --data")
@@ -68,10 +103,23 @@ class ImageFolder(Dataset):
             raise SurgeonError(f"limit must be a positive number of images, got {limit}",
                                "leave it unset to use every image")
         self.root, self.size, self.channels = root, size, channels
-        extensions = image_extensions()
-        candidates = sorted(
-            p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file()
-        )
+        candidates = _image_files(root)
+        found = _classes(root, candidates)
+        if classes is not None:
+            classes = list(classes)
+            if found is None:
+                raise SurgeonError(f"{root} has no class folders, but the training images are sorted into "
+                                   f"{len(classes)} classes", f"put its images in class folders ({', '.join(classes[:3])}"
+                                   f"{', ...' if len(classes) > 3 else ''}) as in the training split")
+            unknown = [c for c in found if c not in classes]
+            if unknown:
+                raise SurgeonError(f"{root} has class folder {unknown[0]!r}, which the training split does not have",
+                                   "use the same class folder names in every split")
+        else:
+            classes = found
+        if classes is not None:  # files in hidden folders (not classes) are left out
+            candidates = [p for p in candidates if _class_of(root, p) in classes]
+        self.classes: list[str] | None = classes
         if limit is not None:
             candidates = random.Random(seed).sample(candidates, len(candidates))
         files: list[Path] = []
@@ -85,11 +133,18 @@ class ImageFolder(Dataset):
                                f"images are read from files ending in {', '.join(COMMON_EXTENSIONS)} "
                                "(or another format Pillow opens)")
         self.files = files
+        index = {c: k for k, c in enumerate(classes or ())}
+        self.labels: list[int] | None = [index[_class_of(root, p)] for p in files] if classes is not None else None
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, int]:
+        image = self.image(i)
+        return image if self.labels is None else (image, self.labels[i])
+
+    def image(self, i: int) -> torch.Tensor:
+        """The ``i``-th image alone, ``[channels, size, size]`` in [-1, 1], whether or not the folder has classes."""
         with Image.open(self.files[i]) as im:
             im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
             im = _to_mode(im, _MODES[self.channels])
