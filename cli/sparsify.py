@@ -56,7 +56,10 @@ def sparsify(
     })
     out = out or default_out(model, recipe, r.sparsity if r.algorithm != "dense" else None)
     summary = run(model, r, data, out, limit=limit, force=force, resume=resume, progress=progress, samples=samples)
-    print_summary([summary])
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print_summary([summary])
 
 
 def print_summary(summaries) -> None:

@@ -114,10 +114,12 @@ def sparsify(model_ref: str, recipe: Recipe, data: str, out: str | os.PathLike, 
              samples: bool = True, stop_after: int | None = None) -> RunSummary:
     from .io import save
     from .loading import load_model
-    from .train import train
+    from .train import make_accelerator, train
 
     out = Path(out)
-    check_out_dir(out, force, resume)
+    check_out_dir(out, force, resume)  # every process checks before any process writes
+    acc = make_accelerator(recipe.training.mixed_precision)
+    acc.wait_for_everyone()
     model = load_model(model_ref)
     task = make_task(model, data, vae=find_autoencoder(model_ref), limit=limit)
     apply_diffusion_settings(task, recipe.diffusion)
@@ -125,16 +127,20 @@ def sparsify(model_ref: str, recipe: Recipe, data: str, out: str | os.PathLike, 
         raise SurgeonError(f"no training examples in {data}", "check --data")
     prepare(model, recipe, init)
     started = time.perf_counter()
-    result = train(model, task, recipe, out, resume=resume, progress=progress, stop_after=stop_after)
-    model = model.cpu()
-    save(model, out / "model", recipe=recipe.to_dict(), force=True)
-    _write(out / "recipe.yaml", dump_recipe(recipe))
-    if samples:
-        save_samples(model, task, out / "samples.png", recipe.training.num_samples, recipe.diffusion.sample_steps, recipe.training.seed)
+    result = train(model, task, recipe, out, resume=resume, accelerator=acc, progress=progress, stop_after=stop_after)
+    model = acc.unwrap_model(model).cpu()
     total, kept = count_params(model)
     summary = RunSummary(recipe.name or recipe.algorithm, recipe.algorithm, _sparsity(model), total, kept, result.steps,
                          result.final_loss, result.val_loss, time.perf_counter() - started, result.seconds_per_step, str(out))
-    _write(out / "summary.json", json.dumps(asdict(summary), indent=2))
+    if acc.is_main_process:  # every process holds the same model; one writes it
+        save(model, out / "model", recipe=recipe.to_dict(), force=True)
+        _write(out / "recipe.yaml", dump_recipe(recipe))
+        if samples:
+            save_samples(model, task, out / "samples.png", recipe.training.num_samples, recipe.diffusion.sample_steps,
+                         recipe.training.seed)
+        summary.seconds = time.perf_counter() - started
+        _write(out / "summary.json", json.dumps(asdict(summary), indent=2))
+    acc.wait_for_everyone()
     return summary
 
 

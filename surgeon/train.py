@@ -71,6 +71,11 @@ class BatchSampler:
         return out[self.rank :: self.world]
 
 
+def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+    """CPU-only machines run several processes over gloo (``accelerate launch --multi_gpu`` alone would not)."""
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -127,7 +132,7 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
     """Train ``model`` (already injected) in place. ``stop_after`` ends early after that many steps (tests)."""
     t = recipe.training
     out_dir = Path(out_dir)
-    acc = accelerator or Accelerator(mixed_precision=t.mixed_precision)
+    acc = accelerator or make_accelerator(t.mixed_precision)
     device = acc.device
     model.to(device).train()
     objective = objective or EpsilonLoss(task)
