@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 import surgeon
+from timing import interleaved, medians  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 CONFIG = dict(
     sample_size=32,
@@ -49,20 +47,6 @@ def build() -> torch.nn.Module:
     return UNet2DModel(**CONFIG)
 
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, sync: Callable[[], None]) -> dict[str, float]:
-    """Median seconds of each fn, run round-robin so slow phases of a shared machine hit all of them."""
-    times = {name: [] for name in fns}
-    for i in range(warmup + repeats):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def storage_ratios(dense: torch.nn.Module, tmp: Path) -> list[tuple[str, float, str, str]]:
     save_file(dense.state_dict(), tmp / "dense.safetensors")
     dense_bytes = (tmp / "dense.safetensors").stat().st_size
@@ -80,20 +64,20 @@ def io_ratios(dense: torch.nn.Module, tmp: Path, repeats: int) -> list[tuple[str
     masked = copy.deepcopy(dense)
     surgeon.inject(masked, surgeon.plan(masked, sparsity=0.9))
     state = dense.state_dict()
-    save_t = interleaved({
+    save_t = medians(interleaved({
         "plain": lambda: save_file(state, tmp / "plain.safetensors"),
         "surgeon": lambda: surgeon.save(masked, tmp / "packed", force=True),
-    }, repeats, warmup=1, sync=lambda: None)
+    }, repeats, warmup=1, sync=lambda: None))
 
     targets = [build() for _ in range(2)]  # fresh plain models: load_into refuses a model that already has masks
     def surgeon_load():
         surgeon.remove(targets[0])
         surgeon.load_into(targets[0], tmp / "packed")
 
-    load_t = interleaved({
+    load_t = medians(interleaved({
         "plain": lambda: targets[1].load_state_dict(load_file(tmp / "plain.safetensors")),
         "surgeon": surgeon_load,
-    }, repeats, warmup=1, sync=lambda: None)
+    }, repeats, warmup=1, sync=lambda: None))
     return [
         ("save time, S=0.9", save_t["surgeon"] / save_t["plain"], "", f"{save_t['surgeon'] * 1e3:.0f} / {save_t['plain'] * 1e3:.0f} ms"),
         ("load time, S=0.9", load_t["surgeon"] / load_t["plain"], "", f"{load_t['surgeon'] * 1e3:.0f} / {load_t['plain'] * 1e3:.0f} ms"),
@@ -115,7 +99,7 @@ def train_step_ratio(dense: torch.nn.Module, batch: int, repeats: int, device: s
         return run
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    secs = interleaved({"dense": step(dense), "masked": step(masked)}, repeats, warmup=2, sync=sync)
+    secs = medians(interleaved({"dense": step(dense), "masked": step(masked)}, repeats, warmup=2, sync=sync))
     return [("fwd+bwd time, S=0.5", secs["masked"] / secs["dense"], "<= 1.05",
              f"{secs['masked'] * 1e3:.0f} / {secs['dense'] * 1e3:.0f} ms, batch {batch}")]
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
 
 import torch
 
@@ -31,6 +30,7 @@ from surgeon.run import prepare
 from surgeon.surgery import sites
 from surgeon.tasks.images import ImageTask
 from surgeon.train import make_optimizer, zero_optimizer_state
+from timing import interleaved  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 DELTA_T = 100
 
@@ -100,20 +100,6 @@ class Updater:
             zero_optimizer_state(s.optimizer, a.sites[fqn].original, positions)
         self.sync()
         self.update_seconds.append(time.perf_counter() - start)
-
-
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, sync: Callable[[], None]) -> dict[str, list[float]]:
-    times = {name: [] for name in fns}
-    for i in range(warmup + repeats):
-        order = list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]  # alternate order: no position bias
-        for name, fn in order:
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 def profile(setup: Setup, label: str, device: str) -> None:
