@@ -167,7 +167,7 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
 
     end = t.steps if stop_after is None else min(t.steps, step + stop_after)
     bar = TrainProgress(t.steps, start=step, enabled=progress and acc.is_main_process, label=recipe.name or recipe.algorithm)
-    window: list[float] = []
+    window: list[torch.Tensor] = []
     started = time.perf_counter()
     first_step = step
     with bar, _deferred_interrupt() as interrupted:
@@ -183,7 +183,7 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
                 with sync, acc.autocast():
                     loss = objective(wrapped, inputs, target, weight)
                 acc.backward(loss / t.grad_accum)
-                window.append(float(loss.detach()))
+                window.append(loss.detach())  # no host sync per step; read at log time
             algorithm.after_backward(step)
             if not algorithm.skip_optimizer_step(step):
                 optimizer.step()
@@ -197,7 +197,7 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
             if ema is not None:
                 ema.update(model)
             if step % t.log_every == 0 or step == end:
-                record = {"step": step, "loss": sum(window) / len(window), "sparsity": measured_sparsity(model),
+                record = {"step": step, "loss": torch.stack(window).float().mean().item(), "sparsity": measured_sparsity(model),
                           "lr": optimizer.param_groups[0]["lr"], "time": time.perf_counter() - started}
                 if resets:
                     record["mask_update"] = algorithm.history[-1]
