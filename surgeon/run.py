@@ -34,6 +34,7 @@ class RunSummary:
     seconds: float
     seconds_per_step: float
     out_dir: str
+    pipeline: str | None = None  # latent diffusion: the pipeline folder holding the frozen autoencoder
 
 
 def reinitialize(model: nn.Module, seed: int) -> nn.Module:
@@ -121,7 +122,9 @@ def sparsify(model_ref: str, recipe: Recipe, data: str, out: str | os.PathLike, 
     acc = make_accelerator(recipe.training.mixed_precision)
     acc.wait_for_everyone()
     model = load_model(model_ref)
-    task = make_task(model, data, vae=find_autoencoder(model_ref), limit=limit)
+    vae = find_autoencoder(model_ref)
+    pipeline = str(Path(model_ref).resolve()) if vae is not None else None
+    task = make_task(model, data, vae=vae, limit=limit)
     apply_diffusion_settings(task, recipe.diffusion)
     if len(task.dataset("train")) == 0:
         raise SurgeonError(f"no training examples in {data}", "check --data")
@@ -131,9 +134,10 @@ def sparsify(model_ref: str, recipe: Recipe, data: str, out: str | os.PathLike, 
     model = acc.unwrap_model(model).cpu()
     total, kept = count_params(model)
     summary = RunSummary(recipe.name or recipe.algorithm, recipe.algorithm, _sparsity(model), total, kept, result.steps,
-                         result.final_loss, result.val_loss, time.perf_counter() - started, result.seconds_per_step, str(out))
+                         result.final_loss, result.val_loss, time.perf_counter() - started, result.seconds_per_step, str(out), pipeline)
     if acc.is_main_process:  # every process holds the same model; one writes it
-        save(model, out / "model", recipe=recipe.to_dict(), force=True)
+        # the denoiser alone is saved; a latent model records the pipeline whose frozen autoencoder it needs
+        save(model, out / "model", recipe=recipe.to_dict(), force=True, extra_metadata={"pipeline": pipeline})
         _write(out / "recipe.yaml", dump_recipe(recipe))
         if samples:
             save_samples(model, task, out / "samples.png", recipe.training.num_samples, recipe.diffusion.sample_steps,

@@ -173,6 +173,8 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
     with bar, _deferred_interrupt() as interrupted:
         while step < end:
             step += 1  # steps count from 1: "after every ΔT_e-th step"
+            # randomness inside the model (dropout, DiT's label dropout) is a function of (seed, step, rank) too
+            torch.manual_seed(_seed(t.seed, step, acc.process_index, 1))
             algorithm.begin_step(step)
             for micro in range(t.grad_accum):
                 idx = sampler.indices((step - 1) * t.grad_accum + micro)

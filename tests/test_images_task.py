@@ -18,6 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import surgeon
+from surgeon.io import read_metadata
 import surgeon.run as run_mod
 import surgeon.train as train_mod
 from surgeon.cli.app import app
@@ -299,6 +300,9 @@ def test_latent_pipeline_sparsifies_only_the_denoiser(tmp_path, monkeypatch, kin
     assert type(loaded).__name__ == "UNet2DModel" and len(masked) > 0
     assert all(int(s.mask.sum()) == plan.layers[f].kept for f, s in masked.items())
     assert all(torch.equal(s.mask, sites(seen["model"])[f].mask) for f, s in masked.items())
+    # the saved denoiser names the pipeline whose autoencoder decodes it
+    pipeline = str((tmp_path / "pipe").resolve())
+    assert summary.pipeline == pipeline and read_metadata(out / "model")["extra"]["pipeline"] == pipeline
     # samples are decoded images (16 px, RGB), not latents (8 px): a 2 x 2 grid with 2 px padding
     with Image.open(out / "samples.png") as im:
         assert im.size == (2 * (16 + 2) + 2,) * 2 and im.mode == "RGB"
