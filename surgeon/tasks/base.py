@@ -45,11 +45,12 @@ class Task:
         return (err * weight).sum() / weight.sum().clamp_min(1.0)
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, n: int, generator: torch.Generator | None = None, steps: int | None = None) -> torch.Tensor:
-        """Generate ``n`` samples with the task's sampler."""
+    def sample(self, model: nn.Module, n: int, generator: torch.Generator | None = None, steps: int | None = None) -> Any:
+        """Generate ``n`` samples with the task's sampler, in whatever form :meth:`to_images` takes (a tensor of
+        images, or a dict of padded sequences)."""
         raise NotImplementedError
 
-    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
+    def to_images(self, samples: Any) -> torch.Tensor:
         """Samples → uint8 images ``[n, H, W, C]`` for grids and FID."""
         raise NotImplementedError
 
