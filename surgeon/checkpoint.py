@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_path
 from .errors import SurgeonError
 
 FORMAT = "surgeon.checkpoint/1"
@@ -58,9 +59,8 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer: torch.op
         "extra": json.dumps(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

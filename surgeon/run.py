@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .errors import SurgeonError
 from .plan import plan as make_plan
 from .recipe import Recipe, dump_recipe
@@ -104,9 +105,8 @@ def save_samples(model: nn.Module, task, path: Path, n: int, steps: int, seed: i
 
     images = task.to_images(task.sample(model, n, generator=torch.Generator().manual_seed(seed), steps=steps))
     grid = render_grid(images, nrow=max(1, int(n**0.5)))
-    tmp = path.with_name(path.name + ".tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
     return path
 
 
@@ -115,7 +115,7 @@ def sparsify(model_ref: str, recipe: Recipe, data: str, out: str | os.PathLike, 
              samples: bool = True, stop_after: int | None = None) -> RunSummary:
     from .io import save
     from .loading import load_model
-    from .train import make_accelerator, train
+    from .train import make_accelerator, measured_sparsity, train
 
     out = Path(out)
     check_out_dir(out, force, resume)  # every process checks before any process writes
@@ -133,7 +133,7 @@ def sparsify(model_ref: str, recipe: Recipe, data: str, out: str | os.PathLike, 
     result = train(model, task, recipe, out, resume=resume, accelerator=acc, progress=progress, stop_after=stop_after)
     model = acc.unwrap_model(model).cpu()
     total, kept = count_params(model)
-    summary = RunSummary(recipe.name or recipe.algorithm, recipe.algorithm, _sparsity(model), total, kept, result.steps,
+    summary = RunSummary(recipe.name or recipe.algorithm, recipe.algorithm, measured_sparsity(model), total, kept, result.steps,
                          result.final_loss, result.val_loss, time.perf_counter() - started, result.seconds_per_step, str(out), pipeline)
     if acc.is_main_process:  # every process holds the same model; one writes it
         # the denoiser alone is saved; a latent model records the pipeline whose frozen autoencoder it needs
@@ -148,13 +148,6 @@ def sparsify(model_ref: str, recipe: Recipe, data: str, out: str | os.PathLike, 
     return summary
 
 
-def _sparsity(model: nn.Module) -> float:
-    from .train import measured_sparsity
-
-    return measured_sparsity(model)
-
-
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

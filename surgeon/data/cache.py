@@ -10,15 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import platformdirs
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from ..atomic import atomic_path
 
 __all__ = ["ENV_VAR", "atomic_path", "cache_dir", "cache_key", "load_cached", "save_cached"]
 
@@ -37,19 +36,6 @@ def cache_key(params: dict) -> str:
     """A short stable hash of JSON-able parameters: any parameter change gives a different file name."""
     blob = json.dumps(params, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``final``; on success it replaces ``final`` in one step, else it is removed."""
-    final = Path(final)
-    # Same directory, so os.replace is a rename on one file system; unique per writer, so writers never collide.
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_cached(path: str | os.PathLike, header: dict) -> dict | None:

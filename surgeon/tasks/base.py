@@ -17,6 +17,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 
+def draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    """A generator only draws on its own device; draws are moved to the data afterwards."""
+    return generator.device if generator is not None else device
+
+
 class Task:
     """Base class: subclasses implement the data, the noising, the forward call and sampling."""
 
@@ -34,6 +39,14 @@ class Task:
 
     def predict(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    def add_noise(self, x0: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DDPM forward process: t ~ U{0..T-1}, ε ~ N(0, I), x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε; returns (x_t, t, ε)."""
+        gdev = draw_device(generator, x0.device)
+        T = self.scheduler.config.num_train_timesteps  # noqa: N806
+        t = torch.randint(0, T, (x0.shape[0],), generator=generator, device=gdev).to(x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)
+        return self.scheduler.add_noise(x0, eps, t), t, eps
 
     @staticmethod
     def mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -151,11 +151,7 @@ class ImageTask(Task):
     def noisy_batch(self, batch: dict | torch.Tensor, generator: torch.Generator | None = None):
         images, labels = (batch, None) if torch.is_tensor(batch) else (batch["images"], batch.get("labels"))
         x0 = self.encode(images, generator)  # [B, C, H, W]
-        gdev = generator.device if generator is not None else x0.device
-        T = self.scheduler.config.num_train_timesteps  # noqa: N806
-        t = torch.randint(0, T, (x0.shape[0],), generator=generator, device=gdev).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)
-        x_t = self.scheduler.add_noise(x0, eps, t)
+        x_t, t, eps = self.add_noise(x0, generator)
         return {"x_t": x_t, "t": t, **self.conditioning(x0.shape[0], x0.device, labels)}, eps, None
 
     def predict(self, model: nn.Module, inputs: dict) -> torch.Tensor:

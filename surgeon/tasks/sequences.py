@@ -14,15 +14,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import SurgeonError
-from .base import Task
+from .base import Task, draw_device
 
 SAMPLERS = ("ddim", "ddpm")
 _FALLBACK_LENGTH = 64  # used when neither lengths nor a loaded training set say otherwise
-
-
-def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
-    # a generator only draws on its own device; the draws are moved to the data afterwards
-    return generator.device if generator is not None else device
 
 
 class SequenceTask(Task):
@@ -53,11 +48,7 @@ class SequenceTask(Task):
 
     def noisy_batch(self, batch: dict, generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
         x0, mask = batch["points"], batch["mask"].bool()  # [B, L, D], [B, L]
-        gdev = _draw_device(generator, x0.device)
-        T = self.scheduler.config.num_train_timesteps  # noqa: N806
-        t = torch.randint(0, T, (x0.shape[0],), generator=generator, device=gdev).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)
-        x_t = self.scheduler.add_noise(x0, eps, t)
+        x_t, t, eps = self.add_noise(x0, generator)
         return {"x_t": x_t, "t": t, "mask": mask}, eps, mask[..., None]
 
     def predict(self, model: nn.Module, inputs: dict) -> torch.Tensor:
@@ -77,7 +68,7 @@ class SequenceTask(Task):
             pool = self._default_lengths()
             if pool is None or len(pool) == 0:
                 return torch.full((n,), self.max_points or _FALLBACK_LENGTH, dtype=torch.long)
-            gdev = _draw_device(generator, torch.device("cpu"))
+            gdev = draw_device(generator, torch.device("cpu"))
             return pool[torch.randint(0, len(pool), (n,), generator=generator, device=gdev).cpu()]
         out = torch.as_tensor(lengths, dtype=torch.long).flatten().cpu()
         if out.numel() == 1:
@@ -119,7 +110,7 @@ class SequenceTask(Task):
         mask = (torch.arange(int(lens.max()))[None, :] < lens[:, None]).to(param.device)  # [n, Lmax]
         features = getattr(model, "config", {}).get("features", 3)
         shape = (n, mask.shape[1], features)
-        x = torch.randn(shape, generator=generator, device=_draw_device(generator, param.device))
+        x = torch.randn(shape, generator=generator, device=draw_device(generator, param.device))
         x = x.to(param.device, param.dtype)
         extra = {"eta": eta} if sampler == "ddim" else {}
         was_training = model.training
