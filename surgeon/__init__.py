@@ -16,7 +16,7 @@ except PackageNotFoundError:  # a bare checkout on sys.path, not installed
     __version__ = "0+unknown"
 
 from .errors import SurgeonError
-from .io import load, load_into, save
+from .packed import load, load_into, save
 from .loading import load_model
 from .plan import plan
 from .report import report

@@ -1,6 +1,6 @@
 """End-to-end runs behind ``surgeon sparsify`` (and the Python API): load → plan → inject → train → save.
 
-The output folder holds ``model/`` (packed masks, DESIGN §5), ``recipe.yaml`` (fully resolved), ``metrics.jsonl``,
+The output folder holds ``model/`` (packed masks, docs/formats.md), ``recipe.yaml`` (fully resolved), ``metrics.jsonl``,
 ``samples.png``, ``summary.json`` and ``checkpoints/`` for ``--resume``.
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def save_samples(model: nn.Module, task, path: Path, n: int, steps: int, seed: i
 def sparsify(model_ref: str, recipe: Recipe, data: str, out: str | os.PathLike, init: str | None = None,
              limit: int | None = None, force: bool = False, resume=None, progress: bool = True,
              samples: bool = True, stop_after: int | None = None) -> RunSummary:
-    from .io import save
+    from .packed import save
     from .loading import load_model
     from .train import make_accelerator, measured_sparsity, train
 

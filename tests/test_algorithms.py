@@ -1,4 +1,4 @@
-"""Static, MagRan and RigL (Algorithm 1 and 2 of the paper) against DESIGN §3.
+"""Static, MagRan and RigL (Algorithm 1 and 2 of the paper) against the invariants of docs/methods.md.
 
 Loop-level tests run the real ``surgeon.train.train`` loop with a probe wrapped around the algorithm's hooks, so
 what is checked is what the loop actually does at every mask update (optimizer and EMA fix-ups included).

@@ -136,7 +136,7 @@ def test_existing_output_folder_is_not_overwritten(tmp_path, images):
 
 
 def unpack_little(packed: torch.Tensor, shape) -> torch.Tensor:
-    """DESIGN §5 decoded with numpy: bits little-endian along the last dim of the tensor viewed as [shape[0], -1]."""
+    """docs/formats.md "Packed masks" decoded with numpy: bits little-endian along the last dim of the tensor viewed as [shape[0], -1]."""
     cols = int(np.prod(shape[1:]))
     bits = np.unpackbits(packed.numpy(), axis=1, bitorder="little")[:, :cols]
     return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))

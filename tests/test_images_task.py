@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import surgeon
-from surgeon.io import read_metadata
+from surgeon.container import read_metadata
 import surgeon.run as run_mod
 import surgeon.train as train_mod
 from surgeon.cli.app import app

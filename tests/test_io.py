@@ -14,7 +14,8 @@ from torch import nn
 
 import surgeon
 from surgeon import SurgeonError
-from surgeon.io import pack_mask, read_metadata, unpack_mask
+from surgeon.bitpack import pack_mask, unpack_mask
+from surgeon.container import read_metadata
 from surgeon.presets import build
 from surgeon.surgery import get_plan, sites
 
@@ -257,7 +258,7 @@ def raw_metadata(folder) -> dict[str, str]:
 @pytest.mark.parametrize("key, value, message", [
     ("tensors", "{not json", "corrupt metadata"),
     ("tensors", '{"conv_in.weight": {"shape": "8x1x3x3"}}', "corrupt metadata (tensors)"),
-    ("format_version", "2", "format version '2'"),
+    ("format_version", "3", "format version '3'"),
 ])
 def test_damaged_metadata_is_one_line_error(saved, key, value, message):
     path = saved / "model.safetensors"
@@ -337,7 +338,7 @@ def test_failed_write_leaves_no_partial_folder(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("surgeon.io.save_file", disk_full)
+    monkeypatch.setattr("surgeon.container.save_file", disk_full)
     with pytest.raises(OSError):
         surgeon.save(make("tiny-unet"), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,4 @@
-"""Mask and NMMask parametrizations (DESIGN §3 first and N:M invariants, §4 SparseDM straight-through)."""
+"""Mask and NMMask parametrizations (docs/methods.md: the first and N:M invariants, SparseDM straight-through)."""
 from __future__ import annotations
 
 import itertools

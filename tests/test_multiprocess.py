@@ -1,7 +1,7 @@
 """Two CPU processes (Accelerate, gloo) end with identical masks and weights after RigL and MagRan updates.
 
 RigL averages its dense gradient across processes and MagRan draws the same random numbers on every process
-(DESIGN §3), so every rank must hold the same masks and the same weights after every update.
+(docs/methods.md, "Invariants"), so every rank must hold the same masks and the same weights after every update.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""inject / fold / remove / sites: DESIGN §3 invariants on tiny diffusers presets and on GRU/LSTM modules."""
+"""inject / fold / remove / sites: docs/methods.md invariants on tiny diffusers presets and on GRU/LSTM modules."""
 from __future__ import annotations
 
 import copy

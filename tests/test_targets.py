@@ -1,4 +1,4 @@
-"""find_targets: which weight tensors are sparsification targets (DESIGN §1 targets.py)."""
+"""find_targets: which weight tensors are sparsification targets (docs/methods.md, first paragraph)."""
 from __future__ import annotations
 
 import pytest
