@@ -4,10 +4,10 @@
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .errors import SurgeonError
+from .seeding import seeded
 
 
 def unet2d(sample_size: int = 32, channels: int = 1) -> nn.Module:
@@ -119,7 +119,8 @@ PRESETS = {
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
+    """A freshly initialized preset; its weights depend on ``seed`` only (the caller's RNG is left alone)."""
     if name not in PRESETS:
         raise SurgeonError(f"unknown preset {name!r}", f"choose one of: {', '.join(PRESETS)}")
-    torch.manual_seed(seed)
-    return PRESETS[name]()
+    with seeded(seed):
+        return PRESETS[name]()

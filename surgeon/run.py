@@ -1,7 +1,16 @@
-"""End-to-end runs behind ``surgeon sparsify`` (and the Python API): load → plan → inject → train → save.
+"""End-to-end runs behind ``surgeon sparsify`` and ``surgeon finetune`` (and the Python API).
 
-The output folder holds ``model/`` (packed masks, docs/formats.md), ``recipe.yaml`` (fully resolved), ``metrics.jsonl``,
-``samples.png``, ``summary.json`` and ``checkpoints/`` for ``--resume``.
+Both commands compose the same steps; each is a few lines that say what differs::
+
+    acc       = open_run(out, recipe, force, resume)     # check the output folder before any process writes
+    source    = load_source(model)                        # the denoiser (+ frozen autoencoder of a latent pipeline)
+    task      = make_run_task(source, data, recipe)       # what is denoised, with the recipe's noise schedule
+    prepare(source.model, recipe, init)                   # re-initialize (scratch) and inject the recipe's masks
+    objective = make_objective(task, recipe, teacher)     # ε-loss, or distillation from a frozen teacher
+    summary   = execute(source, task, recipe, out, acc, objective, ...)   # train, save, summarize
+
+The output folder holds ``model/`` (packed masks, docs/formats.md), ``recipe.yaml`` (fully resolved),
+``metrics.jsonl``, ``samples.png``, ``summary.json`` and ``checkpoints/`` for ``--resume``.
 """
 from __future__ import annotations
 
@@ -10,16 +19,20 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 
 from .atomic import atomic_path
+from .distill import DistillLoss, EpsilonLoss
 from .errors import SurgeonError
 from .plan import plan as make_plan
 from .recipe import Recipe, dump_recipe
+from .seeding import seeded
 from .surgery import inject, sites
-from .tasks import apply_diffusion_settings, make_task
+from .tasks import Task, apply_diffusion_settings, make_task
 
 
 @dataclass
@@ -38,17 +51,26 @@ class RunSummary:
     pipeline: str | None = None  # latent diffusion: the pipeline folder holding the frozen autoencoder
 
 
+@dataclass
+class Source:
+    """A loaded denoiser and what came with it."""
+
+    model: nn.Module
+    vae: nn.Module | None = None  # the frozen autoencoder of a latent-diffusion pipeline
+    pipeline: str | None = None  # that pipeline's folder (absolute), recorded in the saved model
+
+
 def reinitialize(model: nn.Module, seed: int) -> nn.Module:
-    """Fresh weights for training from scratch (the paper's setting), in place, seeded."""
-    torch.manual_seed(seed)
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(type(model), "from_config"):
-        fresh = type(model).from_config(cfg)
-        model.load_state_dict(fresh.state_dict())
-        return model
-    for m in model.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+    """Fresh weights for training from scratch (the paper's setting), in place; they depend on ``seed`` only."""
+    with seeded(seed):
+        cfg = getattr(model, "config", None)
+        if cfg is not None and hasattr(type(model), "from_config"):
+            fresh = type(model).from_config(cfg)
+            model.load_state_dict(fresh.state_dict())
+            return model
+        for m in model.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
     return model
 
 
@@ -66,7 +88,7 @@ def find_autoencoder(ref: str) -> nn.Module | None:
             cls = getattr(diffusers, cls_name, None)
             if cls is None:
                 raise SurgeonError(f"unknown autoencoder class {cls_name!r} in {cfg}", "use AutoencoderKL or VQModel")
-            return cls.from_pretrained(str(root / sub))
+            return cls.from_pretrained(str(root / sub), use_safetensors=True)
     return None
 
 
@@ -82,6 +104,38 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for n, p in model.named_parameters())
     pruned = sum(int((~s.mask).sum()) for s in masked.values())
     return total, total - pruned
+
+
+# --- the shared steps ----------------------------------------------------------------------------------------------
+
+def open_run(out: str | os.PathLike, recipe: Recipe, force: bool = False, resume=None) -> Accelerator:
+    """Check the output folder (every process, before any process writes) and start Accelerate."""
+    from .train import make_accelerator
+
+    check_out_dir(Path(out), force, resume)
+    acc = make_accelerator(recipe.training.mixed_precision)
+    acc.wait_for_everyone()
+    return acc
+
+
+def load_source(model: str | os.PathLike | nn.Module) -> Source:
+    """A model reference (anything :func:`surgeon.load_model` takes) or a module you built."""
+    if isinstance(model, nn.Module):
+        return Source(model)
+    from .loading import load_model
+
+    ref = str(model)
+    vae = find_autoencoder(ref)
+    return Source(load_model(ref), vae, str(Path(ref).resolve()) if vae is not None else None)
+
+
+def make_run_task(source: Source, data: str | Task, recipe: Recipe, limit: int | None = None) -> Task:
+    """The task for ``source.model`` on ``data`` (a data reference or a Task you built), with the recipe's noise."""
+    task = data if isinstance(data, Task) else make_task(source.model, data, vae=source.vae, limit=limit)
+    apply_diffusion_settings(task, recipe.diffusion)
+    if len(task.dataset("train")) == 0:
+        raise SurgeonError(f"no training examples in {data}", "check --data")
+    return task
 
 
 def prepare(model: nn.Module, recipe: Recipe, init: str | None = None) -> nn.Module:
@@ -100,6 +154,46 @@ def prepare(model: nn.Module, recipe: Recipe, init: str | None = None) -> nn.Mod
     return inject(model, p, init=mask_init, seed=recipe.training.seed, lambda_w=recipe.lambda_w)
 
 
+def make_objective(task: Task, recipe: Recipe, teacher: nn.Module | None = None):
+    """The loss the loop minimizes: the ε-objective, or SparseDM distillation when the recipe has ``distill:``."""
+    if recipe.distill is None:
+        return EpsilonLoss(task)
+    if teacher is None:
+        raise SurgeonError(f"recipe {recipe.name or recipe.algorithm!r} has a distill section, but this run has no teacher",
+                           "distill from a dense model with `surgeon finetune --teacher DENSE`, or drop distill: from the recipe")
+    return DistillLoss(task, teacher, recipe.distill.lambda_1, recipe.distill.lambda_2)
+
+
+def execute(source: Source, task: Task, recipe: Recipe, out: str | os.PathLike, acc: Accelerator, objective=None,
+            resume=None, progress: bool = True, samples: bool = True, stop_after: int | None = None,
+            metadata: dict[str, Any] | None = None) -> RunSummary:
+    """Train ``source.model`` (prepared) in place, then write the model, recipe, samples and summary."""
+    from .packed import save
+    from .train import measured_sparsity, train
+
+    out = Path(out)
+    started = time.perf_counter()
+    result = train(source.model, task, recipe, out, objective=objective, resume=resume, accelerator=acc,
+                   progress=progress, stop_after=stop_after)
+    model = acc.unwrap_model(source.model).cpu()
+    total, kept = count_params(model)
+    summary = RunSummary(recipe.name or recipe.algorithm, recipe.algorithm, measured_sparsity(model), total, kept,
+                         result.steps, result.final_loss, result.val_loss, time.perf_counter() - started,
+                         result.seconds_per_step, str(out), source.pipeline)
+    if acc.is_main_process:  # every process holds the same model; one writes it
+        # the denoiser alone is saved; a latent model records the pipeline whose frozen autoencoder it needs
+        save(model, out / "model", recipe=recipe.to_dict(), force=True,
+             extra_metadata={"pipeline": source.pipeline, **(metadata or {})})
+        write_text(out / "recipe.yaml", dump_recipe(recipe))
+        if samples:
+            save_samples(model, task, out / "samples.png", recipe.training.num_samples, recipe.diffusion.sample_steps,
+                         recipe.training.seed)
+        summary.seconds = time.perf_counter() - started
+        write_text(out / "summary.json", json.dumps(asdict(summary), indent=2))
+    acc.wait_for_everyone()
+    return summary
+
+
 def save_samples(model: nn.Module, task, path: Path, n: int, steps: int, seed: int) -> Path:
     from .data.render import render_grid
 
@@ -110,44 +204,21 @@ def save_samples(model: nn.Module, task, path: Path, n: int, steps: int, seed: i
     return path
 
 
-def sparsify(model_ref: str, recipe: Recipe, data: str, out: str | os.PathLike, init: str | None = None,
-             limit: int | None = None, force: bool = False, resume=None, progress: bool = True,
-             samples: bool = True, stop_after: int | None = None) -> RunSummary:
-    from .packed import save
-    from .loading import load_model
-    from .train import make_accelerator, measured_sparsity, train
-
-    out = Path(out)
-    check_out_dir(out, force, resume)  # every process checks before any process writes
-    acc = make_accelerator(recipe.training.mixed_precision)
-    acc.wait_for_everyone()
-    model = load_model(model_ref)
-    vae = find_autoencoder(model_ref)
-    pipeline = str(Path(model_ref).resolve()) if vae is not None else None
-    task = make_task(model, data, vae=vae, limit=limit)
-    apply_diffusion_settings(task, recipe.diffusion)
-    if len(task.dataset("train")) == 0:
-        raise SurgeonError(f"no training examples in {data}", "check --data")
-    prepare(model, recipe, init)
-    started = time.perf_counter()
-    result = train(model, task, recipe, out, resume=resume, accelerator=acc, progress=progress, stop_after=stop_after)
-    model = acc.unwrap_model(model).cpu()
-    total, kept = count_params(model)
-    summary = RunSummary(recipe.name or recipe.algorithm, recipe.algorithm, measured_sparsity(model), total, kept, result.steps,
-                         result.final_loss, result.val_loss, time.perf_counter() - started, result.seconds_per_step, str(out), pipeline)
-    if acc.is_main_process:  # every process holds the same model; one writes it
-        # the denoiser alone is saved; a latent model records the pipeline whose frozen autoencoder it needs
-        save(model, out / "model", recipe=recipe.to_dict(), force=True, extra_metadata={"pipeline": pipeline})
-        _write(out / "recipe.yaml", dump_recipe(recipe))
-        if samples:
-            save_samples(model, task, out / "samples.png", recipe.training.num_samples, recipe.diffusion.sample_steps,
-                         recipe.training.seed)
-        summary.seconds = time.perf_counter() - started
-        _write(out / "summary.json", json.dumps(asdict(summary), indent=2))
-    acc.wait_for_everyone()
-    return summary
-
-
-def _write(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+# --- the commands ------------------------------------------------------------------------------------------------
+
+def sparsify(model: str | os.PathLike | nn.Module, recipe: Recipe, data: str | Task, out: str | os.PathLike,
+             init: str | None = None, limit: int | None = None, force: bool = False, resume=None,
+             progress: bool = True, samples: bool = True, stop_after: int | None = None) -> RunSummary:
+    """Sparse-to-sparse training (Static-DM, RigL-DM, MagRan-DM) or a dense baseline, from scratch by default."""
+    acc = open_run(out, recipe, force, resume)
+    source = load_source(model)
+    task = make_run_task(source, data, recipe, limit)
+    objective = make_objective(task, recipe)  # before prepare: a recipe that needs a teacher fails untouched
+    prepare(source.model, recipe, init)
+    return execute(source, task, recipe, out, acc, objective, resume=resume, progress=progress, samples=samples,
+                   stop_after=stop_after)

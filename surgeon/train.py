@@ -26,6 +26,7 @@ from .ema import EMA
 from .errors import SurgeonError
 from .progress import TrainProgress
 from .recipe import Recipe
+from .seeding import own_rng
 from .surgery import get_plan, sites
 from .tasks.base import Task
 
@@ -127,6 +128,7 @@ def heldout_loss(model: nn.Module, task: Task, objective, batch_size: int, batch
     return sum(losses) / len(losses)
 
 
+@own_rng()  # the loop seeds the global RNG per step (dropout inside the model); the caller's state comes back
 def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, objective=None, resume=None,
           accelerator: Accelerator | None = None, progress: bool = True, stop_after: int | None = None) -> TrainResult:
     """Train ``model`` (already injected) in place. ``stop_after`` ends early after that many steps (tests)."""

@@ -1,0 +1,29 @@
+"""Seeded randomness that leaves the caller's global torch RNG as it found it.
+
+Library calls draw from their own seeded generators. Where a draw cannot be given a generator (module
+constructors initializing weights, dropout inside a model's forward), the work runs inside :func:`own_rng`, which
+restores the caller's global RNG state when it ends, so importing and calling surgeon never reseeds a user's
+program behind its back.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+@contextmanager
+def own_rng() -> Iterator[None]:
+    """Restore the global torch RNG (CPU, and every CUDA device when CUDA is available) when the body ends."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the body with the global CPU RNG seeded to ``seed`` (e.g. to build a model's initial weights)."""
+    with own_rng():
+        torch.default_generator.manual_seed(int(seed))
+        yield
