@@ -4,6 +4,7 @@ Everything else reaches masked tensors through :func:`sites`, which yields one :
 """
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass
 from typing import Mapping
@@ -95,6 +96,33 @@ def _rnn_release_flat_weights(module: nn.RNNBase, args, output) -> None:
             module._flat_weight_refs[i] = weakref.ref(leaf)
 
 
+def _deepcopy_with_own_class(self: nn.Module, memo: dict) -> nn.Module:
+    """``__deepcopy__`` of parametrized modules: the copy gets its own parametrized class.
+
+    parametrize swaps a module's class for a generated ``Parametrized<Class>`` that holds one property per
+    parametrized tensor, and adds or deletes those properties as tensors are (un)parametrized. torch's own deepcopy
+    keeps that class shared, so folding or injecting into a copy used to change the original (folding a copied
+    Conv deleted the original's ``weight``). A private class per copy keeps every copy independent.
+    """
+    if id(self) in memo:
+        return memo[id(self)]
+    shared = type(self)
+    own = type(shared.__name__, shared.__bases__, {k: v for k, v in shared.__dict__.items()
+                                                   if k not in ("__dict__", "__weakref__")})
+    replica = own.__new__(own)
+    memo[id(self)] = replica
+    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+    return replica
+
+
+def _copies_get_own_class(module: nn.Module) -> None:
+    cls = type(module)
+    theirs = cls.__dict__.get("__deepcopy__")
+    # replace only torch's generated default; a class's own __deepcopy__ is the author's to keep
+    if theirs is None or getattr(theirs, "__name__", "") == "default_deepcopy":
+        cls.__deepcopy__ = _deepcopy_with_own_class
+
+
 def _initial_mask(w: torch.Tensor, lp: LayerPlan, init: str, gen: torch.Generator) -> torch.Tensor:
     if init == "random":
         return random_mask(w.shape, lp.kept, generator=gen, device=w.device)
@@ -152,12 +180,14 @@ def inject(
         if lp.nm is not None:
             # unsafe: both parametrizations keep shape and dtype, so skip parametrize's checking forward pass
             parametrize.register_parametrization(module, name, NMMask(*lp.nm, lambda_w=lambda_w), unsafe=True)
+            _copies_get_own_class(module)
             continue
         if mask is None:
             mask = _initial_mask(w, lp, init, gen)
         with torch.no_grad():
             w.mul_(mask)
         parametrize.register_parametrization(module, name, Mask(mask), unsafe=True)
+        _copies_get_own_class(module)
     for module in {id(m): m for m in (s.module for s in sites(model).values())}.values():
         if isinstance(module, nn.RNNBase) and _rnn_release_flat_weights not in module._forward_hooks.values():
             module.register_forward_hook(_rnn_release_flat_weights)

@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from surgeon.errors import SurgeonError
 from surgeon.masks import Mask, NMMask
-from surgeon.plan import plan
+from surgeon.plan import Plan, plan
 from surgeon.surgery import fold, get_plan, inject, remove, sites
 
 TINY_PRESETS = ("tiny-unet", "tiny-unet-cond", "tiny-unet1d", "tiny-dit")
@@ -347,6 +347,62 @@ def test_rnn_deepcopy_and_fold_after_training_step(masked_rnn):
     assert _no_parametrizations(masked_rnn)
     assert isinstance(masked_rnn.rnn, (nn.GRU, nn.LSTM))
     torch.testing.assert_close(masked_rnn(x), expected, rtol=1e-5, atol=1e-6)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 3 * 3, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1))
+
+
+def _copy_case(kind: str):
+    torch.manual_seed(0)
+    if kind == "conv+linear":
+        return ConvNet(), torch.randn(2, 3, 5, 5)
+    return RNNNet(nn.GRU if kind == "gru" else nn.LSTM), torch.randn(2, 5, 3)
+
+
+@pytest.mark.parametrize("kind", ["conv+linear", "gru", "lstm"])
+@pytest.mark.parametrize("action", ["fold", "remove", "fold-partly"])
+def test_changing_a_deepcopy_leaves_the_original_working(kind, action):
+    """Regression: copies shared torch's generated Parametrized<Class>, so folding a copy deleted the original's
+    ``weight`` (AttributeError), and injecting into a copy gave the original a property it had no tensor for."""
+    model, x = _copy_case(kind)
+    p = plan(model, sparsity=0.5, distribution="uniform")
+    # an RNN weight where there is one: the copy then parametrizes more tensors of that same module
+    first = next((f for f in p.layers if f.startswith("rnn.")), next(iter(p.layers)))
+    inject(model, Plan({first: p.layers[first]}) if action == "fold-partly" else p, init="random", seed=1)
+    y, masks, state = model(x), _masks(model), {k: v.clone() for k, v in model.state_dict().items()}
+
+    clone = copy.deepcopy(model)
+    if action == "fold-partly":  # the copy gains masks on the module the original has parametrized, then folds
+        inject(clone, Plan({f: lp for f, lp in p.layers.items() if f != first}), init="random", seed=2)
+        assert len(sites(clone)) > len(sites(model)) == 1
+    (remove if action == "remove" else fold)(clone)
+
+    assert _no_parametrizations(clone)
+    assert torch.equal(model(x), y)  # the original still runs, and computes what it did
+    assert _masks(model).keys() == masks.keys() and all(torch.equal(_masks(model)[k], masks[k]) for k in masks)
+    assert model.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    fold(model)  # and can itself be folded afterwards
+    assert torch.equal(model(x), y)
+    torch.testing.assert_close(clone(x), y, rtol=0, atol=0) if action != "fold-partly" else clone(x)
+
+
+def test_folding_the_original_leaves_its_copy_working():
+    model, x = _copy_case("gru")
+    inject(model, plan(model, sparsity=0.5), init="random", seed=1)
+    clone = copy.deepcopy(model)
+    y = clone(x)
+    fold(model)
+    assert sites(clone) and torch.equal(clone(x), y)
+    copy.deepcopy(clone)  # a copy of a copy is a copy too
+    fold(clone)
+    assert torch.equal(clone(x), y)
 
 
 # ------------------------------------------------------------------------------------------- N:M plans
