@@ -59,10 +59,10 @@ class Training:
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     ema_decay: float | None = None  # e.g. 0.999; EMA copies follow the masks
     checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0 keeps every checkpoint
     log_every: int = 10
     eval_batches: int = 4  # held-out denoising loss at the end (fixed noise)
-    num_samples: int = 16  # images in the PNG grid
+    num_samples: int = 16  # images in the PNG grid (0: no grid)
     seed: int = 0
 
 
@@ -161,6 +161,8 @@ def _coerce(value: Any, tp: Any, where: str, source: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(source, f"'{where}' must be a number, got {value!r}")
+        if not math.isfinite(value):  # .nan and .inf are valid YAML floats; no setting means either
+            _fail(source, f"'{where}' must be a finite number, got {value!r}", "give a plain number such as 0.5 or 1e-4")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -191,7 +193,14 @@ def _build(cls, d: Mapping[str, Any], source: str, prefix: str = ""):
         raise SurgeonError(f"{source}: {e.message}", e.hint) from None
 
 
+# the noise schedules diffusers' DDPMScheduler implements
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; surgeon derives per-step seeds from it with signed arithmetic
+
+
 def _check(r: Recipe) -> None:
+    """Every value in range, so a bad recipe or flag fails here, before any model or data is loaded."""
+
     def bad(msg: str, hint: str = "fix the recipe or the flag"):
         raise SurgeonError(msg, hint)
 
@@ -206,6 +215,10 @@ def _check(r: Recipe) -> None:
             bad(f"sparsity {s!r} is outside [0, 1)", "pass a fraction of weights to remove, e.g. --s 0.5")
     if r.init not in ("scratch", "pretrained"):
         bad(f"unknown init {r.init!r}", "choose scratch or pretrained")
+    if r.power_scale < 0:
+        bad(f"power_scale {r.power_scale} must be ≥ 0", "1.0 is the paper's ERK; 0 makes the budget uniform")
+    if r.lambda_w < 0:
+        bad(f"lambda_w {r.lambda_w} must be ≥ 0", "0 turns the SR-STE decay off; SparseDM uses about 2e-4")
     if r.dst.delta_t < 1:
         bad(f"delta_t must be ≥ 1, got {r.dst.delta_t}")
     if not 0.0 <= r.dst.p <= 1.0:
@@ -214,16 +227,47 @@ def _check(r: Recipe) -> None:
         bad(f"unknown p_decay {r.dst.p_decay!r}", "choose cosine or constant")
     if not 0.0 < r.dst.stop_fraction <= 1.0:
         bad(f"stop_fraction {r.dst.stop_fraction} is outside (0, 1]")
+    o = r.optimizer
+    if o.lr <= 0:
+        bad(f"learning rate must be > 0, got {o.lr}", "use e.g. --lr 1e-4")
+    if o.weight_decay < 0:
+        bad(f"weight_decay must be ≥ 0, got {o.weight_decay}", "use e.g. 1e-2 (the paper's AdamW setting) or 0")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        bad(f"AdamW betas {list(o.betas)} must both lie in [0, 1)", "use e.g. betas: [0.9, 0.999]")
+    if o.eps <= 0:
+        bad(f"optimizer eps must be > 0, got {o.eps}", "use e.g. 1e-8")
+    d = r.diffusion
+    if d.timesteps < 1:
+        bad(f"diffusion.timesteps must be ≥ 1, got {d.timesteps}", "use e.g. 1000 (DDPM)")
+    if not 1 <= d.sample_steps <= d.timesteps:
+        bad(f"diffusion.sample_steps must be in [1, timesteps={d.timesteps}], got {d.sample_steps}", "use e.g. 50")
+    if d.beta_schedule not in BETA_SCHEDULES:
+        bad(f"unknown beta_schedule {d.beta_schedule!r}", f"choose one of: {', '.join(BETA_SCHEDULES)}")
+    for name in ("beta_start", "beta_end"):
+        beta = getattr(d, name)
+        if beta is not None and not 0.0 < beta < 1.0:
+            bad(f"diffusion.{name} must be in (0, 1), got {beta}", "use e.g. beta_start: 1.0e-4, beta_end: 2.0e-2")
+    if d.beta_start is not None and d.beta_end is not None and d.beta_start > d.beta_end:
+        bad(f"diffusion.beta_start {d.beta_start} is above beta_end {d.beta_end}", "noise grows over time: start < end")
     t = r.training
-    for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+    for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_batches"):
         if getattr(t, name) < 1:
             bad(f"training.{name} must be ≥ 1, got {getattr(t, name)}")
+    if t.keep_checkpoints < 0:
+        bad(f"training.keep_checkpoints must be ≥ 0, got {t.keep_checkpoints}", "0 keeps every checkpoint")
+    if t.num_samples < 0:
+        bad(f"training.num_samples must be ≥ 0, got {t.num_samples}", "0 writes no sample grid")
+    if not 0 <= t.seed <= MAX_SEED:
+        bad(f"seed {t.seed} is outside [0, 2**63 - 1]", "use a non-negative seed that fits in 63 bits, e.g. --seed 0")
     if t.mixed_precision not in ("no", "fp16", "bf16"):
         bad(f"unknown mixed_precision {t.mixed_precision!r}", "choose no, fp16 or bf16")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
-        bad(f"ema_decay {t.ema_decay} is outside (0, 1)")
-    if r.optimizer.lr <= 0:
-        bad(f"learning rate must be > 0, got {r.optimizer.lr}")
+        bad(f"ema_decay {t.ema_decay} is outside (0, 1)", "use e.g. --ema 0.999")
+    if r.distill is not None:
+        lam = r.distill
+        if lam.lambda_1 < 0 or lam.lambda_2 < 0 or lam.lambda_1 + lam.lambda_2 == 0:
+            bad(f"distill weights lambda_1={lam.lambda_1}, lambda_2={lam.lambda_2}: both ≥ 0, not both 0",
+                "use e.g. lambda_1: 1.0, lambda_2: 1.0 (SparseDM)")
 
 
 def shipped() -> list[str]:

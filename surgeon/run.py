@@ -185,7 +185,7 @@ def execute(source: Source, task: Task, recipe: Recipe, out: str | os.PathLike, 
         save(model, out / "model", recipe=recipe.to_dict(), force=True,
              extra_metadata={"pipeline": source.pipeline, **(metadata or {})})
         write_text(out / "recipe.yaml", dump_recipe(recipe))
-        if samples:
+        if samples and recipe.training.num_samples:
             save_samples(model, task, out / "samples.png", recipe.training.num_samples, recipe.diffusion.sample_steps,
                          recipe.training.seed)
         summary.seconds = time.perf_counter() - started

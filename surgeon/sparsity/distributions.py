@@ -30,9 +30,18 @@ def _raw_erk(shape: Sequence[int], power_scale: float) -> float:
 
 
 def check_sparsity(sparsity: float) -> float:
-    if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
         raise SurgeonError(f"sparsity {sparsity!r} is outside [0, 1)", "pass a fraction of weights to remove, e.g. 0.5 or 0.9")
     return float(sparsity)
+
+
+def check_power_scale(power_scale: float) -> float:
+    """ERK's exponent: finite and ≥ 0 (0 makes every raw score 1, i.e. uniform). NaN would never meet the budget."""
+    if isinstance(power_scale, bool) or not isinstance(power_scale, (int, float)):
+        raise SurgeonError(f"power_scale must be a number, got {power_scale!r}", "use e.g. power_scale=1.0 (the paper's ERK)")
+    if not math.isfinite(power_scale) or power_scale < 0:
+        raise SurgeonError(f"power_scale {power_scale!r} must be a finite number ≥ 0", "use e.g. power_scale=1.0 (the paper's ERK)")
+    return float(power_scale)
 
 
 def layer_densities(
@@ -47,7 +56,8 @@ def layer_densities(
     ``overrides`` pins layers to a given density (1.0 = dense); the rest share what is left of the budget.
     """
     sparsity = check_sparsity(sparsity)
-    if distribution not in DISTRIBUTIONS:
+    power_scale = check_power_scale(power_scale)
+    if not isinstance(distribution, str) or distribution not in DISTRIBUTIONS:
         raise SurgeonError(
             f"unknown distribution {distribution!r}", f"choose one of: {', '.join(sorted(DISTRIBUTIONS))}"
         )
@@ -55,7 +65,7 @@ def layer_densities(
     for name, d in overrides.items():
         if name not in shapes:
             raise SurgeonError(f"density override for unknown layer {name!r}", "name a target tensor FQN from `surgeon inspect`")
-        if not 0.0 <= d <= 1.0:
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
             raise SurgeonError(f"density override {d!r} for {name!r} is outside [0, 1]", "use a density between 0 and 1")
     sizes = {n: math.prod(s) for n, s in shapes.items()}
     if distribution == "uniform" and not overrides:
