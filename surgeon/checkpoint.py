@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_path
-from .errors import SurgeonError
+from .errors import SurgeonError, brief
 
 FORMAT = "surgeon.checkpoint/1"
 _NAME = re.compile(r"^step-(\d+)\.safetensors$")
@@ -34,7 +34,10 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, param_names: list[str],
-                    algorithm_state: dict, ema=None, extra: dict | None = None) -> Path:
+                    algorithm_state: dict, ema=None, extra: dict | None = None, algorithm: str | None = None,
+                    loss_window: torch.Tensor | None = None) -> Path:
+    """``algorithm`` names the recipe's algorithm (resume refuses another); ``loss_window`` holds the per-micro-batch
+    losses not yet logged, so a resumed run logs the same means as an uninterrupted one."""
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     scalars = {}
@@ -47,10 +50,13 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer: torch.op
     if ema is not None:
         tensors.update({f"ema.{k}": v.contiguous() for k, v in ema.state_dict().items()})
     tensors["rng.torch"] = torch.get_rng_state()
+    if loss_window is not None and loss_window.numel():
+        tensors["train.loss_window"] = loss_window.detach().cpu().contiguous()
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
     meta = {
         "format": FORMAT,
         "step": str(step),
+        "algorithm_name": algorithm or "",
         "fingerprint": fingerprint(model),
         "param_names": json.dumps(param_names),
         "param_groups": json.dumps(groups),
@@ -88,19 +94,45 @@ def resolve(ref: str | os.PathLike) -> Path:
     return p
 
 
-def load_checkpoint(ref, model: nn.Module, optimizer: torch.optim.Optimizer, param_names: list[str], ema=None) -> tuple[int, dict, dict]:
-    """Restore in place; returns (step, algorithm_state, extra). Refuses a checkpoint of another model."""
+def read_metadata(ref: str | os.PathLike) -> tuple[Path, dict[str, str]]:
+    """Resolve ``ref`` and read its metadata only (cheap: no tensor is loaded); refuses anything but a checkpoint."""
+    from safetensors import safe_open
+
     path = resolve(ref)
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise SurgeonError(f"{path} is not a surgeon training checkpoint", "resume from a checkpoints/step-N.safetensors of a surgeon run")
+    except (SafetensorError, OSError) as e:
+        raise SurgeonError(f"cannot read checkpoint {path} ({brief(e)})", "the file is truncated or damaged; use an earlier checkpoint") from e
+    if meta.get("format") != FORMAT:
+        raise SurgeonError(f"{path} is not a surgeon training checkpoint", "resume from a checkpoints/step-N.safetensors of a surgeon run")
+    return path, meta
+
+
+def check_resumable(ref: str | os.PathLike, algorithm: str | None = None, steps: int | None = None) -> Path:
+    """Refuse, before anything is loaded, a checkpoint made by another algorithm or one past the run's last step."""
+    path, meta = read_metadata(ref)
+    made_by = meta.get("algorithm_name") or None  # checkpoints written before this field existed do not say
+    if algorithm is not None and made_by is not None and made_by != algorithm:
+        raise SurgeonError(f"checkpoint {path} was made by algorithm {made_by!r}, not {algorithm!r}",
+                           f"resume with the recipe that made it (algorithm: {made_by}), or start a new run without --resume")
+    at = int(meta["step"])
+    if steps is not None and at > steps:
+        raise SurgeonError(f"checkpoint {path} is at step {at}, past the run's {steps} steps",
+                           f"pass --steps {at} or more to continue it, or resume from an earlier checkpoint")
+    return path
+
+
+def load_checkpoint(ref, model: nn.Module, optimizer: torch.optim.Optimizer, param_names: list[str], ema=None,
+                    algorithm: str | None = None, steps: int | None = None) -> tuple[int, dict, dict]:
+    """Restore in place; returns (step, algorithm_state, extra). Refuses a checkpoint of another model, another
+    algorithm (when ``algorithm`` is given) or past ``steps``. ``extra["loss_window"]`` holds the unlogged losses."""
+    path = check_resumable(ref, algorithm, steps)
+    _, meta = read_metadata(path)
+    try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise SurgeonError(f"cannot read checkpoint {path} ({e})", "the file is truncated or damaged; use an earlier checkpoint") from None
+        raise SurgeonError(f"cannot read checkpoint {path} ({brief(e)})", "the file is truncated or damaged; use an earlier checkpoint") from e
     if meta["fingerprint"] != fingerprint(model):
         raise SurgeonError(f"checkpoint {path} belongs to another model", "resume with the same MODEL, recipe and sparsity settings")
     if json.loads(meta["param_names"]) != param_names:
@@ -124,4 +156,7 @@ def load_checkpoint(ref, model: nn.Module, optimizer: torch.optim.Optimizer, par
     if ema is not None:
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["step"]), json.loads(meta["algorithm"]), json.loads(meta["extra"])
+    extra = json.loads(meta["extra"])
+    if "train.loss_window" in tensors:
+        extra["loss_window"] = tensors["train.loss_window"]
+    return int(meta["step"]), json.loads(meta["algorithm"]), extra

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .algorithms import ALGORITHMS
+from .atomic import atomic_path
 from .distill import EpsilonLoss
 from .ema import EMA
 from .errors import SurgeonError
@@ -145,9 +146,14 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
     name_of = {id(p): n for n, p in model.named_parameters()}
 
     step = 0
+    # (step, loss) per micro-batch since the last log line: kept as tensors (no host sync per step), checkpointed
+    window: list[tuple[int, torch.Tensor]] = []
     if resume is not None:
-        step, algo_state, _ = ckpt.load_checkpoint(resume, model, optimizer, param_names, ema)
+        step, algo_state, extra = ckpt.load_checkpoint(resume, model, optimizer, param_names, ema,
+                                                       algorithm=recipe.algorithm, steps=t.steps)
         algorithm.load_state_dict(algo_state)
+        unlogged = extra.get("loss_window", torch.zeros(0)).to(device).unbind()
+        window = list(zip(extra.get("loss_window_steps", []), unlogged))
     wrapped, optimizer = acc.prepare(model, optimizer)
     algorithm.setup(model, acc)
     data = task.dataset("train")
@@ -159,17 +165,38 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
         out_dir.mkdir(parents=True, exist_ok=True)
         _truncate_log(log_path, step)
 
+    def last_good() -> Path | None:
+        found = ckpt.list_checkpoints(ckpt_dir)
+        return found[-1] if found else None
+
+    def check_finite(at: int, weights: bool) -> None:
+        """A non-finite loss (or weight) ends the run naming the step; no checkpoint of a diverged model is written."""
+        losses = torch.stack([loss for _, loss in window]).float() if window else torch.zeros(0, device=device)
+        steps_of = torch.tensor([s for s, _ in window], dtype=torch.long, device=losses.device)
+        never = t.steps + 1
+        first_bad = torch.where(torch.isfinite(losses), never, steps_of).min() if window else torch.tensor(never)
+        if acc.num_processes > 1:  # every process stops together, at the first step any of them saw diverge
+            first_bad = acc.gather(first_bad.reshape(1).to(device)).min()
+        if int(first_bad) != never:
+            raise Diverged(f"training diverged: the loss is not finite at step {int(first_bad)}",
+                           _diverged_hint(recipe, last_good()))
+        if weights and not all(bool(torch.isfinite(p).all()) for _, p in trainable(model)):
+            raise Diverged(f"training diverged: the weights are not finite after step {at}", _diverged_hint(recipe, last_good()))
+
     def save(at: int) -> Path:
+        check_finite(at, weights=True)
         path = ckpt_dir / f"step-{at:07d}.safetensors"
         if acc.is_main_process:
-            ckpt.save_checkpoint(path, at, model, optimizer.optimizer, param_names, algorithm.state_dict(), ema)
+            unlogged = torch.stack([loss for _, loss in window]) if window else None
+            ckpt.save_checkpoint(path, at, model, optimizer.optimizer, param_names, algorithm.state_dict(), ema,
+                                 extra={"loss_window_steps": [s for s, _ in window]}, algorithm=recipe.algorithm,
+                                 loss_window=unlogged)
             ckpt.prune_checkpoints(ckpt_dir, t.keep_checkpoints)
         acc.wait_for_everyone()
         return path
 
     end = t.steps if stop_after is None else min(t.steps, step + stop_after)
     bar = TrainProgress(t.steps, start=step, enabled=progress and acc.is_main_process, label=recipe.name or recipe.algorithm)
-    window: list[torch.Tensor] = []
     started = time.perf_counter()
     first_step = step
     with bar, _deferred_interrupt() as interrupted:
@@ -187,7 +214,7 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
                 with sync, acc.autocast():
                     loss = objective(wrapped, inputs, target, weight)
                 acc.backward(loss / t.grad_accum)
-                window.append(loss.detach())  # no host sync per step; read at log time
+                window.append((step, loss.detach()))  # no host sync per step; read at log time
             algorithm.after_backward(step)
             if not algorithm.skip_optimizer_step(step):
                 optimizer.step()
@@ -201,7 +228,9 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
             if ema is not None:
                 ema.update(model)
             if step % t.log_every == 0 or step == end:
-                record = {"step": step, "loss": torch.stack(window).float().mean().item(), "sparsity": measured_sparsity(model),
+                check_finite(step, weights=step == end)
+                mean_loss = torch.stack([loss for _, loss in window]).float().mean().item()
+                record = {"step": step, "loss": mean_loss, "sparsity": measured_sparsity(model),
                           "lr": optimizer.param_groups[0]["lr"], "time": time.perf_counter() - started}
                 if resets:
                     record["mask_update"] = algorithm.history[-1]
@@ -226,6 +255,15 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
 
 class Interrupted(SurgeonError):
     exit_code = 130
+
+
+class Diverged(SurgeonError):
+    """The loss or the weights stopped being finite; the run ends and keeps its last good checkpoint."""
+
+
+def _diverged_hint(recipe: Recipe, checkpoint: Path | None) -> str:
+    kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved before it"
+    return f"lower the learning rate (--lr, now {recipe.optimizer.lr:g}) and start again; {kept}"
 
 
 @contextmanager
@@ -265,8 +303,21 @@ def _log(acc: Accelerator, path: Path, record: dict) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines past the checkpoint so the log reads like one uninterrupted run."""
+    """On resume, drop log lines past the checkpoint so the log reads like one uninterrupted run. A partial last
+    line (a kill mid-write leaves one) is dropped too; a damaged line elsewhere is an error, not silently lost."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise SurgeonError(f"{path} line {i + 1} is not JSON ({e.msg})",
+                               "repair or delete the damaged line, then resume again") from e
+        if record.get("step", 0) <= step:
+            keep.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
