@@ -18,7 +18,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-from surgeon.errors import SurgeonError, UsageError, brief
+from surgeon.errors import Interrupted, SurgeonError, UsageError, brief
 from surgeon.sparsity.patterns import parse_nm
 
 
@@ -70,5 +70,9 @@ class SurgeonGroup(TyperGroup):
             return super().invoke(ctx)
         except (TyperException, typer.Exit, typer.Abort):  # usage errors and exits: Typer reports them itself
             raise
+        except KeyboardInterrupt as err:  # Ctrl-C outside a training loop (which stops at a step boundary itself)
+            interrupted = Interrupted("interrupted", "run the command again; a training run continues from its "
+                                      "last checkpoint with --resume")
+            raise typer.Exit(print_error(interrupted)) from err
         except Exception as err:  # noqa: BLE001 - the one place where every error becomes an exit code
             raise typer.Exit(print_error(err)) from None

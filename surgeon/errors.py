@@ -24,6 +24,12 @@ class UsageError(SurgeonError):
     exit_code = 2
 
 
+class Interrupted(SurgeonError):
+    """Ctrl-C: the CLI exits 130 (128 + SIGINT), as shells expect."""
+
+    exit_code = 130
+
+
 def brief(exc: BaseException) -> str:
     """An exception as one short line: library messages often span many lines."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

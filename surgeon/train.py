@@ -24,7 +24,7 @@ from .algorithms import ALGORITHMS
 from .atomic import atomic_path
 from .distill import EpsilonLoss
 from .ema import EMA
-from .errors import SurgeonError
+from .errors import Interrupted, SurgeonError
 from .progress import TrainProgress
 from .recipe import Recipe
 from .seeding import own_rng
@@ -251,10 +251,6 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
     done = max(step - first_step, 1)
     return TrainResult(step, last_loss if step > first_step else math.nan, val, seconds, seconds / done,
                        list(getattr(algorithm, "history", [])))
-
-
-class Interrupted(SurgeonError):
-    exit_code = 130
 
 
 class Diverged(SurgeonError):

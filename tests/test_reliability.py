@@ -3,6 +3,8 @@ mismatches, interrupts and bad settings end in one line. Each test reproduces a 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from helpers_train import SyntheticImageTask, one_thread, small_recipe, tiny_model  # noqa: F401
@@ -150,3 +152,52 @@ def test_cli_lr_inf_is_refused_and_a_huge_lr_stops_with_an_error_not_a_nan_model
     assert diverged.exit_code == 1, diverged.output
     assert "error: training diverged" in diverged.stderr and "Traceback" not in diverged.output
     assert not (tmp_path / "b" / "model").exists()
+
+
+# ---- Ctrl-C before training starts ----------------------------------------------------------------------------------
+
+def test_importing_surgeon_is_light_so_ctrl_c_is_caught_from_the_first_instant():
+    # torch takes seconds to import; the console script installs its guard first, and `import surgeon` must not
+    # drag torch in before it
+    code = "import sys, surgeon.cli.entry; print(sorted(m for m in ('torch', 'diffusers', 'typer') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+class _InterruptImport:
+    """A meta-path finder that raises KeyboardInterrupt when ``name`` is imported: Ctrl-C in mid-import."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name:
+            raise KeyboardInterrupt
+        return None
+
+
+def test_ctrl_c_while_the_cli_imports_exits_130_with_one_line(monkeypatch, capsys):
+    from surgeon.cli import entry
+
+    monkeypatch.delitem(sys.modules, "surgeon.cli.app", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_InterruptImport("surgeon.cli.app"), *sys.meta_path])
+    with pytest.raises(SystemExit) as info:
+        entry.main()
+    assert info.value.code == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: interrupted", "hint: nothing was written; run the command again"]
+
+
+def test_ctrl_c_while_a_command_loads_its_model_exits_130_with_one_line(tmp_path, monkeypatch):
+    import surgeon.loading
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(surgeon.loading, "load_model", interrupted)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["sparsify", "tiny-unet", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 130, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[0] == "error: interrupted" and lines[1].startswith("hint: ") and len(lines) == 2
+    assert "Traceback" not in result.output and not out.exists()
