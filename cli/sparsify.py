@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from surgeon.checkpoint import run_folder
 from surgeon.recipe import load_recipe
 
 from .common import Exclude, Force, Include, ModelRef
@@ -24,7 +25,7 @@ def sparsify(
     model: ModelRef,
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Shipped recipe (static, rigl, magran, dense) or a YAML path.")] = "rigl",
     data: Annotated[str, typer.Option("--data", "-d", help="'kanjivg' (built in) or a folder of images.")] = "kanjivg",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder [default: runs/MODEL-RECIPE-sS].", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder [default: the resumed run's folder, else runs/MODEL-RECIPE-sS].", show_default=False)] = None,
     s: Annotated[Optional[float], typer.Option("--s", "--sparsity", help="Global sparsity S in [0, 1).")] = None,
     p: Annotated[Optional[float], typer.Option("--p", help="Prune-and-regrow fraction per mask update.")] = None,
     delta_t: Annotated[Optional[int], typer.Option("--delta-t", help="Steps between mask updates (ΔT_e).")] = None,
@@ -54,7 +55,8 @@ def sparsify(
         "training.mixed_precision": mixed_precision, "training.grad_accum": grad_accum, "training.ema_decay": ema,
         "include": include or None, "exclude": exclude or None,
     })
-    out = out or default_out(model, recipe, r.sparsity if r.algorithm != "dense" else None)
+    if out is None:  # a resumed run continues in its own folder
+        out = run_folder(resume) if resume else default_out(model, recipe, r.sparsity if r.algorithm != "dense" else None)
     summary = run(model, r, data, out, limit=limit, force=force, resume=resume, progress=progress, samples=samples)
     from accelerate import PartialState
 

@@ -94,6 +94,12 @@ def resolve(ref: str | os.PathLike) -> Path:
     return p
 
 
+def run_folder(ref: str | os.PathLike) -> Path:
+    """The run folder a checkpoint belongs to: RUN for RUN/checkpoints/step-N.safetensors, RUN/checkpoints or RUN."""
+    path = resolve(ref)
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
 def read_metadata(ref: str | os.PathLike) -> tuple[Path, dict[str, str]]:
     """Resolve ``ref`` and read its metadata only (cheap: no tensor is loaded); refuses anything but a checkpoint."""
     from safetensors import safe_open

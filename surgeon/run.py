@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -92,11 +94,59 @@ def find_autoencoder(ref: str) -> nn.Module | None:
     return None
 
 
-def check_out_dir(out: Path, force: bool, resume) -> None:
+def check_out_dir(out: Path, force: bool, resume=None) -> None:
+    """Refuse, before anything loads, an output folder that cannot be created or would replace another run.
+
+    A non-empty folder is written only with ``force`` or when it is the run folder that ``resume`` continues.
+    """
+    from .checkpoint import run_folder
+
     if out.exists() and not out.is_dir():
         raise SurgeonError(f"output path {out} exists and is not a folder", "choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (force or resume):
+    if not out.exists():
+        parent = next(p for p in out.absolute().parents if p.exists())  # the root always exists
+        if not parent.is_dir():
+            raise SurgeonError(f"cannot create output folder {out}: {parent} is a file", "choose another --out")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise SurgeonError(f"cannot create output folder {out}: {parent} is not writable", "choose another --out")
+        return
+    if not any(out.iterdir()) or force:
+        return
+    if resume is None:
         raise SurgeonError(f"output folder {out} exists", "pass --force to overwrite, or --resume to continue a run")
+    resumed = run_folder(resume)
+    if out.resolve() != resumed.resolve():
+        raise SurgeonError(f"output folder {out} holds another run than the one resumed ({resumed})",
+                           f"leave out --out to continue in {resumed}, or pass --force to write into {out}")
+
+
+def clear_stale_checkpoints(out: Path) -> None:
+    """A fresh run forced over an old one starts without the old run's checkpoints: --resume must never pick them."""
+    from .checkpoint import list_checkpoints
+
+    for path in list_checkpoints(out / "checkpoints"):
+        path.unlink()
+
+
+@contextmanager
+def no_empty_folder_on_failure(out: Path) -> Iterator[None]:
+    """If the run fails, remove ``out`` when the run created it and it holds nothing (no log, no checkpoint)."""
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and out.is_dir():
+            for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                _rmdir_if_empty(folder)
+            _rmdir_if_empty(out)
+        raise
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty: something worth keeping (a log, a checkpoint)
+        pass
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -112,8 +162,15 @@ def open_run(out: str | os.PathLike, recipe: Recipe, force: bool = False, resume
     """Check the output folder (every process, before any process writes) and start Accelerate."""
     from .train import make_accelerator
 
-    check_out_dir(Path(out), force, resume)
+    from .checkpoint import check_resumable
+
+    out = Path(out)
+    check_out_dir(out, force, resume)
+    if resume is not None:  # another algorithm's checkpoint, or one past --steps: refused before the model loads
+        check_resumable(resume, recipe.algorithm, recipe.training.steps)
     acc = make_accelerator(recipe.training.mixed_precision)
+    if force and resume is None and acc.is_main_process:
+        clear_stale_checkpoints(out)
     acc.wait_for_everyone()
     return acc
 
@@ -173,8 +230,9 @@ def execute(source: Source, task: Task, recipe: Recipe, out: str | os.PathLike, 
 
     out = Path(out)
     started = time.perf_counter()
-    result = train(source.model, task, recipe, out, objective=objective, resume=resume, accelerator=acc,
-                   progress=progress, stop_after=stop_after)
+    with no_empty_folder_on_failure(out):
+        result = train(source.model, task, recipe, out, objective=objective, resume=resume, accelerator=acc,
+                       progress=progress, stop_after=stop_after)
     model = acc.unwrap_model(source.model).cpu()
     total, kept = count_params(model)
     summary = RunSummary(recipe.name or recipe.algorithm, recipe.algorithm, measured_sparsity(model), total, kept,

@@ -161,6 +161,9 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
 
     ckpt_dir = out_dir / "checkpoints"
     log_path = out_dir / "metrics.jsonl"
+    if resume is None and ckpt.list_checkpoints(ckpt_dir):
+        raise SurgeonError(f"{ckpt_dir} holds checkpoints of an earlier run",
+                           "resume it (resume=..., --resume), or train into another folder (--force clears them)")
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         _truncate_log(log_path, step)

@@ -201,3 +201,109 @@ def test_ctrl_c_while_a_command_loads_its_model_exits_130_with_one_line(tmp_path
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[0] == "error: interrupted" and lines[1].startswith("hint: ") and len(lines) == 2
     assert "Traceback" not in result.output and not out.exists()
+
+
+# ---- catch-all cases get their own message; nothing half-made is left ------------------------------------------------
+
+WRONG_SHAPE = '''
+import torch
+from torch import nn
+
+
+class HalfWidth(nn.Module):
+    """An image denoiser whose output is half as wide as its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"sample_size": 16, "in_channels": 1}
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x)[..., :8]
+'''
+
+
+def _cli(tmp_path, *args):
+    return CliRunner().invoke(app, ["sparsify", *map(str, args)])
+
+
+def _one_error(result, code=1):
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), result.stderr
+    assert "SURGEON_DEBUG" not in lines[1]  # its own hint, not the catch-all's
+    return lines[0]
+
+
+def test_a_model_whose_output_has_the_wrong_shape_is_named_and_leaves_no_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "net.py").write_text(WRONG_SHAPE)
+    write_images(tmp_path / "images")
+    out = tmp_path / "run"
+    line = _one_error(_cli(tmp_path, f"{tmp_path / 'net.py'}:HalfWidth", "--data", tmp_path / "images", "--steps", 2,
+                           "--batch-size", 2, "--out", out, "--no-progress"))
+    assert "output has shape [2, 1, 16, 8], but the noise it must predict has shape [2, 1, 16, 16]" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["under-a-file", "exists-as-file"])
+def test_an_out_that_cannot_be_created_is_refused_before_the_model_loads(tmp_path, monkeypatch, kind):
+    import surgeon.loading
+
+    monkeypatch.setattr(surgeon.loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "run" if kind == "under-a-file" else tmp_path / "file"
+    line = _one_error(_cli(tmp_path, "tiny-unet", "--out", out, "--no-progress"))
+    assert str(out) in line
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_resume_without_out_continues_in_the_resumed_run_folder_and_never_touches_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    write_images(tmp_path / "images")
+    args = ["tiny-unet", "--recipe", "static", "--data", "images", "--steps", 4, "--batch-size", 2, "--no-progress",
+            "--no-samples"]
+    # a complete run sits where the default --out would point
+    assert _cli(tmp_path, *args).exit_code == 0
+    default = tmp_path / "runs" / "tiny-unet-static-s0.5"
+    before = {p: p.read_bytes() for p in default.rglob("*") if p.is_file()}
+    # another run, interrupted at step 2 (stop_after stands for Ctrl-C here)
+    recipe = small_recipe("static", **{"training.steps": 4, "training.batch_size": 2, "training.checkpoint_every": 2,
+                                       "training.log_every": 1})
+    model = tiny_model(recipe)
+    train(model, SyntheticImageTask(model), recipe, tmp_path / "A", progress=False, stop_after=2)
+    resumed = _cli(tmp_path, *args, "--resume", tmp_path / "A" / "checkpoints" / "step-0000002.safetensors")
+    assert resumed.exit_code == 0, resumed.output
+    assert (tmp_path / "A" / "model" / "model.safetensors").is_file()
+    assert {p: p.read_bytes() for p in default.rglob("*") if p.is_file()} == before
+
+
+def test_resume_into_another_non_empty_folder_needs_force(tmp_path, monkeypatch):
+    import surgeon.loading
+
+    monkeypatch.setattr(surgeon.loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    recipe = small_recipe("static", **{"training.steps": 4, "training.checkpoint_every": 2})
+    model = tiny_model(recipe)
+    train(model, SyntheticImageTask(model), recipe, tmp_path / "A", progress=False, stop_after=2)
+    (tmp_path / "B").mkdir()
+    (tmp_path / "B" / "keep.txt").write_text("mine")
+    line = _one_error(_cli(tmp_path, "tiny-unet", "--recipe", "static", "--resume", tmp_path / "A", "--out",
+                           tmp_path / "B"))
+    assert "holds another run than the one resumed" in line
+    assert (tmp_path / "B" / "keep.txt").read_text() == "mine"
+
+
+def test_a_forced_fresh_run_never_leaves_the_old_runs_checkpoints_for_resume(tmp_path):
+    recipe = small_recipe("static", **{"training.steps": 8, "training.checkpoint_every": 2, "training.keep_checkpoints": 0})
+    model = tiny_model(recipe)
+    train(model, SyntheticImageTask(model), recipe, tmp_path / "run", progress=False)  # checkpoints 2, 4, 6
+    short = small_recipe("static", **{"training.steps": 4, "training.checkpoint_every": 2})
+    model = tiny_model(short)
+    with pytest.raises(SurgeonError, match="holds checkpoints of an earlier run"):
+        train(model, SyntheticImageTask(model), short, tmp_path / "run", progress=False)
+    from surgeon.run import open_run
+
+    open_run(tmp_path / "run", short, force=True)
+    assert ckpt.list_checkpoints(tmp_path / "run" / "checkpoints") == []

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..errors import SurgeonError
+
 
 def draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
     """A generator only draws on its own device; draws are moved to the data afterwards."""
@@ -51,6 +53,10 @@ class Task:
     @staticmethod
     def mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Mean squared error; with ``weight`` (e.g. a padding mask broadcastable to pred) only weighted entries count."""
+        if pred.shape != target.shape:  # broadcasting would silently train on a wrong objective
+            raise SurgeonError(f"the model's output has shape {list(pred.shape)}, but the noise it must predict has "
+                               f"shape {list(target.shape)}",
+                               "the denoiser must return ε̂ with the shape of its input x_t")
         err = (pred.float() - target.float()) ** 2
         if weight is None:
             return err.mean()
