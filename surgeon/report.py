@@ -13,8 +13,6 @@ import torch
 from torch import nn
 
 from .sparsity.patterns import nm_groups, nm_skip_reason, parse_nm
-from .surgery import sites
-from .targets import find_targets
 
 
 @dataclass
@@ -76,18 +74,17 @@ def report(
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
 ) -> Report:
+    from .measure import measure
+
     n, m = parse_nm(nm)
-    masked = sites(model)
+    measured = measure(model, include=include, exclude=exclude, planned_only=False)
+    modules = dict(model.named_modules())
     rows = []
     with torch.no_grad():
-        for fqn, t in find_targets(model, include, exclude).items():
-            site = masked.get(fqn)
-            nonzero = getattr(t.module, t.tensor_name) != 0  # the effective weight, through any parametrization
-            kept = site.mask if site is not None else nonzero
-            reason = nm_skip_reason(t.shape, m)
+        for r in measured.layers:
+            module_name, _, tensor_name = r.name.rpartition(".")
+            nonzero = getattr(modules[module_name], tensor_name) != 0  # the effective weight, through any parametrization
+            reason = nm_skip_reason(r.shape, m)
             valid = None if reason else bool((torch.count_nonzero(nm_groups(nonzero, m), dim=1) <= n).all())
-            rows.append(Row(
-                fqn, t.kind, t.shape, ("n:m" if site.is_nm else "mask") if site is not None else "",
-                t.numel, int(torch.count_nonzero(kept)), valid, reason,
-            ))
-    return Report((n, m), rows, sum(p.numel() for p in model.parameters()))
+            rows.append(Row(r.name, r.kind, r.shape, r.masked, r.numel, r.kept, valid, reason))
+    return Report((n, m), rows, measured.params_total)

@@ -33,7 +33,7 @@ from .errors import SurgeonError
 from .plan import plan as make_plan
 from .recipe import Recipe, dump_recipe
 from .seeding import seeded
-from .surgery import inject, sites
+from .surgery import inject
 from .tasks import Task, apply_diffusion_settings, make_task
 
 
@@ -51,6 +51,9 @@ class RunSummary:
     seconds_per_step: float
     out_dir: str
     pipeline: str | None = None  # latent diffusion: the pipeline folder holding the frozen autoencoder
+    flops_forward: float | None = None  # one denoiser call on one example, sparse (Evci et al.; surgeon.measure)
+    flops_forward_dense: float | None = None  # the same call with every weight dense
+    flops_train: float | None = None  # the whole run: per-example step FLOPs × batch × steps
 
 
 @dataclass
@@ -149,13 +152,6 @@ def _rmdir_if_empty(folder: Path) -> None:
         pass
 
 
-def count_params(model: nn.Module) -> tuple[int, int]:
-    masked = sites(model)
-    total = sum(p.numel() for n, p in model.named_parameters())
-    pruned = sum(int((~s.mask).sum()) for s in masked.values())
-    return total, total - pruned
-
-
 # --- the shared steps ----------------------------------------------------------------------------------------------
 
 def open_run(out: str | os.PathLike, recipe: Recipe, force: bool = False, resume=None) -> Accelerator:
@@ -226,7 +222,8 @@ def execute(source: Source, task: Task, recipe: Recipe, out: str | os.PathLike, 
             metadata: dict[str, Any] | None = None) -> RunSummary:
     """Train ``source.model`` (prepared) in place, then write the model, recipe, samples and summary."""
     from .packed import save
-    from .train import measured_sparsity, train
+    from .measure import measure_task
+    from .train import train
 
     out = Path(out)
     started = time.perf_counter()
@@ -234,10 +231,12 @@ def execute(source: Source, task: Task, recipe: Recipe, out: str | os.PathLike, 
         result = train(source.model, task, recipe, out, objective=objective, resume=resume, accelerator=acc,
                        progress=progress, stop_after=stop_after)
     model = acc.unwrap_model(source.model).cpu()
-    total, kept = count_params(model)
-    summary = RunSummary(recipe.name or recipe.algorithm, recipe.algorithm, measured_sparsity(model), total, kept,
-                         result.steps, result.final_loss, result.val_loss, time.perf_counter() - started,
-                         result.seconds_per_step, str(out), source.pipeline)
+    cost = measure_task(model, task)
+    per_step = cost.training_flops(recipe.algorithm, recipe.dst.delta_t)
+    summary = RunSummary(recipe.name or recipe.algorithm, recipe.algorithm, cost.sparsity, cost.params_total,
+                         cost.params_kept, result.steps, result.final_loss, result.val_loss, time.perf_counter() - started,
+                         result.seconds_per_step, str(out), source.pipeline, cost.flops_sparse, cost.flops_dense,
+                         per_step * recipe.training.batch_size * recipe.training.grad_accum * result.steps)
     if acc.is_main_process:  # every process holds the same model; one writes it
         # the denoiser alone is saved; a latent model records the pipeline whose frozen autoencoder it needs
         save(model, out / "model", recipe=recipe.to_dict(), force=True,

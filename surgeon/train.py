@@ -24,11 +24,11 @@ from .algorithms import ALGORITHMS
 from .atomic import atomic_path
 from .distill import EpsilonLoss
 from .ema import EMA
+from .measure import measure
 from .errors import Interrupted, SurgeonError
 from .progress import TrainProgress
 from .recipe import Recipe
 from .seeding import own_rng
-from .surgery import get_plan, sites
 from .tasks.base import Task
 
 
@@ -95,19 +95,6 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, 
     for value in optimizer.state.get(param, {}).values():
         if torch.is_tensor(value) and value.shape == param.shape:
             value.masked_fill_(positions, 0)
-
-
-def measured_sparsity(model: nn.Module) -> float:
-    """Fraction of zeros over all planned target tensors (layers the budget left dense count as kept)."""
-    plan = get_plan(model)
-    masked = sites(model)
-    if plan is None:
-        return 0.0
-    total = kept = 0
-    for fqn, lp in plan.layers.items():
-        total += lp.numel
-        kept += int(masked[fqn].mask.sum()) if fqn in masked else lp.numel
-    return 1.0 - kept / total if total else 0.0
 
 
 @torch.no_grad()
@@ -233,7 +220,7 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
             if step % t.log_every == 0 or step == end:
                 check_finite(step, weights=step == end)
                 mean_loss = torch.stack([loss for _, loss in window]).float().mean().item()
-                record = {"step": step, "loss": mean_loss, "sparsity": measured_sparsity(model),
+                record = {"step": step, "loss": mean_loss, "sparsity": measure(model).sparsity,
                           "lr": optimizer.param_groups[0]["lr"], "time": time.perf_counter() - started}
                 if resets:
                     record["mask_update"] = algorithm.history[-1]

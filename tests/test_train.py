@@ -12,7 +12,8 @@ from torch import nn
 from surgeon import checkpoint as ckpt
 from surgeon.errors import SurgeonError
 from surgeon.surgery import get_plan, sites
-from surgeon.train import BatchSampler, heldout_loss, make_optimizer, measured_sparsity, train, zero_optimizer_state
+from surgeon.measure import measure
+from surgeon.train import BatchSampler, heldout_loss, make_optimizer, train, zero_optimizer_state
 
 
 # ------------------------------------------------------------------------------------------------ BatchSampler
@@ -95,7 +96,7 @@ def test_rigl_run_logs_updates_until_the_stop_step_and_keeps_checkpoints(tmp_pat
     assert [r["mask_update"] for r in records if "mask_update" in r] == result.mask_updates[:2]
     for r in records:
         if "loss" in r:
-            assert math.isfinite(r["loss"]) and r["sparsity"] == pytest.approx(measured_sparsity(model))
+            assert math.isfinite(r["loss"]) and r["sparsity"] == pytest.approx(measure(model).sparsity)
     # checkpoints every 2 steps (never at the last step), only the newest 2 kept
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [
         "step-0000008.safetensors", "step-0000010.safetensors"]
@@ -111,8 +112,8 @@ def test_sparsity_is_exact_and_pruned_weights_stay_zero_with_grad_accum(tmp_path
     # over every planned target: layers the ERK budget left dense count as fully kept
     layers = get_plan(model).layers
     kept = sum(planned.get(f, lp.numel) for f, lp in layers.items())
-    assert measured_sparsity(model) == pytest.approx(1 - kept / sum(lp.numel for lp in layers.values()))
-    assert measured_sparsity(model) == pytest.approx(0.5, abs=1e-3)  # the recipe's global S
+    assert measure(model).sparsity == pytest.approx(1 - kept / sum(lp.numel for lp in layers.values()))
+    assert measure(model).sparsity == pytest.approx(0.5, abs=1e-3)  # the recipe's global S
     for fqn, site in sites(model).items():
         assert int(site.mask.sum()) == planned[fqn]
         assert torch.all(site.effective().detach()[~site.mask] == 0)
@@ -141,7 +142,7 @@ def test_dense_recipe_trains_without_masks(tmp_path):
     assert sites(model) == {}
     before = state_of(model)
     result = train(model, SyntheticImageTask(model), recipe, tmp_path, progress=False)
-    assert result.mask_updates == [] and measured_sparsity(model) == 0.0
+    assert result.mask_updates == [] and measure(model).sparsity == 0.0
     assert any(not torch.equal(before[k], v) for k, v in state_of(model).items())
 
 
