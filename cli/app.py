@@ -7,6 +7,7 @@ import typer
 
 from surgeon import __version__
 
+from . import eval as eval_cmd
 from . import inspect as inspect_cmd
 from . import sparsify as sparsify_cmd
 from .common import SurgeonGroup
@@ -37,6 +38,7 @@ def _root(
 # commands: one line each
 app.command("inspect")(inspect_cmd.inspect)
 app.command("sparsify")(sparsify_cmd.sparsify)
+app.command("eval")(eval_cmd.eval_models)
 
 
 def main() -> None:

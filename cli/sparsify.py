@@ -6,11 +6,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
-
 from surgeon.checkpoint import run_folder
 from surgeon.recipe import load_recipe
+from surgeon.tables import print_summary
 
 from .common import Exclude, Force, Include, ModelRef
 
@@ -62,19 +60,3 @@ def sparsify(
 
     if PartialState().is_main_process:
         print_summary([summary])
-
-
-def print_summary(summaries) -> None:
-    table = Table(title="surgeon sparsify")
-    for col in ("run", "train loss", "held-out", "params kept", "sparsity", "s/step", "time"):
-        table.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
-    for s in summaries:
-        table.add_row(
-            s.recipe, f"{s.final_loss:.4f}", "n/a" if s.val_loss is None else f"{s.val_loss:.4f}",
-            f"{s.params_kept / 1e6:.3f}M / {s.params_total / 1e6:.3f}M", f"{s.sparsity:.3f}", f"{s.seconds_per_step:.2f}",
-            f"{s.seconds:.0f}s",
-        )
-    console = Console()
-    console.print(table)
-    for s in summaries:
-        console.print(f"{s.recipe}: {s.out_dir}", soft_wrap=True)

@@ -25,12 +25,14 @@ from .errors import SurgeonError
 
 # public name → the module that defines it, imported on first access (PEP 562)
 _PUBLIC = {
+    "evaluate": ".evaluate",
     "find_targets": ".targets",
     "fold": ".surgery",
     "inject": ".surgery",
     "load": ".packed",
     "load_into": ".packed",
     "load_model": ".loading",
+    "measure": ".measure",
     "plan": ".plan",
     "remove": ".surgery",
     "report": ".report",

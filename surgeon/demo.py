@@ -16,7 +16,7 @@ LIMIT = 2048  # glyphs used for training
 
 
 def run() -> None:
-    from surgeon.cli.sparsify import print_summary
+    from surgeon.tables import print_summary
     from surgeon.recipe import load_recipe
     from surgeon.run import sparsify
 

@@ -31,3 +31,27 @@ class TrainProgress:
         speed = self.progress.tasks[0].speed
         self.progress.update(self.task, completed=step, loss=loss, sparsity=sparsity,
                              speed_text=f"{speed:.2f} it/s" if speed else "")
+
+
+class WorkProgress:
+    """A bar for counted work other than training (sampling, feature extraction); ``advance(n)`` as it goes."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled, transient=True,
+        )
+        self.task = self.progress.add_task(label, total=total)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)
+
+    def set(self, completed: int) -> None:
+        self.progress.update(self.task, completed=completed)

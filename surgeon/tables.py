@@ -1,0 +1,62 @@
+"""Result tables shared by the CLI, ``make demo`` and ``surgeon reproduce``: rich tables and markdown."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from .fidelity import format_kid
+from .measure import format_flops
+
+
+def _loss(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _params(kept: int, total: int) -> str:
+    return f"{kept / 1e6:.3f}M / {total / 1e6:.3f}M"
+
+
+def summary_table(summaries, title: str = "surgeon sparsify") -> Table:
+    """One row per training run (``RunSummary``): losses, kept parameters, sparsity, FLOPs, speed."""
+    table = Table(title=title)
+    table.add_column("run", overflow="fold", min_width=8)
+    for col in ("train loss", "held-out", "params kept", "sparsity", "fwd FLOPs", "train FLOPs", "s/step", "time"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for s in summaries:
+        table.add_row(
+            s.recipe, f"{s.final_loss:.4f}", _loss(s.val_loss), _params(s.params_kept, s.params_total),
+            f"{s.sparsity:.3f}", format_flops(getattr(s, "flops_forward", None)),
+            format_flops(getattr(s, "flops_train", None)), f"{s.seconds_per_step:.2f}", f"{s.seconds:.0f}s",
+        )
+    return table
+
+
+def print_summary(summaries, console: Console | None = None, title: str = "surgeon sparsify") -> None:
+    console = console or Console()
+    console.print(summary_table(summaries, title))
+    for s in summaries:
+        console.print(f"{s.recipe}: {s.out_dir}", soft_wrap=True)
+
+
+def eval_table(result) -> Table:
+    """One row per evaluated model (``Evaluation``); the title names the feature extractor in words."""
+    table = Table(title=f"surgeon eval — {result.label}", caption=f"{result.data}, n = {result.n} samples, "
+                  f"{result.sample_steps} sampling steps; FLOPs per denoiser call")
+    table.add_column("model", overflow="fold", min_width=10)
+    for col in ("FID", "KID", "held-out", "params kept", "sparsity", "fwd FLOPs", "train FLOPs"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in result.rows:
+        table.add_row(r.name, "n/a" if r.fid is None else f"{r.fid:.2f}", format_kid(r.kid_mean, r.kid_std),
+                      _loss(r.heldout_loss), _params(r.params_kept, r.params_total), f"{r.sparsity:.3f}",
+                      format_flops(r.flops_forward), format_flops(r.flops_train))
+    return table
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table; the first column left-aligned, the rest right-aligned."""
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,112 @@
+"""``surgeon eval``: one table of FID/KID, loss, parameters and FLOPs; bad inputs end in one error + hint."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from surgeon.cli.app import app
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no Inception weights there
+    monkeypatch.delenv("SURGEON_INCEPTION_WEIGHTS", raising=False)
+
+
+@pytest.fixture
+def data(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("validation", 8)):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "data" / split / f"{i}.png")
+    return tmp_path / "data"
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, ["eval", *map(str, args)])
+
+
+def assert_one_error(result, *words, code=None):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert lines[errors[0] + 1].startswith("hint: "), result.stderr
+    for w in words:
+        assert w in "\n".join(lines[errors[0]:]), result.stderr
+    if code is not None:
+        assert result.exit_code == code
+
+
+@pytest.mark.parametrize("args, words, code", [
+    (["--n", "0"], ["--n 0", "at least 2"], 2),
+    (["--metrics", "fid,inception-score"], ["unknown metric 'inception-score'"], 1),
+    (["--extractor", "clip"], ["unknown feature extractor 'clip'", "efficientnet-lite0"], 1),
+    (["--extractor", "inception-v3-compat"], ["not available offline", "--extractor efficientnet-lite0"], 1),
+    (["--sample-steps", "0"], ["--sample-steps 0"], 2),
+])
+def test_bad_inputs(tmp_path, data, args, words, code):
+    out = tmp_path / "out"
+    r = invoke("tiny-unet", "--data", data, "--out", out, *args)
+    assert_one_error(r, *words, code=code)
+    assert not out.exists()
+
+
+def test_too_few_heldout_examples(tmp_path, data):
+    for p in list((data / "validation").iterdir())[1:]:
+        p.unlink()
+    out = tmp_path / "out"
+    r = invoke("tiny-unet", "--data", data, "--out", out, "--n", 4, "--sample-steps", 1, "--no-progress")
+    assert_one_error(r, "1 held-out example")
+    assert not (out / "results.json").exists()
+
+
+def test_samples_that_cannot_be_rendered(tmp_path, data):
+    from diffusers import UNet2DModel
+
+    folder = tmp_path / "latent-unet"
+    UNet2DModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                norm_num_groups=4).save_pretrained(folder)
+    out = tmp_path / "out"
+    r = invoke(folder, "--data", data, "--out", out, "--n", 4, "--no-progress")
+    assert_one_error(r, "4 channels and cannot be rendered")
+    assert not (out / "results.json").exists()
+
+
+def test_two_models_one_table_with_the_extractor_named(tmp_path, data):
+    import surgeon
+    from surgeon.presets import build
+
+    sparse = build("tiny-unet")
+    surgeon.inject(sparse, surgeon.plan(sparse, sparsity=0.5))
+    surgeon.save(sparse, tmp_path / "sparse")
+    out = tmp_path / "out"
+    r = invoke("tiny-unet", tmp_path / "sparse", "--data", data, "--out", out, "--n", 6, "--sample-steps", 2,
+               "--no-progress", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["extractor"]["name"] == "efficientnet-lite0"
+    assert "not comparable with Inception FID" in result["metric_label"]
+    dense, sparse_row = result["models"]
+    assert dense["sparsity"] == 0.0 and sparse_row["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert sparse_row["flops_forward"] < dense["flops_forward"] == dense["flops_forward_dense"]
+    for row in (dense, sparse_row):
+        assert row["fid"] > 0 and row["kid_std"] >= 0 and row["kid_subset_size"] == 6 and row["n_reference"] == 8
+        assert row["heldout_loss"] > 0 and row["params_kept"] <= row["params_total"]
+    for name in ("samples.png", "fid_vs_sparsity.png", "fid_vs_flops.png", "results.json"):
+        assert (out / name).stat().st_size > 1000, name
+    assert json.loads((out / "results.json").read_text())["models"][1]["fid"] == sparse_row["fid"]
+    # the table names the extractor in words; the output folder is not replaced without --force
+    r = invoke("tiny-unet", "--data", data, "--out", out, "--n", 6, "--sample-steps", 2, "--no-progress")
+    assert_one_error(r, "exists")
+    r = invoke("tiny-unet", "--data", data, "--out", out, "--n", 6, "--sample-steps", 2, "--no-progress", "--force")
+    assert r.exit_code == 0 and "EfficientNet-Lite0 features" in r.stdout and "not comparable" in r.stdout

@@ -1,0 +1,130 @@
+"""FID/KID on tiny images with a small seeded extractor; cached reference features; plots."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from surgeon.errors import SurgeonError
+from surgeon.fidelity import extract_features, fid, kid, parse_metrics, reference_features, score
+
+
+class TinyExtractor(torch.nn.Module):
+    """uint8 [N, 3, H, W] → 16 random projections of the 4×4-pooled image; counts the images it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.randn(3 * 4 * 4, 16, generator=torch.Generator().manual_seed(0))
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += len(x)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
+        return (pooled @ self.proj,)
+
+
+def _images(n, seed, shift=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 160, (n, 8, 8, 1), generator=g) + shift
+    return x.clamp(0, 255).to(torch.uint8)
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift():
+    ex = TinyExtractor()
+    a, b, shifted = (extract_features(ex, x) for x in (_images(200, 0), _images(200, 1), _images(200, 1, shift=60)))
+    assert fid(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert fid(a, b) < fid(a, shifted)
+    assert fid(a, shifted) > 10 * max(fid(a, b), 1e-3)
+
+
+def test_kid_has_a_mean_and_a_std_and_ranks_like_fid():
+    ex = TinyExtractor()
+    a, b, shifted = (extract_features(ex, x) for x in (_images(120, 0), _images(120, 1), _images(120, 1, shift=60)))
+    mean, std, size = kid(a, b)
+    mean_s, std_s, _ = kid(a, shifted)
+    assert size == 120 and std >= 0 and std_s > 0
+    assert mean < mean_s
+    s = score(a, shifted, "fid,kid")
+    assert s.kid_mean == pytest.approx(mean_s) and s.kid_std == pytest.approx(std_s) and s.fid > 0
+
+
+def test_bad_metric_and_too_few_examples():
+    with pytest.raises(SurgeonError, match="unknown metric 'is'"):
+        parse_metrics("fid,is")
+    one = extract_features(TinyExtractor(), _images(1, 0))
+    with pytest.raises(SurgeonError, match="at least 2"):
+        fid(one, one)
+
+
+def _folder(root, n_val, seed=0):
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", 4), ("validation", n_val)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(root / split / f"{i}.png")
+    return root
+
+
+def test_reference_features_are_cached_and_recomputed_when_data_or_extractor_change(tmp_path, monkeypatch):
+    from surgeon.presets import build
+    from surgeon.tasks import make_task
+
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+    data = str(_folder(tmp_path / "data", 6))
+    task = make_task(build("tiny-unet"), data)
+    ex = TinyExtractor()
+    first = reference_features(task, data, "tiny", ex, 16)
+    assert ex.seen == 6 and first.shape == (6, 16)
+    again = reference_features(make_task(build("tiny-unet"), data), data, "tiny", ex, 16)
+    assert ex.seen == 6 and torch.equal(first, again)  # from the cache
+    reference_features(make_task(build("tiny-unet"), data), data, "other-extractor", ex, 16)
+    assert ex.seen == 12
+    _folder(tmp_path / "data", 7, seed=1)  # the data changed: one more image, new pixels
+    changed = reference_features(make_task(build("tiny-unet"), data), data, "tiny", ex, 16)
+    assert ex.seen == 19 and changed.shape == (7, 16)
+
+
+def test_too_few_heldout_examples(tmp_path, monkeypatch):
+    from surgeon.presets import build
+    from surgeon.tasks import make_task
+
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+    data = str(_folder(tmp_path / "data", 1))
+    with pytest.raises(SurgeonError, match="1 held-out example"):
+        reference_features(make_task(build("tiny-unet"), data), data, "tiny", TinyExtractor(), 16)
+
+
+def test_plots_are_written_and_not_empty(tmp_path):
+    import json
+
+    from surgeon.plots import grids_side_by_side, loss_curve, metric_vs
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 11))
+                   + json.dumps({"step": 5, "mask_update": {"regrown": 3}}) + "\n")
+    paths = [
+        loss_curve(log, tmp_path / "loss.png", val_loss=0.2),
+        grids_side_by_side([("a", np.zeros((20, 20), np.uint8)), ("b", np.full((20, 20, 3), 255, np.uint8))],
+                           tmp_path / "grids.png"),
+        metric_vs([{"method": "rigl", "s": 0.5, "fid": 3.0}, {"method": "rigl", "s": 0.9, "fid": 5.0}], "s", "fid",
+                  tmp_path / "fid.png", "S", "FID", dense=2.0),
+    ]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
+        with Image.open(p) as im:
+            assert im.size[0] > 100 and len(set(im.convert("L").getdata())) > 2  # something drawn
+
+
+def test_efficientnet_weights_are_read_without_unpickling_and_cached_as_safetensors(tmp_path, monkeypatch):
+    import surgeon.torchfile
+    from surgeon.extractors import EFFICIENTNET, EXTRACTORS, load_extractor
+
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load unpickles"))
+    ex = load_extractor(EXTRACTORS[EFFICIENTNET])
+    assert len(list((tmp_path / "cache" / "extractors").glob("*.safetensors"))) == 1
+    monkeypatch.setattr(surgeon.torchfile, "read_state_dict", lambda p: pytest.fail("the cache was not used"))
+    again = load_extractor(EXTRACTORS[EFFICIENTNET])
+    x = _images(6, 0)
+    f, g = extract_features(ex, x), extract_features(again, x)
+    assert f.shape == (6, 1280) and torch.allclose(f, g)
+    assert fid(f, f) == pytest.approx(0.0, abs=1e-4)
