@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 from surgeon.checkpoint import run_folder
 from surgeon.recipe import load_recipe
-from surgeon.tables import print_summary
 
 from .common import Exclude, Force, Include, ModelRef
 
@@ -59,4 +58,6 @@ def sparsify(
     from accelerate import PartialState
 
     if PartialState().is_main_process:
+        from surgeon.tables import print_summary
+
         print_summary([summary])

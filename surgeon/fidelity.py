@@ -8,12 +8,10 @@ the extractor recomputes them. FID and KID are torch-fidelity's own formulas on 
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .errors import SurgeonError
@@ -163,13 +161,3 @@ def reference_features(task, data: str, extractor_name: str, extractor: Callable
         raise SurgeonError(f"{data} has {len(feats)} held-out example(s); {'/'.join(parse_metrics(metrics)).upper()} "
                            f"need(s) at least {need}", "add images to the validation/ (or val/) folder")
     return feats
-
-
-def format_kid(mean: float | None, std: float | None) -> str:
-    if mean is None or std is None or math.isnan(mean):
-        return "n/a"
-    return f"{mean:.4f} ± {std:.4f}"
-
-
-def finite(x: float | None) -> float | None:
-    return None if x is None or not np.isfinite(x) else float(x)

@@ -208,12 +208,3 @@ def measure_task(model: nn.Module, task) -> Measurement:
     """:func:`measure` on one real example of ``task``."""
     inputs, predict = task_inputs(task, model)
     return measure(model, inputs, predict)
-
-
-def format_flops(x: float | None) -> str:
-    if x is None:
-        return "n/a"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f}{unit}"
-    return f"{x:.0f}"

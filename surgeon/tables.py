@@ -6,8 +6,19 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from .fidelity import format_kid
-from .measure import format_flops
+
+
+def format_flops(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def format_kid(mean: float | None, std: float | None) -> str:
+    return "n/a" if mean is None or std is None else f"{mean:.4f} ± {std:.4f}"
 
 
 def _loss(x: float | None) -> str:

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 import surgeon
-from surgeon.measure import format_flops, measure
+from surgeon.measure import measure
+from surgeon.tables import format_flops
 
 
 def _model():
