@@ -45,6 +45,9 @@ NMPattern = Annotated[str, typer.Option("--nm", metavar="N:M", callback=_nm_valu
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
 OutDir = Annotated[Path, typer.Option("--out", "-o", metavar="FOLDER", help="Output folder.", show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output folder if it exists.")]
+TrustCode = Annotated[bool, typer.Option(
+    "--trust-code", help="Let a model folder import the Python file or module its config names (runs that code).",
+)]
 
 
 def print_error(err: BaseException) -> int:

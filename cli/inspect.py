@@ -10,7 +10,7 @@ from rich.table import Table
 from surgeon.loading import load_model
 from surgeon.report import Report, report
 
-from .common import Exclude, Include, JsonOutput, ModelRef, NMPattern
+from .common import Exclude, Include, JsonOutput, ModelRef, NMPattern, TrustCode
 
 _NM_CELL = {True: "yes", False: "no", None: "n/a"}
 
@@ -21,9 +21,10 @@ def inspect(
     json_output: JsonOutput = False,
     include: Include = None,
     exclude: Exclude = None,
+    trust_code: TrustCode = False,
 ) -> None:
     """Per-layer density, N:M validity and kept parameters of a model's target weights, measured."""
-    rep = report(load_model(ref), nm=nm, include=include, exclude=exclude)
+    rep = report(load_model(ref, trust_code=trust_code), nm=nm, include=include, exclude=exclude)
     if json_output:
         typer.echo(json.dumps({"model": ref, **rep.to_dict()}, indent=2))
         return

@@ -9,7 +9,7 @@ import typer
 from surgeon.checkpoint import run_folder
 from surgeon.recipe import load_recipe
 
-from .common import Exclude, Force, Include, ModelRef
+from .common import Exclude, Force, Include, ModelRef, TrustCode
 
 
 def default_out(model: str, recipe: str, sparsity: float | None) -> Path:
@@ -40,6 +40,7 @@ def sparsify(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N training examples.")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Checkpoint file or run folder to continue from.")] = None,
     force: Force = False,
+    trust_code: TrustCode = False,
     samples: Annotated[bool, typer.Option("--samples/--no-samples", help="Write a PNG grid of samples at the end.")] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
@@ -54,7 +55,8 @@ def sparsify(
     })
     if out is None:  # a resumed run continues in its own folder
         out = run_folder(resume) if resume else default_out(model, recipe, r.sparsity if r.algorithm != "dense" else None)
-    summary = run(model, r, data, out, limit=limit, force=force, resume=resume, progress=progress, samples=samples)
+    summary = run(model, r, data, out, limit=limit, force=force, resume=resume, progress=progress, samples=samples,
+                  trust_code=trust_code)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

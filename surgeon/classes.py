@@ -2,6 +2,12 @@
 
 Every writer (``surgeon.save``, every export format) records a model with :func:`config_record`, and every reader
 rebuilds it with :func:`build_from_record`; the record is described in ``docs/formats.md`` ("Model config").
+
+Loading a file never runs code the file names unless the user opts in, like diffusers' ``trust_remote_code``:
+by default a record resolves only to diffusers classes and surgeon's own models. A recorded ``file.py:Class`` or
+any other module is imported only inside :func:`trusting_code` (``trust_code=True``, ``--trust-code``). The check
+sits in :func:`resolve_class`, the one place that imports a recorded name, so every reader path gets it; the
+opt-in travels as a context variable so that readers need not thread a flag through each layout.
 """
 from __future__ import annotations
 
@@ -10,6 +16,9 @@ import importlib
 import importlib.util
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +27,25 @@ from torch import nn
 from .errors import SurgeonError, brief
 
 _LOAD_INTO_HINT = "build the model yourself and call surgeon.load_into(model, path)"
+TRUST_HINT = ("if you trust this file, pass --trust-code (trust_code=True in Python); "
+              "or build the model yourself and call surgeon.load_into(model, path)")
+# modules whose classes a saved record may name without an opt-in: installed, reviewed code that builds models
+TRUSTED_MODULES = ("diffusers", "surgeon.models")
+_TRUST_CODE: ContextVar[bool] = ContextVar("surgeon_trust_code", default=False)
+
+
+@contextmanager
+def trusting_code(trust: bool = True) -> Iterator[None]:
+    """Within this block, records may name classes from any module or file (``trust=False`` changes nothing)."""
+    token = _TRUST_CODE.set(_TRUST_CODE.get() or bool(trust))
+    try:
+        yield
+    finally:
+        _TRUST_CODE.reset(token)
+
+
+def is_trusted_module(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in TRUSTED_MODULES)
 
 
 def diffusers_class(name: str) -> type[nn.Module]:
@@ -69,11 +97,16 @@ def class_path(cls: type) -> str:
     return f"{where}:{cls.__qualname__}"
 
 
-def resolve_class(spec: str) -> type:
-    """The inverse of :func:`class_path`."""
+def resolve_class(spec: str, source: Path | str = "the file") -> type:
+    """The inverse of :func:`class_path`. Imports only diffusers and surgeon's own models unless code is trusted;
+    ``source`` names the file that recorded ``spec`` in errors."""
     where, _, qualname = str(spec).rpartition(":")
     if not where or not qualname:
         raise SurgeonError(f"malformed class path {spec!r}", _LOAD_INTO_HINT)
+    if (where.endswith(".py") or not is_trusted_module(where)) and not _TRUST_CODE.get():
+        what = "the Python file" if where.endswith(".py") else "the module"
+        raise SurgeonError(f"{source} names code to run ({what} {where}, class {qualname}); nothing was run",
+                           TRUST_HINT)
     try:
         obj = import_file(Path(where)) if where.endswith(".py") else importlib.import_module(where)
         for part in qualname.split("."):
@@ -124,7 +157,7 @@ def build_from_record(config: Mapping[str, Any], where: Path | str) -> nn.Module
     init = config.get("_surgeon_init")
     if init is None:
         raise SurgeonError(f"{where} holds a {config['_surgeon_class']} saved without init arguments", _LOAD_INTO_HINT)
-    cls = resolve_class(config["_surgeon_class"])
+    cls = resolve_class(config["_surgeon_class"], where)
     try:
         return cls.from_config(init) if hasattr(cls, "from_config") else cls(**init)
     except SurgeonError:

@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from . import presets
-from .classes import diffusers_class, import_file, read_json
+from .classes import diffusers_class, import_file, read_json, trusting_code
 from .errors import SurgeonError, brief
 from .packed import load
 
@@ -89,9 +89,18 @@ def _load_hub(ref: str) -> nn.Module:
     return _load_folder(Path(local))
 
 
-def load_model(ref: str | os.PathLike) -> nn.Module:
-    """A model from a folder, ``path/to/file.py:Class`` (built with no arguments), a preset or a hub id."""
-    ref = str(ref)
+def load_model(ref: str | os.PathLike, trust_code: bool = False) -> nn.Module:
+    """A model from a folder, ``path/to/file.py:Class`` (built with no arguments), a preset or a hub id.
+
+    ``trust_code``: a saved folder whose config names a Python file or a module other than diffusers and surgeon's
+    own models is loaded only with ``trust_code=True`` (loading imports, i.e. runs, that code). A
+    ``file.py:Class`` given here as ``ref`` is your own explicit choice and needs no opt-in.
+    """
+    with trusting_code(trust_code):
+        return _load_ref(str(ref))
+
+
+def _load_ref(ref: str) -> nn.Module:
     path = Path(ref).expanduser()
     if path.is_dir():
         return _load_folder(path)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .atomic import atomic_folder, check_output
 from .bitpack import pack_mask, packed_shape, unpack_mask
-from .classes import build_from_record, class_path, config_record, read_json
+from .classes import build_from_record, class_path, config_record, read_json, trusting_code
 from .container import WEIGHTS, read_metadata, read_tensors, write_file
 from .errors import SurgeonError
 from .plan import LayerPlan, Plan
@@ -278,7 +278,12 @@ def build(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], config: 
     return model
 
 
-def load(folder: str | os.PathLike) -> nn.Module:
-    """Rebuild the saved model (from its config; nothing downloaded) with its mask parametrizations."""
+def load(folder: str | os.PathLike, trust_code: bool = False) -> nn.Module:
+    """Rebuild the saved model (from its config; nothing downloaded) with its mask parametrizations.
+
+    A config naming a class outside diffusers and surgeon's own models (a ``file.py:Class`` or another module) is
+    refused unless ``trust_code=True``: importing it would run its code.
+    """
     meta, tensors = read(folder)
-    return restore(build(meta, tensors), meta, tensors)
+    with trusting_code(trust_code):
+        return restore(build(meta, tensors), meta, tensors)

@@ -171,7 +171,7 @@ def open_run(out: str | os.PathLike, recipe: Recipe, force: bool = False, resume
     return acc
 
 
-def load_source(model: str | os.PathLike | nn.Module) -> Source:
+def load_source(model: str | os.PathLike | nn.Module, trust_code: bool = False) -> Source:
     """A model reference (anything :func:`surgeon.load_model` takes) or a module you built."""
     if isinstance(model, nn.Module):
         return Source(model)
@@ -179,7 +179,7 @@ def load_source(model: str | os.PathLike | nn.Module) -> Source:
 
     ref = str(model)
     vae = find_autoencoder(ref)
-    return Source(load_model(ref), vae, str(Path(ref).resolve()) if vae is not None else None)
+    return Source(load_model(ref, trust_code=trust_code), vae, str(Path(ref).resolve()) if vae is not None else None)
 
 
 def make_run_task(source: Source, data: str | Task, recipe: Recipe, limit: int | None = None) -> Task:
@@ -270,10 +270,13 @@ def write_text(path: Path, text: str) -> None:
 
 def sparsify(model: str | os.PathLike | nn.Module, recipe: Recipe, data: str | Task, out: str | os.PathLike,
              init: str | None = None, limit: int | None = None, force: bool = False, resume=None,
-             progress: bool = True, samples: bool = True, stop_after: int | None = None) -> RunSummary:
-    """Sparse-to-sparse training (Static-DM, RigL-DM, MagRan-DM) or a dense baseline, from scratch by default."""
+             progress: bool = True, samples: bool = True, stop_after: int | None = None,
+             trust_code: bool = False) -> RunSummary:
+    """Sparse-to-sparse training (Static-DM, RigL-DM, MagRan-DM) or a dense baseline, from scratch by default.
+
+    ``trust_code``: see :func:`surgeon.load_model`."""
     acc = open_run(out, recipe, force, resume)
-    source = load_source(model)
+    source = load_source(model, trust_code)
     task = make_run_task(source, data, recipe, limit)
     objective = make_objective(task, recipe)  # before prepare: a recipe that needs a teacher fails untouched
     prepare(source.model, recipe, init)

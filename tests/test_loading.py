@@ -101,7 +101,7 @@ def test_file_class_with_config_saves_and_loads_back(tmp_path):
     surgeon.inject(model, surgeon.plan(model, sparsity=0.5))
     surgeon.save(model, tmp_path / "sparse")
 
-    loaded = surgeon.load(tmp_path / "sparse")  # finds the class again through the recorded file path
+    loaded = surgeon.load(tmp_path / "sparse", trust_code=True)  # finds the class again through the recorded file
 
     assert type(loaded) is type(model)
     x = torch.randn(3, 8)
@@ -114,7 +114,7 @@ def test_file_class_built_by_load_model_loads_back_without_a_config(tmp_path):
     model = load_model(f"{tmp_path / 'net.py'}:Net")  # built with no arguments, so load() can rebuild it
     surgeon.inject(model, surgeon.plan(model, sparsity=0.5))
     surgeon.save(model, tmp_path / "sparse")
-    loaded = surgeon.load(tmp_path / "sparse")
+    loaded = surgeon.load(tmp_path / "sparse", trust_code=True)
     assert all(torch.equal(sites(loaded)[f].mask, s.mask) for f, s in sites(model).items())
     x = torch.randn(3, 8)
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_module_built_by_the_user_without_config_loads_into_a_built_model(tmp_pa
     surgeon.save(model, tmp_path / "sparse")
 
     with pytest.raises(SurgeonError, match="without init arguments"):
-        surgeon.load(tmp_path / "sparse")
+        surgeon.load(tmp_path / "sparse", trust_code=True)
     loaded = surgeon.load_into(load_model(ref), tmp_path / "sparse")
     assert all(torch.equal(sites(loaded)[f].mask, s.mask) for f, s in sites(model).items())
 

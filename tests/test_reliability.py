@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers_train import SyntheticImageTask, one_thread, small_recipe, tiny_model  # noqa: F401
 from test_cli_sparsify import write_images
 from typer.testing import CliRunner
@@ -307,3 +308,70 @@ def test_a_forced_fresh_run_never_leaves_the_old_runs_checkpoints_for_resume(tmp
 
     open_run(tmp_path / "run", short, force=True)
     assert ckpt.list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+# ---- model folders never run code without an opt-in ---------------------------------------------------------------
+
+PAYLOAD = '''
+import pathlib
+pathlib.Path(__file__).with_name("RAN").write_text("the payload ran")
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x)
+'''
+
+
+def _folder_naming(tmp_path, cls_path: str):
+    """A surgeon-saved folder whose config.json names ``cls_path`` (what an attacker would edit in)."""
+    model = torch.nn.Module()
+    model.lin = torch.nn.Linear(8, 8)
+    folder = tmp_path / "model"
+    surgeon.save(model, folder)
+    (folder / "config.json").write_text(json.dumps({"_surgeon_class": cls_path, "_surgeon_init": {}}))
+    return folder
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_a_folder_naming_a_python_file_runs_nothing_without_trust_code(tmp_path, monkeypatch, relative):
+    (tmp_path / "evil.py").write_text(PAYLOAD)
+    monkeypatch.chdir(tmp_path)
+    folder = _folder_naming(tmp_path, f"{'evil.py' if relative else tmp_path / 'evil.py'}:Net")
+    for call in (lambda: surgeon.load(folder), lambda: surgeon.load_model(folder)):
+        with pytest.raises(SurgeonError, match="names code to run") as info:
+            call()
+        assert "trust_code=True" in info.value.hint and "--trust-code" in info.value.hint
+    line = _one_error(CliRunner().invoke(app, ["inspect", str(folder)]))
+    assert "names code to run" in line
+    assert not (tmp_path / "RAN").exists()
+    # the opt-in: the user says they trust it
+    result = CliRunner().invoke(app, ["inspect", str(folder), "--trust-code"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "RAN").exists()
+
+
+@pytest.mark.parametrize("cls_path", ["subprocess:Popen", "torch.nn:Linear", "os:system", "tests.conftest:X"])
+def test_a_folder_naming_another_module_imports_nothing_without_trust_code(tmp_path, cls_path):
+    folder = _folder_naming(tmp_path, cls_path)
+    module = cls_path.split(":")[0]
+    was_loaded = module in sys.modules
+    with pytest.raises(SurgeonError, match=f"names code to run \\(the module {module},"):
+        surgeon.load(folder)
+    assert (module in sys.modules) == was_loaded
+
+
+def test_surgeons_own_models_and_diffusers_classes_need_no_opt_in(tmp_path):
+    from surgeon.models.chirodiff import ChiroDiffNet
+
+    model = ChiroDiffNet(hidden=8, layers=1)
+    surgeon.save(model, tmp_path / "chiro")
+    assert type(surgeon.load(tmp_path / "chiro")) is ChiroDiffNet
+    unet = surgeon.load_model("tiny-unet")
+    surgeon.save(unet, tmp_path / "unet")
+    assert type(surgeon.load(tmp_path / "unet")) is type(unet)
