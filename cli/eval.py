@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import Force, JsonOutput
+from .common import Force, JsonOutput, TrustCode
 
 
 def eval_models(
@@ -26,6 +26,7 @@ def eval_models(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling noise.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per sampling batch.")] = 64,
     force: Force = False,
+    trust_code: TrustCode = False,
     json_output: JsonOutput = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
@@ -38,7 +39,7 @@ def eval_models(
     console = Console()
     result = evaluate(models, data=data, n=n, metrics=metrics, sample_steps=sample_steps, extractor=extractor, out=out,
                       force=force, seed=seed, batch_size=batch_size, progress=progress and not json_output,
-                      console=None if json_output else console)
+                      console=None if json_output else console, trust_code=trust_code)
     if json_output:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return

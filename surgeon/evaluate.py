@@ -80,7 +80,7 @@ def check_inputs(n: int, metrics, sample_steps: int, extractor: str | None) -> t
     return metrics, resolve_extractor(extractor)
 
 
-def open_model(ref: str | os.PathLike | nn.Module) -> tuple[nn.Module, dict, nn.Module | None, str]:
+def open_model(ref: str | os.PathLike | nn.Module, trust_code: bool = False) -> tuple[nn.Module, dict, nn.Module | None, str]:
     """(model, recorded recipe dict or {}, frozen autoencoder or None, display name) for a model reference.
 
     A run folder (with ``model/`` inside) stands for its model; a surgeon folder's metadata gives the recipe.
@@ -93,7 +93,7 @@ def open_model(ref: str | os.PathLike | nn.Module) -> tuple[nn.Module, dict, nn.
     name = str(ref)
     if path.is_dir() and (path / "model").is_dir() and not (path / "config.json").exists():
         path = path / "model"
-    model = load_model(str(path) if path.exists() else str(ref))
+    model = load_model(str(path) if path.exists() else str(ref), trust_code=trust_code)
     recipe, vae = {}, None
     if path.is_dir() and (path / "model.safetensors").is_file():
         from .container import read_metadata
@@ -148,8 +148,10 @@ def generate_images(task, model: nn.Module, n: int, steps: int, seed: int, batch
 def evaluate(models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module, data: str = "kanjivg", n: int = 2048,
              metrics="fid,kid", sample_steps: int = 50, extractor: str | None = None,
              out: str | os.PathLike | None = None, force: bool = False, seed: int = 0, batch_size: int = 64,
-             progress: bool = True, console=None) -> Evaluation:
+             progress: bool = True, console=None, trust_code: bool = False) -> Evaluation:
     """FID/KID, held-out loss, parameters and FLOPs of each model; one table (:class:`Evaluation`).
+
+    ``trust_code``: let saved folders import the file or module their config names (see :func:`surgeon.load_model`).
 
     ``extractor``: ``inception-v3-compat`` (needs its weights on disk) or ``efficientnet-lite0`` (offline; its FID
     is not comparable with Inception FID); None picks Inception when available. ``out``: a folder for sample grids
@@ -179,7 +181,7 @@ def evaluate(models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module, 
     references: dict[tuple, torch.Tensor] = {}
     rows, grids = [], []
     for ref in models:
-        model, recipe, vae, name = open_model(ref)
+        model, recipe, vae, name = open_model(ref, trust_code)
         model.eval()
         task = make_task(model, data, vae=vae)
         channels = getattr(task, "image_channels", None)
