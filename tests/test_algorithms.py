@@ -193,11 +193,12 @@ def test_rigl_grows_top_dense_gradient_from_a_real_backward():
     assert grown & {i for i, m in enumerate(mask.flatten().tolist()) if not m}, "example should grow a pruned position"
     new = site.mask
     assert _as_set(new) == kept | grown
-    assert _as_set(resets["0.weight"]) == dropped | grown
+    old = _as_set(mask)
+    assert _as_set(resets["0.weight"]) == (dropped - grown) | (grown - old)  # truly dropped, truly new
     assert int(new.sum()) == 12
     flat = site.original.detach().flatten()
-    assert all(flat[i] == 0 for i in grown)
-    assert all(flat[i] == before_w.flatten()[i] for i in kept)
+    assert all(flat[i] == 0 for i in grown - old)
+    assert all(flat[i] == before_w.flatten()[i] for i in kept | (grown & old))
     assert site.parametrization.dense_grad is None and not site.parametrization.capture_grad
     assert algo.history == [{"step": 1, "p": 0.25, "regrown": len(grown - _as_set(mask))}]
 
@@ -222,12 +223,12 @@ def test_rigl_on_hand_written_weights_and_gradient():
     algo.after_backward(2)
     algo.after_optimizer_step(2)
     # drop the 3 smallest |w|: -0.1 (0,2), 0.2 (2,0), 0.5 (0,0); grow the 3 largest |g| outside the kept
-    # {(1,1), (1,3), (2,2)}: -5.0 (0,1), 4.0 (0,2) (regrown at 0), 3.0 (2,3)
+    # {(1,1), (1,3), (2,2)}: -5.0 (0,1), 4.0 (0,2) (dropped and grown back: keeps -0.1), 3.0 (2,3)
     expected = torch.tensor([[False, True, True, False],
                              [False, True, False, True],
                              [False, False, True, True]])
     assert torch.equal(site.mask, expected)
-    assert torch.equal(site.original.detach(), torch.tensor([[0.0, 0.0, 0.0, 0.0],
+    assert torch.equal(site.original.detach(), torch.tensor([[0.0, 0.0, -0.1, 0.0],
                                                              [0.0, 3.0, 0.0, -0.7],
                                                              [0.0, 0.0, 0.9, 0.0]]))
     kept, dropped, grown = reference_update(w, mask, grad.abs(), 3)
@@ -330,3 +331,64 @@ def test_mask_updates_never_write_through_to_the_callers_mask_tensor():
     assert not torch.equal(site.mask, mask)  # the update moved weights...
     assert torch.equal(given["0.weight"], torch.tensor([[True, False, True, False], [False, True, False, True]]))
     assert torch.equal(sites(models[1])["0.weight"].mask, given["0.weight"])  # ...in this model only
+
+
+def test_a_position_dropped_and_grown_back_keeps_its_value_and_optimizer_state():
+    """The reference RigL rule: only truly new connections start at 0 with fresh optimizer state."""
+    from surgeon.train import zero_optimizer_state
+
+    w = torch.tensor([[0.5, 0.0, -0.1, 0.0],
+                      [0.0, 3.0, 0.0, -0.7],
+                      [0.2, 0.0, 0.9, 0.0]])
+    mask = w != 0
+    model, site = _layer(3, 4, mask)
+    with torch.no_grad():
+        site.original.copy_(w)
+    opt = torch.optim.AdamW([site.original], lr=1e-3)
+    model(torch.ones(2, 4)).sum().backward()  # moments become nonzero at the six active positions
+    opt.step()
+    opt.zero_grad()
+    w_before = site.original.detach().clone()
+    moments = {k: v.clone() for k, v in opt.state[site.original].items() if torch.is_tensor(v) and v.dim() == 2}
+    assert all(bool((m[mask] != 0).all()) for m in moments.values())
+
+    algo = RigL(_dst_recipe("rigl", p=0.5), total_steps=10)  # k = 6: drop 3, grow 3
+    algo.setup(model, Accelerator(cpu=True))
+    algo.begin_step(2)
+    site.parametrization.dense_grad = torch.tensor([[0.01, -5.0, 4.0, 0.02],
+                                                    [0.03, 0.04, 0.05, 0.06],
+                                                    [0.07, 0.08, 0.09, 3.0]])
+    algo.after_backward(2)
+    resets = algo.after_optimizer_step(2)
+    for fqn, positions in resets.items():
+        zero_optimizer_state(opt, algo.sites[fqn].original, positions)
+
+    same = (0, 2)  # smallest |w| (-0.1), dropped, and the second-largest gradient: grown right back
+    truly_dropped, truly_new = [(0, 0), (2, 0)], [(0, 1), (2, 3)]
+    assert site.mask[same] and site.original[same] == w_before[same]
+    assert not resets["0.weight"][same]
+    assert all(m[same] == moments[name][same] for name, m in opt.state[site.original].items() if name in moments)
+    for pos in truly_dropped + truly_new:
+        assert resets["0.weight"][pos] and site.original[pos] == 0
+        assert all(m[pos] == 0 for name, m in opt.state[site.original].items() if name in moments)
+    assert algo.history[-1]["regrown"] == 2  # the returning position is not counted as regrown
+
+
+def test_drop_scores_is_the_hook_for_what_is_kept():
+    class DropLargest(MagRan):  # a deliberately odd criterion: keep the smallest magnitudes
+        def drop_scores(self, site):
+            return -site.original.abs()
+
+    w = torch.tensor([[0.5, 0.0, -0.1, 0.0], [0.0, 3.0, 0.0, -0.7], [0.2, 0.0, 0.9, 0.0]])
+    model, site = _layer(3, 4, w != 0)
+    with torch.no_grad():
+        site.original.copy_(w)
+    algo = DropLargest(_dst_recipe("magran", p=0.5), total_steps=10)
+    algo.setup(model, Accelerator(cpu=True))
+    algo.begin_step(1)
+    algo.after_optimizer_step(1)
+    # kept: the three smallest |w| (-0.1, 0.2, 0.5) keep their values; 3.0, -0.7 and 0.9 left their positions
+    # unless grown back, in which case they keep their value too
+    for pos, value in (((0, 2), -0.1), ((2, 0), 0.2), ((0, 0), 0.5)):
+        assert site.mask[pos] and site.original[pos] == value
+    assert int(site.mask.sum()) == 6

@@ -1,9 +1,13 @@
 """Dynamic sparse training, Algorithm 2 of the paper: MagRan-DM and RigL-DM.
 
-Every ΔT_e steps each masked layer drops the fraction p of its active weights with the smallest |w| and grows the
-same number among the positions inactive after the drop: MagRan at random, RigL where the dense gradient
-|dL/dW_effective| is largest. RigL differs from MagRan only in :meth:`grow_scores` (as in jaxpruner).
-Counts are exact; grown weights start at 0; the loop zeroes optimizer state and EMA at every reset position.
+Every ΔT_e steps each masked layer drops the fraction p of its active weights with the lowest :meth:`drop_scores`
+(|w|) and grows the same number among the positions inactive after the drop, by :meth:`grow_scores`: MagRan at
+random, RigL where the dense gradient |dL/dW_effective| is largest. RigL differs from MagRan only in
+:meth:`grow_scores` (as in jaxpruner, where SET/RigL/SNFS override the drop and grow scores and nothing else).
+
+Counts are exact. As in the reference RigL code (and rigl-torch), a position that is dropped and grown back in the
+same update is no change at all: it keeps its value, optimizer state and EMA. Only truly new connections start at
+0, and the loop zeroes optimizer state and EMA exactly at the truly dropped and truly new positions.
 """
 from __future__ import annotations
 
@@ -39,6 +43,10 @@ class MagRan(Algorithm):
     def skip_optimizer_step(self, step: int) -> bool:
         return self.updating and self.recipe.dst.skip_optimizer_step
 
+    def drop_scores(self, site: Site) -> torch.Tensor:
+        """Higher = kept first among the active weights. Magnitude, as Algorithm 2 of the paper prescribes."""
+        return site.original.abs()
+
     def grow_scores(self, site: Site, generator: torch.Generator) -> torch.Tensor:
         """Higher = grown first. MagRan: i.i.d. uniform, drawn from a generator seeded identically on every process."""
         return torch.rand(site.original.shape, generator=generator).to(site.original.device)
@@ -58,14 +66,14 @@ class MagRan(Algorithm):
             scores = self.grow_scores(site, generator)  # drawn for every layer so the random stream stays aligned
             if n == 0:
                 continue
-            keep = topk_mask(torch.where(mask, w.abs().float(), -torch.inf), k - n)
-            grow = topk_mask(torch.where(keep, -torch.inf, scores.float()), n)
+            keep = topk_mask(torch.where(mask, self.drop_scores(site).float(), -torch.inf), k - n)
+            grow = topk_mask(torch.where(keep, -torch.inf, scores.float()), n)  # just-dropped positions may return
             new_mask = keep | grow
-            reset = (mask & ~keep) | grow  # dropped, and grown (a grown weight starts at 0)
+            new = grow & ~mask  # truly new connections; a dropped-and-regrown position is unchanged
             site.set_mask(new_mask)
-            w.mul_(new_mask).masked_fill_(grow, 0.0)
-            resets[fqn] = reset
-            moved += int((grow & ~mask).sum())
+            w.mul_(new_mask).masked_fill_(new, 0.0)
+            resets[fqn] = (mask & ~new_mask) | new  # truly dropped, and truly new
+            moved += int(new.sum())
         self.history.append({"step": step, "p": frac, "regrown": moved})
         self.end_update()
         return resets
