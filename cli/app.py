@@ -8,6 +8,7 @@ import typer
 from surgeon import __version__
 
 from . import eval as eval_cmd
+from . import export as export_cmd
 from . import inspect as inspect_cmd
 from . import sparsify as sparsify_cmd
 from .common import SurgeonGroup
@@ -36,6 +37,7 @@ def _root(
 
 
 # commands: one line each
+app.command("export")(export_cmd.export)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("sparsify")(sparsify_cmd.sparsify)
 app.command("eval")(eval_cmd.eval_models)

@@ -26,10 +26,11 @@ from .errors import SurgeonError
 # public name → the module that defines it, imported on first access (PEP 562)
 _PUBLIC = {
     "evaluate": ".evaluate",
+    "export": ".exporting",  # the function; the formats live in the subpackage surgeon.export (see _Package)
     "find_targets": ".targets",
     "fold": ".surgery",
     "inject": ".surgery",
-    "load": ".packed",
+    "load": ".export",
     "load_into": ".packed",
     "load_model": ".loading",
     "measure": ".measure",
@@ -61,7 +62,7 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """``surgeon.plan`` and ``surgeon.report`` name both a function and a submodule. Importing the submodule sets
+    """``surgeon.plan``, ``surgeon.report`` and ``surgeon.export`` name both a function and a submodule. Importing the submodule sets
     the package attribute to the module; the eager ``from .plan import plan`` used to overwrite it back. Lazily,
     the function must win by refusing that binding."""
 

@@ -1,7 +1,7 @@
 """Turn a model reference into a module: folders, ``file.py:Class``, presets and hub ids.
 
-``load_model(ref)`` tries, in order: an existing folder (surgeon save, diffusers pipeline, diffusers model),
-``path/to/file.py:Class``, a preset name, a hub id.
+``load_model(ref)`` tries, in order: an existing folder (surgeon save or export, diffusers pipeline, diffusers
+model), a ``.safetensors`` file surgeon wrote, ``path/to/file.py:Class``, a preset name, a hub id.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from . import presets
 from .classes import diffusers_class, import_file, read_json, trusting_code
 from .errors import SurgeonError, brief
-from .packed import load
+from .export import load
 
 # the only weights a model folder may hold; loading never unpickles
 _WEIGHTS = "diffusion_pytorch_model*.safetensors*"
@@ -48,6 +48,13 @@ def _load_folder(folder: Path) -> nn.Module:
         f"cannot load model {folder}: the folder has no config.json, model_index.json or model.safetensors",
         "give a diffusers model or pipeline folder, or a folder written by surgeon",
     )
+
+
+def load_safetensors_file(path: str | os.PathLike, trust_code: bool = False) -> nn.Module:
+    """A model from one ``.safetensors`` file surgeon wrote (``surgeon export --out x.safetensors``, any format):
+    the class and config come from the file's own metadata. A file surgeon did not write is refused; a recorded
+    class outside diffusers and surgeon's own models needs ``trust_code=True``."""
+    return load(path, trust_code=trust_code)
 
 
 def _load_file_class(ref: str, file: str, name: str) -> nn.Module:
@@ -90,7 +97,8 @@ def _load_hub(ref: str) -> nn.Module:
 
 
 def load_model(ref: str | os.PathLike, trust_code: bool = False) -> nn.Module:
-    """A model from a folder, ``path/to/file.py:Class`` (built with no arguments), a preset or a hub id.
+    """A model from a folder, a surgeon ``.safetensors`` file, ``path/to/file.py:Class`` (built with no arguments),
+    a preset or a hub id.
 
     ``trust_code``: a saved folder whose config names a Python file or a module other than diffusers and surgeon's
     own models is loaded only with ``trust_code=True`` (loading imports, i.e. runs, that code). A
@@ -104,6 +112,8 @@ def _load_ref(ref: str) -> nn.Module:
     path = Path(ref).expanduser()
     if path.is_dir():
         return _load_folder(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        return load_safetensors_file(path)
     file, sep, name = ref.rpartition(":")
     if sep and file.endswith(".py"):
         return _load_file_class(ref, file, name)

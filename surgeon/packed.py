@@ -11,6 +11,7 @@ outputs round-trip exactly; the dense W under it is training state, which the re
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .atomic import atomic_folder, check_output
+from .atomic import atomic_folder, atomic_path, check_output
 from .bitpack import pack_mask, packed_shape, unpack_mask
 from .classes import build_from_record, class_path, config_record, read_json, trusting_code
 from .container import WEIGHTS, read_metadata, read_tensors, write_file
@@ -101,15 +102,25 @@ def header_fields(model: nn.Module, info: Mapping[str, Mapping], recipe: Any = N
     }
 
 
-def write_folder(model: nn.Module, folder: Path, tensors: Mapping[str, torch.Tensor], layout: str,
-                 fields: Mapping[str, Any], force: bool) -> Path:
-    """``config.json`` + ``model.safetensors`` into ``folder``, atomically (refused if it exists, unless ``force``)."""
-    check_output(folder, force)
+def write_model(model: nn.Module, out: Path, tensors: Mapping[str, torch.Tensor], layout: str,
+                fields: Mapping[str, Any], force: bool) -> Path:
+    """Write a surgeon file atomically (refused if ``out`` exists, unless ``force``).
+
+    ``out`` ending in ``.safetensors`` becomes one self-describing file, the config record inside its metadata
+    (``config``); anything else a folder with ``config.json`` and ``model.safetensors``.
+    """
+    check_output(out, force)
     config = config_record(model)
-    with atomic_folder(folder, force) as tmp:
+    if out.suffix == ".safetensors":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            write_file(tmp, tensors, cls=class_path(type(model)), layout=layout,
+                       fields={**fields, "config": json.loads(config)})
+        return out
+    with atomic_folder(out, force) as tmp:
         (tmp / CONFIG).write_text(config)
         write_file(tmp / WEIGHTS, tensors, cls=class_path(type(model)), layout=layout, fields=fields)
-    return folder
+    return out
 
 
 def save(
@@ -122,6 +133,8 @@ def save(
 ) -> Path:
     """Write ``model`` (masked or not) to ``folder`` atomically; refuses an existing non-empty folder unless ``force``.
 
+    A ``folder`` ending in ``.safetensors`` becomes one self-describing file instead (``docs/formats.md``).
+
     ``recipe`` (a Recipe or a dict) and ``extra_metadata`` (JSON values) are stored in the metadata; ``dtype``
     casts every floating tensor on the way out (the model itself is not changed).
     """
@@ -129,7 +142,7 @@ def save(
     check_output(folder, force)
     config_record(model)  # an unserializable config is refused before any work
     tensors, info = encode(model, dtype)
-    return write_folder(model, folder, tensors, LAYOUT, header_fields(model, info, recipe, extra_metadata), force)
+    return write_model(model, folder, tensors, LAYOUT, header_fields(model, info, recipe, extra_metadata), force)
 
 
 # --- reading and checking ----------------------------------------------------------------------------------------
@@ -262,9 +275,11 @@ def load_into(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
 def build(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None) -> nn.Module:
     """A fresh model of the class a file records, in the floating dtype its tensors have.
 
-    ``config`` is the model's config record; by default ``config.json`` next to the file.
+    ``config`` is the model's config record; by default the file's own ``config`` entry or ``config.json`` next to it.
     """
     file = meta["file"]
+    if config is None and isinstance(meta.get("config"), dict):  # a one-file export carries its config inside
+        config = meta["config"]
     if config is None:
         config_file = file.parent / CONFIG
         config = read_json(config_file) if config_file.is_file() else {}
@@ -274,7 +289,9 @@ def build(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], config: 
     model = build_from_record(config, where)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1 and dtypes != {p.dtype for p in model.parameters()}:
-        model.to(dtypes.pop())  # built in fp32 from the config; a half-precision save stays half precision
+        # built in fp32 from the config; a half-precision save stays half precision (nn.Module.to, not diffusers'
+        # override, which logs a warning about fp32 modules even when there are none)
+        nn.Module.to(model, dtypes.pop())
     return model
 
 

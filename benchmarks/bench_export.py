@@ -1,0 +1,133 @@
+"""Export formats side by side in one run: file bytes per format and dtype, and denoising-step time of the exports.
+
+    .venv/bin/python benchmarks/bench_export.py [--threads 2] [--repeats 7] [--quick]
+
+Models (built from configs, random weights: bytes and times do not depend on the values):
+
+- ``dit``: a Linear-heavy DiTTransformer2DModel (hidden 768 = 12 heads x 64, 4 blocks, 16x16x4 latents, patch 2:
+  64 tokens per image), class-conditional;
+- ``chirodiff``: the ChiroDiff preset (3 bidirectional GRU layers, 96 hidden), 64 points per sequence.
+
+Bytes: each format's file / the dense export's file in the same dtype. Unstructured rows use S = 0.9 (uniform per
+layer); semi-structured rows a 2:4 model (the dense and packed bytes of that same 2:4 model are shown too).
+
+CPU time: one denoising step (batch 4, the model's own input shapes; ``surgeon.export.inputs.denoising_step``) of
+the CSR export (``--layers auto``, measured choice, and ``--layers all``) and of the dense export, loaded back,
+interleaved repeats, medians. GPU rows (2:4 on sparse tensor cores, fp16, DiT hidden 1024) run only where CUDA is
+available; otherwise they print "not measured".
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import surgeon
+from surgeon.export.inputs import denoising_step
+from timing import interleaved, medians  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+
+def dit(hidden_heads: int = 12, layers: int = 4) -> torch.nn.Module:
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=hidden_heads, attention_head_dim=64, in_channels=4,
+                                 out_channels=4, num_layers=layers, sample_size=16, patch_size=2,
+                                 num_embeds_ada_norm=10, norm_type="ada_norm_zero")
+
+
+def chirodiff() -> torch.nn.Module:
+    return surgeon.presets.build("chirodiff")
+
+
+def masked(model: torch.nn.Module, nm: bool, sparsity: float = 0.9) -> torch.nn.Module:
+    p = surgeon.plan(model, nm="2:4") if nm else surgeon.plan(model, sparsity=sparsity, distribution="uniform")
+    return surgeon.inject(model, p, init="magnitude")
+
+
+def byte_table(tmp: Path) -> list[tuple]:
+    rows = []
+    for label, nm in (("S=0.9", False), ("2:4", True)):
+        model = masked(dit(), nm)
+        for dtype in ("fp32", "fp16", "bf16"):
+            formats = ["dense", "packed"] + (["semi-structured"] if nm else []) + (["csr"] if dtype == "fp32" and not nm else [])
+            sizes = {}
+            for fmt in formats:
+                out = tmp / f"{label}-{dtype}-{fmt}.safetensors"
+                r = surgeon.export(model, out, format=fmt, dtype=dtype, layers="all" if fmt == "csr" else "auto",
+                                   progress=False, force=True)
+                sizes[fmt] = r.file_bytes
+            for fmt in formats[1:]:
+                rows.append((f"dit {label} {dtype}", fmt, sizes[fmt] / sizes["dense"], sizes[fmt], sizes["dense"]))
+    return rows
+
+
+def step_times(name: str, build, tmp: Path, repeats: int) -> list[tuple]:
+    model = masked(build(), nm=False)
+    step = denoising_step(model, batch=4)
+    paths = {}
+    for label, kwargs in (("dense", {"format": "dense"}), ("csr auto", {"format": "csr"}),
+                          ("csr all", {"format": "csr", "layers": "all"})):
+        paths[label] = tmp / f"{name}-{label.replace(' ', '-')}.safetensors"
+        r = surgeon.export(model, paths[label], progress=False, force=True, **kwargs)
+        if label == "csr auto":
+            chosen = sum(row.storage == "csr" for row in r.rows)
+            print(f"  {name}: csr auto converted {chosen} of {len(r.rows)} target weights", file=sys.stderr)
+    loaded = {label: surgeon.load(p).eval() for label, p in paths.items()}
+    with torch.no_grad():
+        t = medians(interleaved({k: (lambda m=m: step(m)) for k, m in loaded.items()}, repeats=repeats, warmup=2,
+                                sync=lambda: None))
+    return [(f"{name} step, {k} / dense", t[k] / t["dense"], f"{t[k] * 1e3:.1f} / {t['dense'] * 1e3:.1f} ms")
+            for k in ("csr auto", "csr all")]
+
+
+def gpu_rows(repeats: int) -> list[tuple]:
+    if not torch.cuda.is_available():
+        return [("dit(hidden 1024) 2:4 step / dense step, fp16, CUDA", None, "not measured: no CUDA device")]
+    with tempfile.TemporaryDirectory() as d:
+        model = masked(dit(hidden_heads=16, layers=8), nm=True)
+        dense_path, semi_path = Path(d) / "dense.safetensors", Path(d) / "semi.safetensors"
+        surgeon.export(model, dense_path, format="dense", dtype="fp16", progress=False)
+        surgeon.export(model, semi_path, format="semi-structured", dtype="fp16", progress=False)
+        dense, semi = surgeon.load(dense_path, device="cuda").eval(), surgeon.load(semi_path, device="cuda").eval()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(32, 4, 16, 16, generator=g).to("cuda", torch.float16)
+        t = torch.randint(0, 1000, (32,), generator=g).cuda()
+        y = torch.zeros(32, dtype=torch.long, device="cuda")
+        fns = {k: (lambda m=m: m(x, timestep=t, class_labels=y)) for k, m in (("dense", dense), ("2:4", semi))}
+        with torch.no_grad():
+            times = medians(interleaved(fns, repeats=repeats, warmup=3, sync=torch.cuda.synchronize))
+    return [("dit(hidden 1024) 2:4 step / dense step, fp16, CUDA", times["2:4"] / times["dense"],
+             f"{times['2:4'] * 1e3:.2f} / {times['dense'] * 1e3:.2f} ms")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="bytes only, no timing")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        print("\nfile bytes / dense file bytes, same dtype (target: semi-structured fp16 <= 0.57)")
+        print(f"{'model':<16} {'format':<16} {'ratio':>7} {'bytes':>12} {'dense bytes':>12}")
+        for model, fmt, ratio, size, dense in byte_table(tmp):
+            print(f"{model:<16} {fmt:<16} {ratio:>7.3f} {size:>12,} {dense:>12,}")
+        if args.quick:
+            return
+        print("\nCPU denoising step, batch 4, S = 0.9 (target: >= 1.3x faster where CSR is chosen; auto never slower)")
+        for name, build in (("dit", dit), ("chirodiff", chirodiff)):
+            for label, ratio, detail in step_times(name, build, tmp, args.repeats):
+                print(f"{label:<36} {ratio:>6.3f}   {detail}")
+    print("\nGPU (target: <= 1 / 1.3 = 0.77)")
+    for label, ratio, detail in gpu_rows(args.repeats):
+        print(f"{label:<52} {'n/a' if ratio is None else f'{ratio:.3f}':>6}   {detail}")
+
+
+if __name__ == "__main__":
+    main()
