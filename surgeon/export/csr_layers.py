@@ -60,18 +60,11 @@ class CSRLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class CSRConv1x1(nn.Module):
+class CSRConv1x1(CSRLinear):
     """A 1×1 convolution (stride 1, no padding, one group) of any spatial rank, as a CSR matmul over channels."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", None if bias is None else bias.detach())
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = csr_matmul(self.weight, x.movedim(1, -1))
-        y = y if self.bias is None else y + self.bias
-        return y.movedim(-1, 1)
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)  # channels last, then back
 
 
 def is_plain_1x1(m: nn.Module) -> bool:
