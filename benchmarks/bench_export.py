@@ -1,6 +1,6 @@
 """Export formats side by side in one run: file bytes per format and dtype, and denoising-step time of the exports.
 
-    .venv/bin/python benchmarks/bench_export.py [--threads 2] [--repeats 7] [--quick]
+    .venv/bin/python benchmarks/bench_export.py [--threads 2] [--repeats 15] [--quick]
 
 Models (built from configs, random weights: bytes and times do not depend on the values):
 
@@ -19,7 +19,8 @@ available; otherwise they print "not measured".
 from __future__ import annotations
 
 import argparse
-import sys
+import os
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -68,20 +69,28 @@ def byte_table(tmp: Path) -> list[tuple]:
 def step_times(name: str, build, tmp: Path, repeats: int) -> list[tuple]:
     model = masked(build(), nm=False)
     step = denoising_step(model, batch=4)
-    paths = {}
+    paths, chosen = {}, 0
     for label, kwargs in (("dense", {"format": "dense"}), ("csr auto", {"format": "csr"}),
                           ("csr all", {"format": "csr", "layers": "all"})):
         paths[label] = tmp / f"{name}-{label.replace(' ', '-')}.safetensors"
         r = surgeon.export(model, paths[label], progress=False, force=True, **kwargs)
         if label == "csr auto":
             chosen = sum(row.storage == "csr" for row in r.rows)
-            print(f"  {name}: csr auto converted {chosen} of {len(r.rows)} target weights", file=sys.stderr)
+            total = len(r.rows)
     loaded = {label: surgeon.load(p).eval() for label, p in paths.items()}
     with torch.no_grad():
-        t = medians(interleaved({k: (lambda m=m: step(m)) for k, m in loaded.items()}, repeats=repeats, warmup=2,
-                                sync=lambda: None))
-    return [(f"{name} step, {k} / dense", t[k] / t["dense"], f"{t[k] * 1e3:.1f} / {t['dense'] * 1e3:.1f} ms")
-            for k in ("csr auto", "csr all")]
+        times = interleaved({k: (lambda m=m: step(m)) for k, m in loaded.items()}, repeats=repeats, warmup=2,
+                            sync=lambda: None)
+    t = medians(times)
+    # the spread of the dense step itself says how much a ratio can move on this machine right now
+    q = statistics.quantiles(times["dense"], n=4)
+    spread = f"dense quartiles {q[0] * 1e3:.0f}-{q[2] * 1e3:.0f} ms"
+    rows = [(f"{name} step, csr auto / dense", t["csr auto"] / t["dense"],
+             f"{t['csr auto'] * 1e3:.1f} / {t['dense'] * 1e3:.1f} ms; converted {chosen} of {total} target weights"
+             + (" (the same modules as dense)" if chosen == 0 else "") + f"; {spread}")]
+    rows.append((f"{name} step, csr all / dense", t["csr all"] / t["dense"],
+                 f"{t['csr all'] * 1e3:.1f} / {t['dense'] * 1e3:.1f} ms"))
+    return rows
 
 
 def gpu_rows(repeats: int) -> list[tuple]:
@@ -107,11 +116,11 @@ def gpu_rows(repeats: int) -> list[tuple]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="bytes only, no timing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU")
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU; load average {os.getloadavg()[0]:.1f}", flush=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         print("\nfile bytes / dense file bytes, same dtype (target: semi-structured fp16 <= 0.57)")

@@ -168,7 +168,7 @@ def corrupt(path: Path, fqn: str, why: str) -> SurgeonError:
     return SurgeonError(f"{path} is corrupt: {fqn} {why}", "save the model again")
 
 
-def _unpack_entry(fqn: str, info: Mapping, tensors: dict[str, torch.Tensor], path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_entry(fqn: str, info: Mapping, tensors: dict[str, torch.Tensor], path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Check one masked tensor of the file, take it out of ``tensors`` and return (kept values, bool mask)."""
     values, packed = tensors.pop(f"{fqn}.values", None), tensors.pop(f"{fqn}.mask", None)
     if values is None or packed is None:
@@ -252,7 +252,7 @@ def restore_masked(model: nn.Module, meta: Mapping, entries: Mapping[str, tuple[
 def restore(model: nn.Module, meta: Mapping, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """Load a packed file's tensors into ``model``; checks everything before touching it."""
     check_tensor_info(meta)
-    entries = {fqn: _unpack_entry(fqn, info, tensors, meta["file"]) for fqn, info in meta["tensors"].items()}
+    entries = {fqn: unpack_entry(fqn, info, tensors, meta["file"]) for fqn, info in meta["tensors"].items()}
     return restore_masked(model, meta, entries, tensors)
 
 

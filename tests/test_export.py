@@ -322,3 +322,23 @@ def test_existing_output_needs_force(tmp_path):
     assert "exists" in one_line(err) and (tmp_path / "x.safetensors").read_bytes() == b"mine"
     surgeon.export(model, tmp_path / "x.safetensors", format="dense", force=True)
     assert read_metadata(tmp_path / "x.safetensors")["layout"] == "dense"
+
+
+def test_damaged_semi_structured_and_csr_files_are_one_line_errors(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = masked("tiny-dit", nm=True)
+    for fmt, part, damage in (("semi-structured", ".meta", lambda t: t.zero_()),  # positions (0, 0): not ascending
+                              ("csr", ".col", lambda t: t.fill_(10_000))):  # a column outside the matrix
+        path = tmp_path / f"{fmt}.safetensors"
+        surgeon.export(model, path, format=fmt, layers="all" if fmt == "csr" else "auto")
+        with safe_open(str(path), "pt") as f:
+            raw = f.metadata()
+        tensors = load_file(path)
+        key = next(k for k in tensors if k.endswith(part))
+        damage(tensors[key])
+        save_file(tensors, path, metadata=raw)
+        with pytest.raises(SurgeonError) as err:
+            surgeon.load(path)
+        assert "is corrupt: " + key.removesuffix(part) in one_line(err), fmt

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import SurgeonError, UsageError
-from ..packed import _unpack_entry, build, match_state
+from ..packed import build, match_state, unpack_entry
 from ..surgery import sites
 from ..targets import find_targets
 
@@ -78,7 +78,7 @@ def dense_state(meta: Mapping, tensors: dict[str, torch.Tensor]) -> dict[str, to
     for fqn, info in meta["tensors"].items():
         if info.get("storage", "values+mask") != "values+mask":
             continue
-        values, mask = _unpack_entry(fqn, info, tensors, meta["file"])
+        values, mask = unpack_entry(fqn, info, tensors, meta["file"])
         tensors[fqn] = torch.zeros(mask.shape, dtype=values.dtype).masked_scatter_(mask, values)
     return tensors
 
@@ -91,5 +91,5 @@ def build_plain(meta: Mapping, state: Mapping[str, torch.Tensor]) -> nn.Module:
     return model.eval()
 
 
-def corrupt(meta: Mapping, what: str) -> SurgeonError:
+def damaged(meta: Mapping, what: str) -> SurgeonError:
     return SurgeonError(f"{meta['file']} is corrupt: {what}", "export the model again")

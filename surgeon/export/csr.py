@@ -23,7 +23,7 @@ from ..container import read_tensors
 from ..errors import SurgeonError
 from ..packed import header_fields, plain_state, write_model
 from ..surgery import fold
-from .common import Options, Row, build_plain, corrupt, dense_state, dtype_name, masks_of, nbytes, target_kinds
+from .common import Options, Row, build_plain, damaged, dense_state, dtype_name, masks_of, nbytes, target_kinds
 from .csr_layers import (CSRConv1x1, CSRLinear, CSRRecurrent, csr_parts, from_parts, is_plain_1x1,
                          is_plain_recurrent, to_csr)
 
@@ -195,11 +195,11 @@ def read(meta: Mapping, device: torch.device | str | None = None) -> nn.Module:
         parts = [tensors.pop(f"{fqn}.{p}", None) for p in ("crow", "col", "values")]
         shape = tuple(info.get("shape") or ())
         if any(p is None for p in parts) or len(shape) < 2:
-            raise corrupt(meta, f"{fqn} lacks its .crow, .col or .values tensor")
+            raise damaged(meta, f"{fqn} lacks its .crow, .col or .values tensor")
         try:
             w = from_parts(*parts, (shape[0], torch.Size(shape[1:]).numel()))
         except RuntimeError as e:
-            raise corrupt(meta, f"{fqn} is not a valid CSR matrix") from e
+            raise damaged(meta, f"{fqn} is not a valid CSR matrix") from e
         tensors[fqn] = w.to_dense().reshape(shape)  # the plain model is built dense first, then swapped
         module, _, name = fqn.rpartition(".")
         stored.setdefault(module, {})[name] = w
@@ -208,6 +208,6 @@ def read(meta: Mapping, device: torch.device | str | None = None) -> nn.Module:
     for fqn, d in csr.items():
         module = model.get_submodule(fqn)
         if kind_of(module) != d.get("kind"):
-            raise corrupt(meta, f"module {fqn} is a {type(module).__name__}, the file converted a {d.get('kind')}")
+            raise damaged(meta, f"module {fqn} is a {type(module).__name__}, the file converted a {d.get('kind')}")
         _replace(model, fqn, csr_module(module, d["kind"], stored.get(fqn)).eval())
     return model

@@ -27,7 +27,7 @@ from ..errors import SurgeonError, brief
 from ..packed import header_fields, plain_state, write_model
 from ..sparsity.patterns import nm_groups, nm_mask, nm_skip_reason, nm_ungroup
 from ..surgery import fold
-from .common import Options, Row, build_plain, corrupt, dense_state, dtype_name, masks_of, nbytes, target_kinds
+from .common import Options, Row, build_plain, damaged, dense_state, dtype_name, masks_of, nbytes, target_kinds
 
 LAYOUT = "semi-structured"
 NOT_24_HINT = "fine-tune it to 2:4 first (surgeon finetune --nm 2:4), or pass --prune for one-shot magnitude 2:4"
@@ -135,16 +135,16 @@ def read(meta: Mapping, device: torch.device | str | None = None) -> nn.Module:
         values, positions = tensors.pop(f"{fqn}.values", None), tensors.pop(f"{fqn}.meta", None)
         shape = tuple(info.get("shape") or ())
         if values is None or positions is None or len(shape) < 2:
-            raise corrupt(meta, f"{fqn} lacks its .values or .meta tensor")
+            raise damaged(meta, f"{fqn} lacks its .values or .meta tensor")
         cols = values.shape[1] * 2 if values.dim() == 2 else -1
         if cols * shape[0] != torch.Size(shape).numel() or positions.dtype != torch.uint8 \
                 or tuple(positions.shape) != (shape[0], -(-cols // 8)):
-            raise corrupt(meta, f"{fqn} has values {list(values.shape)} and positions {list(positions.shape)} "
+            raise damaged(meta, f"{fqn} has values {list(values.shape)} and positions {list(positions.shape)} "
                                 f"that do not fit {list(shape)}")
         try:
             tensors[fqn] = decompress(values, positions, shape)
         except ValueError as e:
-            raise corrupt(meta, f"{fqn}: {e}") from e
+            raise damaged(meta, f"{fqn}: {e}") from e
     model = build_plain(meta, dense_state(meta, tensors))
     if device is None:
         return model
