@@ -39,11 +39,7 @@ def _load_folder(folder: Path) -> nn.Module:
         config = read_json(folder / "config.json")
         if "_class_name" not in config:
             raise SurgeonError(f"{folder / 'config.json'} has no _class_name", "is this a diffusers model folder?")
-        cls = diffusers_class(config["_class_name"])
-        try:
-            return cls.from_pretrained(folder, use_safetensors=True)
-        except Exception as e:
-            raise SurgeonError(f"cannot load {cls.__name__} from {folder}: {brief(e)}", "the folder needs safetensors weights") from None
+        return load_diffusers_folder(folder, diffusers_class(config["_class_name"]))
     raise SurgeonError(
         f"cannot load model {folder}: the folder has no config.json, model_index.json or model.safetensors",
         "give a diffusers model or pipeline folder, or a folder written by surgeon",
@@ -55,6 +51,21 @@ def load_safetensors_file(path: str | os.PathLike, trust_code: bool = False) -> 
     the class and config come from the file's own metadata. A file surgeon did not write is refused; a recorded
     class outside diffusers and surgeon's own models needs ``trust_code=True``."""
     return load(path, trust_code=trust_code)
+
+
+def load_diffusers_folder(folder: Path, cls: type[nn.Module]) -> nn.Module:
+    """A diffusers model from ``folder``, read from safetensors only: a folder with only pickled weights (``.bin``,
+    ``.ckpt``) is refused before diffusers looks at it, so nothing is ever unpickled."""
+    if not any(folder.glob("*.safetensors")):
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+        found = f" (it has {', '.join(others)}: pickles, which surgeon never loads)" if others else ""
+        raise SurgeonError(f"{folder} has no safetensors weights{found}",
+                           "convert the weights to safetensors, e.g. save_pretrained(..., safe_serialization=True)")
+    try:
+        return cls.from_pretrained(folder, use_safetensors=True)
+    except Exception as e:
+        raise SurgeonError(f"cannot load {cls.__name__} from {folder}: {brief(e)}",
+                           "the folder needs a config.json and safetensors weights that match it") from e
 
 
 def _load_file_class(ref: str, file: str, name: str) -> nn.Module:

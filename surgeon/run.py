@@ -87,13 +87,10 @@ def find_autoencoder(ref: str) -> nn.Module | None:
     for sub in ("vqvae", "vae"):
         cfg = root / sub / "config.json"
         if cfg.is_file():
-            import diffusers
+            from .classes import diffusers_class, read_json
+            from .loading import load_diffusers_folder
 
-            cls_name = json.loads(cfg.read_text()).get("_class_name", "AutoencoderKL")
-            cls = getattr(diffusers, cls_name, None)
-            if cls is None:
-                raise SurgeonError(f"unknown autoencoder class {cls_name!r} in {cfg}", "use AutoencoderKL or VQModel")
-            return cls.from_pretrained(str(root / sub), use_safetensors=True)
+            return load_diffusers_folder(root / sub, diffusers_class(read_json(cfg).get("_class_name", "AutoencoderKL")))
     return None
 
 

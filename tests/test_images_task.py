@@ -291,7 +291,7 @@ def test_latent_pipeline_sparsifies_only_the_denoiser(tmp_path, monkeypatch, kin
     # the autoencoder: frozen, never masked, weights exactly as saved
     assert sites(ae) == {} and not any(p.requires_grad for p in ae.parameters())
     assert all(torch.equal(ae.state_dict()[k], v) for k, v in before.items())
-    reloaded = type(ae).from_pretrained(tmp_path / "pipe" / kind)
+    reloaded = type(ae).from_pretrained(tmp_path / "pipe" / kind, use_safetensors=True)
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in before.items())
     # the denoiser: masked at the requested sparsity, exact per-layer counts, loads back
     assert summary.sparsity == pytest.approx(0.5, abs=1e-3)
@@ -312,7 +312,7 @@ def test_latents_are_scaled_by_the_autoencoder_scaling_factor(tmp_path):
     from diffusers import AutoencoderKL
 
     build_pipeline(tmp_path / "pipe", "vae")
-    ae = AutoencoderKL.from_pretrained(tmp_path / "pipe" / "vae")
+    ae = AutoencoderKL.from_pretrained(tmp_path / "pipe" / "vae", use_safetensors=True)
     task = make_task(surgeon.load_model(tmp_path / "pipe"), "unused", vae=run_mod.find_autoencoder(tmp_path / "pipe"))
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     z = task.encode(images, torch.Generator().manual_seed(3))

@@ -124,7 +124,7 @@ def test_fold_then_save_pretrained_loads_in_stock_diffusers(tmp_path, run_preset
     surgeon.fold(model)
     model.save_pretrained(tmp_path / "dense")
 
-    stock = UNet2DModel.from_pretrained(tmp_path / "dense")
+    stock = UNet2DModel.from_pretrained(tmp_path / "dense", use_safetensors=True)
 
     torch.testing.assert_close(run_preset("tiny-unet", stock), expected, rtol=0, atol=0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -375,3 +376,55 @@ def test_surgeons_own_models_and_diffusers_classes_need_no_opt_in(tmp_path):
     unet = surgeon.load_model("tiny-unet")
     surgeon.save(unet, tmp_path / "unet")
     assert type(surgeon.load(tmp_path / "unet")) is type(unet)
+
+
+# ---- safetensors only -----------------------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_from_pretrained_in_the_project_reads_safetensors_only():
+    offenders = []
+    for folder in ("surgeon", "cli", "examples", "benchmarks", "tests"):
+        for path in (REPO_ROOT / folder).rglob("*.py"):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if ".from_pretrained(" in line and "use_safetensors=True" not in line:
+                    offenders.append(f"{path.relative_to(REPO_ROOT)}:{number}")
+    assert not offenders, offenders
+
+
+class _NoUnpickling:
+    def __enter__(self):
+        import pickle
+
+        self.saved = pickle.Unpickler, torch.load
+        pickle.Unpickler = lambda *a, **k: pytest.fail("something was unpickled")
+        torch.load = lambda *a, **k: pytest.fail("torch.load was called")
+
+    def __exit__(self, *exc):
+        import pickle
+
+        pickle.Unpickler, torch.load = self.saved
+
+
+def test_a_pipeline_whose_autoencoder_is_pickled_only_is_refused_without_unpickling(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = tmp_path / "pipe"
+    surgeon.load_model("tiny-unet-cond").save_pretrained(pipe / "unet")
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    vae.save_pretrained(pipe / "vae", safe_serialization=False)  # diffusion_pytorch_model.bin only
+    (pipe / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"],
+                                                       "vae": ["diffusers", "AutoencoderKL"]}))
+    write_images(tmp_path / "images")
+    with _NoUnpickling():
+        result = CliRunner().invoke(app, ["sparsify", str(pipe), "--data", str(tmp_path / "images"), "--out",
+                                          str(tmp_path / "run"), "--no-progress"])
+    line = _one_error(result)
+    assert "vae has no safetensors weights" in line and "diffusion_pytorch_model.bin" in line
+    assert not (tmp_path / "run").exists()
+    # and a model folder with pickled weights only
+    with _NoUnpickling(), pytest.raises(SurgeonError, match="no safetensors weights"):
+        surgeon.load_model(pipe / "vae")
