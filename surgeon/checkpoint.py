@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_path
+from .container import DIGESTS, digests, verify_digests
 from .errors import SurgeonError, brief
 
 FORMAT = "surgeon.checkpoint/1"
@@ -63,6 +64,7 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer: torch.op
         "optim_scalars": json.dumps(scalars),
         "algorithm": json.dumps(algorithm_state),
         "extra": json.dumps(extra or {}),
+        DIGESTS: json.dumps(digests(tensors)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -139,6 +141,7 @@ def load_checkpoint(ref, model: nn.Module, optimizer: torch.optim.Optimizer, par
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise SurgeonError(f"cannot read checkpoint {path} ({brief(e)})", "the file is truncated or damaged; use an earlier checkpoint") from e
+    verify_digests(tensors, meta.get(DIGESTS), path)
     if meta["fingerprint"] != fingerprint(model):
         raise SurgeonError(f"checkpoint {path} belongs to another model", "resume with the same MODEL, recipe and sparsity settings")
     if json.loads(meta["param_names"]) != param_names:

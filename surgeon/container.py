@@ -5,10 +5,11 @@ Its header (``docs/formats.md``, "Metadata") holds plain strings ``format`` (``"
 ``semi-structured``, ``csr``; files without it are ``packed``), and JSON strings for everything else (``tensors``,
 ``plan``, ``recipe``, ``extra``, and what a layout adds). Readers dispatch on ``layout``, never on file names.
 Every file goes through :func:`write_file` and :func:`read_tensors`, so a check that covers every tensor
-(a digest, say) belongs in those two functions.
+(the per-tensor digest) lives in those two functions.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import __version__
 from .errors import SurgeonError, brief
@@ -28,6 +29,8 @@ WEIGHTS = "model.safetensors"
 DEFAULT_LAYOUT = "packed"
 _PLAIN = ("format", "format_version", "surgeon_version", "class", "layout")
 _REQUIRED = ("tensors", "plan", "recipe", "extra")
+DIGESTS = "digests"  # {tensor name: BLAKE2b-128 hex}, JSON; written with every file, checked on every read
+_DAMAGED_HINT = "the file changed after it was saved (a disk or copy error, or an edit); save or copy it again"
 
 
 def weights_file(path: str | os.PathLike) -> Path:
@@ -59,6 +62,7 @@ def write_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, 
     """
     missing = [k for k in _REQUIRED if k not in fields]
     assert not missing, f"write_file needs {missing}"
+    tensors = dict(tensors)
     metadata = {
         "format": MARKER,
         "format_version": "1" if layout == DEFAULT_LAYOUT else str(FORMAT_VERSION),
@@ -66,8 +70,37 @@ def write_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, 
         "class": cls,
         "layout": layout,
         **{key: to_json(value, key) for key, value in fields.items()},
+        DIGESTS: json.dumps(digests(tensors)),
     }
-    save_file(dict(tensors), str(path), metadata=metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """BLAKE2b-128 of a tensor's dtype, shape and bytes: any changed bit (even a swap that keeps a count) shows."""
+    t = tensor.detach().to("cpu").contiguous()
+    h = hashlib.blake2b(f"{t.dtype}:{list(t.shape)};".encode(), digest_size=16)
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    return {name: tensor_digest(t) for name, t in tensors.items()}
+
+
+def verify_digests(tensors: Mapping[str, torch.Tensor], recorded: str | None, file: Path) -> None:
+    """Compare ``tensors`` with the digests recorded at save (a JSON string; files older than digests have none)."""
+    if recorded is None:
+        return
+    try:
+        expected = json.loads(recorded)
+    except json.JSONDecodeError:
+        expected = None
+    if not isinstance(expected, dict):
+        raise SurgeonError(f"damaged file: {file} has unreadable digests", _DAMAGED_HINT)
+    for name in sorted(set(expected) | set(tensors)):
+        if name not in tensors or name not in expected or tensor_digest(tensors[name]) != expected[name]:
+            raise SurgeonError(f"damaged file: {name} in {file} does not match the digest recorded when it was saved",
+                               _DAMAGED_HINT)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -96,8 +129,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a file :func:`read_metadata` accepted."""
+    """Every tensor of a file :func:`read_metadata` accepted, each checked against its recorded digest."""
     try:
-        return load_file(str(file))
+        with safe_open(str(file), "pt") as f:
+            recorded = (f.metadata() or {}).get(DIGESTS)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:
         raise SurgeonError(f"{file} is truncated or corrupt ({brief(e)})", "save the model again") from None
+    verify_digests(tensors, recorded, file)
+    return tensors

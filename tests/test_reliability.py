@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from helpers_train import SyntheticImageTask, one_thread, small_recipe, tiny_model  # noqa: F401
 from test_cli_sparsify import write_images
 from typer.testing import CliRunner
@@ -428,3 +429,42 @@ def test_a_pipeline_whose_autoencoder_is_pickled_only_is_refused_without_unpickl
     # and a model folder with pickled weights only
     with _NoUnpickling(), pytest.raises(SurgeonError, match="no safetensors weights"):
         surgeon.load_model(pipe / "vae")
+
+
+# ---- integrity: a per-tensor digest, verified on load -----------------------------------------------------------------
+
+def _swap_two_bits(file: Path, tensor: str) -> None:
+    """Swap two differing bits inside one byte of ``tensor``'s data: same length, same set-bit count."""
+    raw = bytearray(file.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    start, end = json.loads(raw[8 : 8 + n])[tensor]["data_offsets"]
+    for i in range(8 + n + start, 8 + n + end):
+        b = raw[i]
+        for bit in range(7):
+            if ((b >> bit) & 1) != ((b >> (bit + 1)) & 1):
+                raw[i] = b ^ (0b11 << bit)
+                file.write_bytes(bytes(raw))
+                return
+    raise AssertionError("no byte with two differing bits")
+
+
+def test_a_mask_with_two_bits_swapped_is_reported_as_a_damaged_file(tmp_path):
+    model = surgeon.load_model("tiny-unet")
+    surgeon.inject(model, surgeon.plan(model, sparsity=0.5), init="random")
+    surgeon.save(model, tmp_path / "m")
+    mask = f"{next(iter(surgeon.surgery.sites(model)))}.mask"
+    _swap_two_bits(tmp_path / "m" / "model.safetensors", mask)
+    with pytest.raises(SurgeonError, match=rf"^damaged file: {mask} in "):
+        surgeon.load(tmp_path / "m")
+    line = _one_error(CliRunner().invoke(app, ["inspect", str(tmp_path / "m")]))
+    assert line.startswith(f"error: damaged file: {mask}")
+
+
+def test_a_damaged_training_checkpoint_is_refused_naming_the_tensor(tmp_path):
+    _train(tmp_path / "run", stop_after=4)
+    path = tmp_path / "run" / "checkpoints" / "step-0000004.safetensors"
+    with safe_open(str(path), "pt") as f:
+        name = next(k for k in f.keys() if k.endswith(".original"))
+    _swap_two_bits(path, name)
+    with pytest.raises(SurgeonError, match=f"damaged file: {name}"):
+        _train(tmp_path / "run", resume=path)
