@@ -9,6 +9,7 @@ from surgeon import __version__
 
 from . import eval as eval_cmd
 from . import export as export_cmd
+from . import finetune as finetune_cmd
 from . import inspect as inspect_cmd
 from . import sparsify as sparsify_cmd
 from .common import SurgeonGroup
@@ -41,6 +42,7 @@ app.command("export")(export_cmd.export)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("sparsify")(sparsify_cmd.sparsify)
 app.command("eval")(eval_cmd.eval_models)
+app.command("finetune")(finetune_cmd.finetune)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ on the app gets it without decorating anything.
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from pathlib import Path
 from typing import Annotated, Optional
@@ -22,7 +23,9 @@ from surgeon.errors import Interrupted, SurgeonError, UsageError, brief
 from surgeon.sparsity.patterns import parse_nm
 
 
-def _nm_value(value: str) -> str:
+def _nm_value(value: str | None) -> str | None:
+    if value is None:
+        return None
     try:
         parse_nm(value)
     except SurgeonError as e:
@@ -42,12 +45,43 @@ Exclude = Annotated[Optional[list[str]], typer.Option(
     "--exclude", metavar="GLOB", help="Skip tensors whose FQN or module name matches this glob (or re:REGEX). Repeatable.",
 )]
 NMPattern = Annotated[str, typer.Option("--nm", metavar="N:M", callback=_nm_value, help="N:M pattern, e.g. 2:4.")]
+NMTarget = Annotated[Optional[str], typer.Option(
+    "--nm", metavar="N:M", callback=_nm_value, help="N:M pattern to reach, e.g. 2:4 (default: the recipe's).",
+    show_default=False)]
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
 OutDir = Annotated[Path, typer.Option("--out", "-o", metavar="FOLDER", help="Output folder.", show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output folder if it exists.")]
 TrustCode = Annotated[bool, typer.Option(
     "--trust-code", help="Let a model folder import the Python file or module its config names (runs that code).",
 )]
+
+
+# training options that sparsify and finetune share
+Data = Annotated[str, typer.Option("--data", "-d", help="'kanjivg' (built in) or a folder of images.")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Training steps.")]
+LearningRate = Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate.")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Global batch size.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for masks, data order and noise.")]
+MixedPrecision = Annotated[Optional[str], typer.Option("--mixed-precision", help="no, fp16 or bf16 (Accelerate).")]
+GradAccum = Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step.")]
+EMADecay = Annotated[Optional[float], typer.Option("--ema", help="EMA decay of the weights (e.g. 0.999); EMA follows the masks.")]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N training examples.")]
+Resume = Annotated[Optional[Path], typer.Option("--resume", help="Checkpoint file or run folder to continue from.")]
+Samples = Annotated[bool, typer.Option("--samples/--no-samples", help="Write a PNG grid of samples at the end.")]
+ShowProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+
+
+def training_overrides(steps, lr, batch_size, seed, mixed_precision, grad_accum, ema, include, exclude) -> dict:
+    """The shared options as recipe overrides (None leaves the recipe's value)."""
+    return {"training.steps": steps, "optimizer.lr": lr, "training.batch_size": batch_size, "training.seed": seed,
+            "training.mixed_precision": mixed_precision, "training.grad_accum": grad_accum,
+            "training.ema_decay": ema, "include": include or None, "exclude": exclude or None}
+
+
+def default_out(model: str, recipe: str, tag: str = "") -> Path:
+    """``runs/<model>-<recipe><tag>``, e.g. runs/tiny-unet-rigl-s0.5."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model.split(":")[-1]).name or model).strip("-") or "model"
+    return Path("runs") / f"{stem}-{Path(recipe).stem}{tag}"
 
 
 def print_error(err: BaseException) -> int:

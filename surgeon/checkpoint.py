@@ -169,3 +169,19 @@ def load_checkpoint(ref, model: nn.Module, optimizer: torch.optim.Optimizer, par
     if "train.loss_window" in tensors:
         extra["loss_window"] = tensors["train.loss_window"]
     return int(meta["step"]), json.loads(meta["algorithm"]), extra
+
+
+def check_identity(saved: dict, current: dict) -> None:
+    """Refuse to resume a run under a different identity, e.g. another teacher (compared by content digest)."""
+    def key(value):
+        return value.get("sha256", value) if isinstance(value, dict) else value
+
+    def describe(value) -> str:
+        if isinstance(value, dict) and "sha256" in value:
+            return f"{value.get('source')} (sha256 {value['sha256'][:12]})"
+        return "none" if value is None else str(value)
+
+    for name in sorted(set(saved) | set(current)):
+        if key(saved.get(name)) != key(current.get(name)):
+            raise SurgeonError(f"the checkpoint was trained with {name} {describe(saved.get(name))}, this run has "
+                               f"{describe(current.get(name))}", f"resume with the same {name}, or start a new run")

@@ -1,7 +1,8 @@
 """Turn a model reference into a module: folders, ``file.py:Class``, presets and hub ids.
 
 ``load_model(ref)`` tries, in order: an existing folder (surgeon save or export, diffusers pipeline, diffusers
-model), a ``.safetensors`` file surgeon wrote, ``path/to/file.py:Class``, a preset name, a hub id.
+model), a single ``.safetensors`` file (:func:`load_safetensors_file`), ``path/to/file.py:Class``, a preset name,
+a hub id.
 """
 from __future__ import annotations
 
@@ -44,13 +45,6 @@ def _load_folder(folder: Path) -> nn.Module:
         f"cannot load model {folder}: the folder has no config.json, model_index.json or model.safetensors",
         "give a diffusers model or pipeline folder, or a folder written by surgeon",
     )
-
-
-def load_safetensors_file(path: str | os.PathLike, trust_code: bool = False) -> nn.Module:
-    """A model from one ``.safetensors`` file surgeon wrote (``surgeon export --out x.safetensors``, any format):
-    the class and config come from the file's own metadata. A file surgeon did not write is refused; a recorded
-    class outside diffusers and surgeon's own models needs ``trust_code=True``."""
-    return load(path, trust_code=trust_code)
 
 
 def load_diffusers_folder(folder: Path, cls: type[nn.Module]) -> nn.Module:
@@ -105,6 +99,59 @@ def _load_hub(ref: str) -> nn.Module:
     except Exception as e:
         raise SurgeonError(f"cannot load model {ref} from the Hugging Face Hub: {brief(e)}", hint) from None
     return _load_folder(Path(local))
+
+
+def load_safetensors_file(path: str | os.PathLike, architecture: str | os.PathLike | None = None,
+                          trust_code: bool = False) -> nn.Module:
+    """A model from one bare ``.safetensors`` file (never a pickle).
+
+    Its architecture comes from, in order: the file's own surgeon metadata (``surgeon export --out x.safetensors``
+    in any format, or a saved model's ``model.safetensors``), a ``config.json`` beside it (the diffusers layout,
+    ``unet/diffusion_pytorch_model.safetensors``), or ``architecture`` (any reference :func:`load_model` takes,
+    whose weights are then replaced by the file's). ``trust_code`` as in :func:`load_model`: a recorded class
+    outside diffusers and surgeon's own models needs it.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise SurgeonError(f"{path} does not exist", "give an existing .safetensors file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:
+        raise SurgeonError(f"{path} is not a safetensors file ({brief(e)})",
+                           "surgeon reads weights from .safetensors only; convert the checkpoint, or give its "
+                           "diffusers folder") from e
+    if header.get("format") == "surgeon":
+        return load(path, trust_code=trust_code)
+    if (path.parent / "config.json").is_file():
+        config = read_json(path.parent / "config.json")
+        if "_class_name" not in config:
+            raise SurgeonError(f"{path.parent / 'config.json'} has no _class_name", "is this a diffusers model folder?")
+        model = diffusers_class(config["_class_name"]).from_config(config)
+    elif architecture is not None:
+        from .surgery import remove, sites
+
+        model = load_model(architecture, trust_code=trust_code)
+        if sites(model):
+            remove(model)  # the file holds plain tensors; they replace the masked model's weights
+    else:
+        raise SurgeonError(
+            f"cannot tell which model {path} holds: it has no surgeon metadata and no config.json beside it",
+            "name the architecture: pass MODEL (a preset, folder or file.py:Class of the same model), or put its "
+            "diffusers config.json next to the file")
+    state = load_file(str(path))
+    expected = model.state_dict()
+    for name in [*expected, *state]:
+        if name not in state or name not in expected or tuple(state[name].shape) != tuple(expected[name].shape):
+            have = list(state[name].shape) if name in state else "nothing"
+            want = list(expected[name].shape) if name in expected else "nothing"
+            raise SurgeonError(f"{path} does not fit {type(model).__name__}: {name} is {have} in the file, {want} in "
+                               f"the model", "give the architecture the file was saved from")
+    model.load_state_dict(state)
+    return model
 
 
 def load_model(ref: str | os.PathLike, trust_code: bool = False) -> nn.Module:

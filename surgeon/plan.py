@@ -56,6 +56,12 @@ class Plan:
     def kept(self) -> int:
         return sum(lp.kept for lp in self.layers.values())
 
+    def fixed_nm(self) -> "Plan":
+        """The N:M layers as fixed masks of density N/M (ASP): masks given once, never recomputed."""
+        layers = {f: LayerPlan(lp.kind, lp.shape, density=lp.nm[0] / lp.nm[1]) if lp.nm else lp
+                  for f, lp in self.layers.items()}
+        return Plan(layers, dict(self.skipped), self.sparsity, self.distribution, self.nm)
+
     def to_dict(self) -> dict:
         return {
             "sparsity": self.sparsity,

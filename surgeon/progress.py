@@ -27,6 +27,11 @@ class TrainProgress:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
+    def note(self, text: str) -> None:
+        """A line above the bar (e.g. a progressive stage switch)."""
+        if self.enabled:
+            self.progress.console.print(text, highlight=False)
+
     def update(self, step: int, loss: float, sparsity: float) -> None:
         speed = self.progress.tasks[0].speed
         self.progress.update(self.task, completed=step, loss=loss, sparsity=sparsity,

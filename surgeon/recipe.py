@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -17,8 +18,13 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import SurgeonError
+from .sparsity.patterns import parse_nm
 
-ALGORITHMS = ("dense", "static", "magran", "rigl", "nm_ste")
+ALGORITHMS = ("dense", "static", "magran", "rigl", "nm_ste", "nm_fixed")
+UNSTRUCTURED = ("static", "magran", "rigl")  # a global sparsity spread over layers by a distribution
+DYNAMIC = ("magran", "rigl")  # prune-and-regrow (the dst: section)
+NM = ("nm_ste", "nm_fixed")  # N:M along the reduction dimension: recomputed every forward (STE) or fixed once (ASP)
+TEACHERS = ("dense", "previous")
 
 
 @dataclass
@@ -68,35 +74,60 @@ class Training:
 
 @dataclass
 class Distill:
-    """SparseDM loss: λ1·‖F_s − F_t‖² + λ2·‖ε − F_s‖² with a frozen dense teacher."""
+    """SparseDM loss (eq. 11): λ1·‖F_s − F_t‖² + λ2·‖ε − F_s‖², the teacher frozen, on the student's x_t and t."""
 
     lambda_1: float = 1.0
     lambda_2: float = 1.0
+    teacher: str = "dense"  # "dense": the model fine-tuning started from | "previous": the previous stage's model
+
+
+@dataclass
+class Stage:
+    """One stage of progressive N:M fine-tuning: ``steps`` optimizer steps under pattern ``nm``."""
+
+    nm: str
+    steps: int
 
 
 @dataclass
 class Recipe:
+    """A training recipe. Fields that only some algorithms read are unset (None) by default; setting one that the
+    chosen algorithm would not read is an error, never silently ignored. Unset fields the algorithm does read take
+    their defaults when the recipe is built, so a resolved recipe shows every value that was used."""
+
     algorithm: str = "static"
     name: str | None = None
     description: str = ""
-    sparsity: float | None = 0.5
-    nm: str | None = None  # "2:4" for N:M recipes
-    distribution: str = "erk"
-    power_scale: float = 1.0
+    # unstructured (static, magran, rigl)
+    sparsity: float | None = None  # default 0.5
+    distribution: str | None = None  # "erk" (default) | "er" | "uniform"
+    power_scale: float | None = None  # ERK exponent scale, default 1.0
+    # N:M (nm_ste, nm_fixed)
+    nm: str | None = None  # "2:4"; with stages, the last stage's pattern
+    lambda_w: float | None = None  # nm_ste: SR-STE decay λ_W (default 0: plain STE)
+    stages: list[Stage] | None = None  # nm_ste: progressive patterns, tightening; their steps add up to training.steps
+    # every masking algorithm
     dense_first: bool = False
     dense_last: bool = False
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     init: str = "scratch"  # "scratch": re-initialize weights (the paper's setting) | "pretrained": keep them
-    lambda_w: float = 0.0  # SR-STE decay for N:M recipes
-    dst: DST = field(default_factory=DST)
+    dst: DST | None = None  # magran, rigl
     optimizer: Optimizer = field(default_factory=Optimizer)
     diffusion: Diffusion = field(default_factory=Diffusion)
     training: Training = field(default_factory=Training)
-    distill: Distill | None = None
+    distill: Distill | None = None  # needs a teacher: `surgeon finetune`
 
     def __post_init__(self):
+        _fill_defaults(self)
         _check(self)
+
+    @property
+    def stage_steps(self) -> list[tuple[tuple[int, int], int]]:
+        """``[((n, m), steps), ...]``: the N:M stages in order (one stage when the recipe has no stages)."""
+        if self.stages:
+            return [(parse_nm(s.nm), s.steps) for s in self.stages]
+        return [(parse_nm(self.nm), self.training.steps)] if self.nm else []
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -197,6 +228,31 @@ def _build(cls, d: Mapping[str, Any], source: str, prefix: str = ""):
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; surgeon derives per-step seeds from it with signed arithmetic
 
+# which algorithms read each optional field; setting it for another algorithm is an error
+_READ_BY = {
+    "sparsity": UNSTRUCTURED, "distribution": UNSTRUCTURED, "power_scale": UNSTRUCTURED, "dst": DYNAMIC,
+    "nm": NM, "lambda_w": ("nm_ste",), "stages": ("nm_ste",),
+    "dense_first": UNSTRUCTURED + NM, "dense_last": UNSTRUCTURED + NM, "include": UNSTRUCTURED + NM,
+    "exclude": UNSTRUCTURED + NM,
+}
+_DEFAULTS = {"sparsity": 0.5, "distribution": "erk", "power_scale": 1.0, "lambda_w": 0.0}
+
+
+def _fill_defaults(r: Recipe) -> None:
+    if r.algorithm not in ALGORITHMS:
+        return  # _check names the problem
+    for name, value in _DEFAULTS.items():
+        if getattr(r, name) is None and r.algorithm in _READ_BY[name]:
+            setattr(r, name, value)
+    if r.dst is None and r.algorithm in DYNAMIC:
+        r.dst = DST()
+    if r.stages and r.nm is None:
+        r.nm = r.stages[-1].nm
+
+
+def _is_set(value: Any) -> bool:
+    return value not in (None, False) and value != []
+
 
 def _check(r: Recipe) -> None:
     """Every value in range, so a bad recipe or flag fails here, before any model or data is loaded."""
@@ -206,27 +262,39 @@ def _check(r: Recipe) -> None:
 
     if r.algorithm not in ALGORITHMS:
         bad(f"unknown algorithm {r.algorithm!r}", f"choose one of: {', '.join(ALGORITHMS)}")
-    if r.algorithm == "nm_ste":
+    for name, readers in _READ_BY.items():
+        if _is_set(getattr(r, name)) and r.algorithm not in readers:
+            bad(f"algorithm {r.algorithm} does not use '{name}'",
+                f"remove it from the recipe; it applies to: {', '.join(readers)}")
+    if r.algorithm in NM:
         if not r.nm:
-            bad("algorithm nm_ste needs an N:M pattern", "set nm: '2:4' or pass --nm 2:4")
-    elif r.algorithm != "dense":
+            bad(f"algorithm {r.algorithm} needs an N:M pattern", "set nm: '2:4' or pass --nm 2:4")
+        parse_nm(r.nm)
+    if r.algorithm in UNSTRUCTURED:
         s = r.sparsity
-        if s is None or math.isnan(s) or not 0.0 <= s < 1.0:
+        if math.isnan(s) or not 0.0 <= s < 1.0:
             bad(f"sparsity {s!r} is outside [0, 1)", "pass a fraction of weights to remove, e.g. --s 0.5")
+        if r.distribution not in ("erk", "er", "uniform"):
+            bad(f"unknown distribution {r.distribution!r}", "choose erk, er or uniform")
+    if r.power_scale is not None and r.power_scale < 0:
+        bad(f"power_scale {r.power_scale} must be ≥ 0", "1.0 is the paper's ERK; 0 makes the budget uniform")
+    if r.lambda_w is not None and r.lambda_w < 0:
+        bad(f"lambda_w {r.lambda_w} must be ≥ 0", "0 turns the SR-STE decay off; SparseDM uses about 2e-4")
+    if r.stages is not None:
+        _check_stages(r)
     if r.init not in ("scratch", "pretrained"):
         bad(f"unknown init {r.init!r}", "choose scratch or pretrained")
-    if r.power_scale < 0:
-        bad(f"power_scale {r.power_scale} must be ≥ 0", "1.0 is the paper's ERK; 0 makes the budget uniform")
-    if r.lambda_w < 0:
-        bad(f"lambda_w {r.lambda_w} must be ≥ 0", "0 turns the SR-STE decay off; SparseDM uses about 2e-4")
-    if r.dst.delta_t < 1:
-        bad(f"delta_t must be ≥ 1, got {r.dst.delta_t}")
-    if not 0.0 <= r.dst.p <= 1.0:
-        bad(f"prune-and-regrow fraction p={r.dst.p} is outside [0, 1]", "use e.g. --p 0.05")
-    if r.dst.p_decay not in ("cosine", "constant"):
-        bad(f"unknown p_decay {r.dst.p_decay!r}", "choose cosine or constant")
-    if not 0.0 < r.dst.stop_fraction <= 1.0:
-        bad(f"stop_fraction {r.dst.stop_fraction} is outside (0, 1]")
+    if r.dst is not None:
+        _check_dst(r.dst)
+    if r.distill is not None:
+        d = r.distill
+        if d.lambda_1 < 0 or d.lambda_2 < 0 or d.lambda_1 + d.lambda_2 == 0:
+            bad(f"distill weights lambda_1={d.lambda_1}, lambda_2={d.lambda_2}: both ≥ 0, not both 0",
+                "use e.g. lambda_1: 1.0, lambda_2: 1.0 (SparseDM)")
+        if d.teacher not in TEACHERS:
+            bad(f"unknown teacher {d.teacher!r}", "choose dense (the model fine-tuning started from) or previous")
+        if d.teacher == "previous" and not r.stages:
+            bad("teacher: previous needs progressive stages", "add stages (--stages 7:8,3:4,2:4) or use teacher: dense")
     o = r.optimizer
     if o.lr <= 0:
         bad(f"learning rate must be > 0, got {o.lr}", "use e.g. --lr 1e-4")
@@ -250,7 +318,9 @@ def _check(r: Recipe) -> None:
     if d.beta_start is not None and d.beta_end is not None and d.beta_start > d.beta_end:
         bad(f"diffusion.beta_start {d.beta_start} is above beta_end {d.beta_end}", "noise grows over time: start < end")
     t = r.training
-    for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_batches"):
+    if t.steps < 0:
+        bad(f"training.steps must be ≥ 0 (0: prune without training), got {t.steps}")
+    for name in ("batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_batches"):
         if getattr(t, name) < 1:
             bad(f"training.{name} must be ≥ 1, got {getattr(t, name)}")
     if t.keep_checkpoints < 0:
@@ -263,11 +333,57 @@ def _check(r: Recipe) -> None:
         bad(f"unknown mixed_precision {t.mixed_precision!r}", "choose no, fp16 or bf16")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         bad(f"ema_decay {t.ema_decay} is outside (0, 1)", "use e.g. --ema 0.999")
-    if r.distill is not None:
-        lam = r.distill
-        if lam.lambda_1 < 0 or lam.lambda_2 < 0 or lam.lambda_1 + lam.lambda_2 == 0:
-            bad(f"distill weights lambda_1={lam.lambda_1}, lambda_2={lam.lambda_2}: both ≥ 0, not both 0",
-                "use e.g. lambda_1: 1.0, lambda_2: 1.0 (SparseDM)")
+
+
+def _check_dst(d: DST) -> None:
+    if d.delta_t < 1:
+        raise SurgeonError(f"delta_t must be ≥ 1, got {d.delta_t}", "fix the recipe or the flag")
+    if not 0.0 <= d.p <= 1.0:
+        raise SurgeonError(f"prune-and-regrow fraction p={d.p} is outside [0, 1]", "use e.g. --p 0.05")
+    if d.p_decay not in ("cosine", "constant"):
+        raise SurgeonError(f"unknown p_decay {d.p_decay!r}", "choose cosine or constant")
+    if not 0.0 < d.stop_fraction <= 1.0:
+        raise SurgeonError(f"stop_fraction {d.stop_fraction} is outside (0, 1]", "fix the recipe or the flag")
+
+
+def _check_stages(r: Recipe) -> None:
+    """Stages tighten strictly (each keeps a smaller fraction N/M), end at the recipe's nm and fill training.steps."""
+    hint = "write stages that tighten, e.g. --stages 7:8,3:4,2:4"
+    if not r.stages:
+        raise SurgeonError("stages is empty", hint)
+    patterns = [parse_nm(s.nm) for s in r.stages]
+    for s in r.stages:
+        if s.steps < 1:
+            raise SurgeonError(f"stage {s.nm} has {s.steps} steps; every stage needs ≥ 1", "give each stage some steps")
+    for (a, sa), (b, sb) in zip(zip(patterns, r.stages), zip(patterns[1:], r.stages[1:])):
+        if b[0] * a[1] >= a[0] * b[1]:  # N_b/M_b >= N_a/M_a, compared exactly
+            raise SurgeonError(f"stages must tighten, but {sb.nm} keeps as much as or more than {sa.nm} before it", hint)
+    if parse_nm(r.nm) != patterns[-1]:
+        raise SurgeonError(f"the last stage ({r.stages[-1].nm}) must be the recipe's nm ({r.nm})",
+                           "end the stages with the target pattern")
+    total = sum(s.steps for s in r.stages)
+    if total != r.training.steps:
+        raise SurgeonError(f"stages add up to {total} steps but training.steps is {r.training.steps}",
+                           "make them agree; --stages with --steps splits the steps evenly")
+
+
+def split_stages(patterns: list[str], steps: int) -> list[dict]:
+    """``--stages 7:8,3:4,2:4`` with ``--steps``: equal stages, the remainder going to the last."""
+    if not patterns or steps < len(patterns):
+        raise SurgeonError(f"cannot split {steps} steps into {len(patterns)} stages", "pass more --steps or fewer stages")
+    each = steps // len(patterns)
+    return [{"nm": p, "steps": each + (steps - each * len(patterns) if i == len(patterns) - 1 else 0)}
+            for i, p in enumerate(patterns)]
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """Safe YAML that reads ``nm: 2:4`` as the string "2:4" (YAML 1.1 reads it as the base-60 integer 124)."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _digit in "0123456789":
+    _RecipeLoader.yaml_implicit_resolvers.setdefault(_digit, []).insert(
+        0, ("tag:yaml.org,2002:str", re.compile(r"^[0-9]+:[0-9]+$")))
 
 
 def shipped() -> list[str]:
@@ -288,7 +404,7 @@ def load_recipe(ref: str | os.PathLike) -> Recipe:
             raise SurgeonError(f"unknown recipe {ref!r}", f"use one of {', '.join(shipped())} or a path to a YAML file")
         text, source = res.read_text(), f"recipe {ref!r}"
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise SurgeonError(f"{source} is not valid YAML ({str(e).splitlines()[0]})", "fix the YAML syntax") from None
     recipe = Recipe.from_dict(data or {}, source)

@@ -88,3 +88,20 @@ def report(
             valid = None if reason else bool((torch.count_nonzero(nm_groups(nonzero, m), dim=1) <= n).all())
             rows.append(Row(r.name, r.kind, r.shape, r.masked, r.numel, r.kept, valid, reason))
     return Report((n, m), rows, measured.params_total)
+
+
+def nm_coverage(model: nn.Module, nm: str | tuple[int, int]) -> dict:
+    """For run summaries: how many target layers were converted to N:M and are N:M-valid (measured), and every
+    layer left dense with the reason (the plan's, e.g. a reduction size not divisible by M, or not selected)."""
+    from .surgery import get_plan, sites
+
+    rep = report(model, nm=nm)
+    plan = get_plan(model)
+    skipped = plan.skipped if plan is not None else {}
+    converted = set(sites(model))
+    left_dense = {r.name: skipped.get(r.name) or r.nm_reason or "not selected (include/exclude, dense_first/last)"
+                  for r in rep.rows if r.name not in converted}
+    valid = sum(1 for r in rep.rows if r.name in converted and r.nm_valid)
+    n, m = rep.nm
+    return {"pattern": f"{n}:{m}", "layers": len(rep.rows), "converted": len(converted), "nm_valid": valid,
+            "nm_valid_fraction": valid / len(rep.rows) if rep.rows else 0.0, "left_dense": left_dense}

@@ -14,6 +14,7 @@ The output folder holds ``model/`` (packed masks, docs/formats.md), ``recipe.yam
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -21,8 +22,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -31,9 +30,11 @@ from .atomic import atomic_path
 from .distill import DistillLoss, EpsilonLoss
 from .errors import SurgeonError
 from .plan import plan as make_plan
-from .recipe import Recipe, dump_recipe
+from .recipe import NM, Recipe, dump_recipe
+from .report import nm_coverage
 from .seeding import seeded
-from .surgery import inject
+from .sparsity.patterns import nm_mask
+from .surgery import inject, sites
 from .tasks import Task, apply_diffusion_settings, make_task
 
 
@@ -54,6 +55,8 @@ class RunSummary:
     flops_forward: float | None = None  # one denoiser call on one example, sparse (Evci et al.; surgeon.measure)
     flops_forward_dense: float | None = None  # the same call with every weight dense
     flops_train: float | None = None  # the whole run: per-example step FLOPs × batch × steps
+    teacher: dict | None = None  # finetune: the teacher's reference and content digest
+    nm: dict | None = None  # N:M runs: converted layers, how many are N:M-valid, and those left dense with why
 
 
 @dataclass
@@ -197,11 +200,18 @@ def prepare(model: nn.Module, recipe: Recipe, init: str | None = None) -> nn.Mod
         reinitialize(model, recipe.training.seed)
     if recipe.algorithm == "dense":
         return model
-    p = make_plan(model, sparsity=None if recipe.nm else recipe.sparsity, nm=recipe.nm, distribution=recipe.distribution,
-                  include=recipe.include or None, exclude=recipe.exclude or None, dense_first=recipe.dense_first,
-                  dense_last=recipe.dense_last, power_scale=recipe.power_scale)
+    targets = {"include": recipe.include or None, "exclude": recipe.exclude or None,
+               "dense_first": recipe.dense_first, "dense_last": recipe.dense_last}
+    if recipe.nm:
+        p = make_plan(model, nm=recipe.nm, **targets)
+    else:
+        p = make_plan(model, sparsity=recipe.sparsity, distribution=recipe.distribution,
+                      power_scale=recipe.power_scale, **targets)
+    if recipe.algorithm == "nm_fixed":  # ASP: the magnitude N:M pattern of the weights, drawn once, then fixed
+        masks = {f: nm_mask(model.get_parameter(f), *lp.nm) for f, lp in p.layers.items()}
+        return inject(model, p.fixed_nm(), masks=masks)
     mask_init = "magnitude" if init == "pretrained" else ALGORITHMS[recipe.algorithm].mask_init
-    return inject(model, p, init=mask_init, seed=recipe.training.seed, lambda_w=recipe.lambda_w)
+    return inject(model, p, init=mask_init, seed=recipe.training.seed, lambda_w=recipe.lambda_w or 0.0)
 
 
 def make_objective(task: Task, recipe: Recipe, teacher: nn.Module | None = None):
@@ -211,12 +221,13 @@ def make_objective(task: Task, recipe: Recipe, teacher: nn.Module | None = None)
     if teacher is None:
         raise SurgeonError(f"recipe {recipe.name or recipe.algorithm!r} has a distill section, but this run has no teacher",
                            "distill from a dense model with `surgeon finetune --teacher DENSE`, or drop distill: from the recipe")
-    return DistillLoss(task, teacher, recipe.distill.lambda_1, recipe.distill.lambda_2)
+    d = recipe.distill
+    return DistillLoss(task, teacher, d.lambda_1, d.lambda_2, previous=d.teacher == "previous")
 
 
 def execute(source: Source, task: Task, recipe: Recipe, out: str | os.PathLike, acc: Accelerator, objective=None,
             resume=None, progress: bool = True, samples: bool = True, stop_after: int | None = None,
-            metadata: dict[str, Any] | None = None) -> RunSummary:
+            teacher: dict | None = None) -> RunSummary:
     """Train ``source.model`` (prepared) in place, then write the model, recipe, samples and summary."""
     from .packed import save
     from .measure import measure_task
@@ -226,18 +237,22 @@ def execute(source: Source, task: Task, recipe: Recipe, out: str | os.PathLike, 
     started = time.perf_counter()
     with no_empty_folder_on_failure(out):
         result = train(source.model, task, recipe, out, objective=objective, resume=resume, accelerator=acc,
-                       progress=progress, stop_after=stop_after)
+                       progress=progress, stop_after=stop_after, identity={"teacher": teacher} if teacher else None)
     model = acc.unwrap_model(source.model).cpu()
     cost = measure_task(model, task)
-    per_step = cost.training_flops(recipe.algorithm, recipe.dst.delta_t)
+    per_step = cost.training_flops(recipe.algorithm, recipe.dst.delta_t if recipe.dst else None)
+    if per_step is not None and recipe.distill is not None:
+        per_step += cost.flops_dense  # the teacher's forward pass (dense) on every example
     summary = RunSummary(recipe.name or recipe.algorithm, recipe.algorithm, cost.sparsity, cost.params_total,
                          cost.params_kept, result.steps, result.final_loss, result.val_loss, time.perf_counter() - started,
                          result.seconds_per_step, str(out), source.pipeline, cost.flops_sparse, cost.flops_dense,
-                         per_step * recipe.training.batch_size * recipe.training.grad_accum * result.steps)
+                         per_step * recipe.training.batch_size * recipe.training.grad_accum * result.steps
+                         if per_step is not None else None,
+                         teacher, nm_coverage(model, recipe.nm) if recipe.nm else None)
     if acc.is_main_process:  # every process holds the same model; one writes it
         # the denoiser alone is saved; a latent model records the pipeline whose frozen autoencoder it needs
         save(model, out / "model", recipe=recipe.to_dict(), force=True,
-             extra_metadata={"pipeline": source.pipeline, **(metadata or {})})
+             extra_metadata={"pipeline": source.pipeline, **({"teacher": teacher} if teacher else {})})
         write_text(out / "recipe.yaml", dump_recipe(recipe))
         if samples and recipe.training.num_samples:
             save_samples(model, task, out / "samples.png", recipe.training.num_samples, recipe.diffusion.sample_steps,
@@ -279,3 +294,50 @@ def sparsify(model: str | os.PathLike | nn.Module, recipe: Recipe, data: str | T
     prepare(source.model, recipe, init)
     return execute(source, task, recipe, out, acc, objective, resume=resume, progress=progress, samples=samples,
                    stop_after=stop_after)
+
+
+def finetune(teacher: str | os.PathLike | nn.Module, data: str | Task, out: str | os.PathLike, recipe: Recipe,
+             model: str | os.PathLike | nn.Module | None = None, limit: int | None = None, force: bool = False,
+             resume=None, progress: bool = True, samples: bool = True, stop_after: int | None = None,
+             trust_code: bool = False) -> RunSummary:
+    """N:M fine-tuning of a trained dense model (SparseDM): the student starts as a copy of ``teacher`` (or as
+    ``model``, whose target tensors must match the teacher's) and learns from the frozen teacher if the recipe
+    distills. ``trust_code``: see :func:`surgeon.load_model`."""
+    from .surgery import fold
+    from .teacher import check_same_targets, content_digest, freeze, load_teacher
+
+    name = recipe.name or recipe.algorithm
+    if recipe.algorithm not in NM:
+        raise SurgeonError(f"finetune runs N:M recipes; {name!r} is {recipe.algorithm}",
+                           "use --recipe sparsedm, sr-ste, ste, asp or one-shot; sparse training from scratch is "
+                           "`surgeon sparsify`")
+    if recipe.init != "pretrained":
+        raise SurgeonError(f"recipe {name!r} re-initializes the weights (init: {recipe.init})",
+                           "fine-tuning starts from the teacher's weights: set init: pretrained")
+    acc = open_run(out, recipe, force, resume)
+    teacher_module = load_teacher(teacher, architecture=model if not isinstance(model, nn.Module) else None,
+                                  trust_code=trust_code)
+    if model is None:  # the paper's setting: the student starts as the teacher
+        student = Source(copy.deepcopy(teacher_module).train().requires_grad_(True))
+        if not isinstance(teacher, nn.Module):
+            student.vae = find_autoencoder(str(teacher))
+            student.pipeline = str(Path(teacher).resolve()) if student.vae is not None else None
+    else:
+        student = load_source(model, trust_code)
+        check_same_targets(student.model, teacher_module)
+    if sites(student.model):
+        fold(student.model)  # a masked student (e.g. an unstructured sparse model) starts from its effective weights
+    teacher_module = freeze(teacher_module)
+    identity = {"source": _describe(teacher), "sha256": content_digest(teacher_module)}
+    task = make_run_task(student, data, recipe, limit)
+    objective = make_objective(task, recipe, teacher_module)
+    prepare(student.model, recipe, init="pretrained")
+    return execute(student, task, recipe, out, acc, objective, resume=resume, progress=progress, samples=samples,
+                   stop_after=stop_after, teacher=identity)
+
+
+def _describe(ref: str | os.PathLike | nn.Module) -> str:
+    """How a summary and a checkpoint name a model: a resolved path, a reference as given, or a class name."""
+    if isinstance(ref, nn.Module):
+        return f"<{type(ref).__name__} module>"
+    return str(Path(ref).resolve()) if Path(ref).exists() else str(ref)

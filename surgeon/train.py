@@ -118,14 +118,19 @@ def heldout_loss(model: nn.Module, task: Task, objective, batch_size: int, batch
 
 @own_rng()  # the loop seeds the global RNG per step (dropout inside the model); the caller's state comes back
 def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, objective=None, resume=None,
-          accelerator: Accelerator | None = None, progress: bool = True, stop_after: int | None = None) -> TrainResult:
-    """Train ``model`` (already injected) in place. ``stop_after`` ends early after that many steps (tests)."""
+          accelerator: Accelerator | None = None, progress: bool = True, stop_after: int | None = None,
+          identity: dict | None = None) -> TrainResult:
+    """Train ``model`` (already injected) in place. ``stop_after`` ends early after that many steps (tests).
+
+    ``identity`` (JSON values, e.g. the teacher's reference and content digest) is recorded in every checkpoint; a
+    resume whose identity differs is refused before anything is written.
+    """
     t = recipe.training
     out_dir = Path(out_dir)
     acc = accelerator or make_accelerator(t.mixed_precision)
     device = acc.device
     model.to(device).train()
-    objective = objective or EpsilonLoss(task)
+    objective = (objective or EpsilonLoss(task)).to(device)
 
     algorithm = ALGORITHMS[recipe.algorithm](recipe, t.steps)
     optimizer, param_names = make_optimizer(model, recipe)
@@ -138,7 +143,9 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
     if resume is not None:
         step, algo_state, extra = ckpt.load_checkpoint(resume, model, optimizer, param_names, ema,
                                                        algorithm=recipe.algorithm, steps=t.steps)
+        ckpt.check_identity(extra.get("identity") or {}, identity or {})
         algorithm.load_state_dict(algo_state)
+        objective.load_state_dict(extra.get("objective", {}), model)  # the previous stage's teacher, when in use
         unlogged = extra.get("loss_window", torch.zeros(0)).to(device).unbind()
         window = list(zip(extra.get("loss_window_steps", []), unlogged))
     wrapped, optimizer = acc.prepare(model, optimizer)
@@ -179,14 +186,16 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
         if acc.is_main_process:
             unlogged = torch.stack([loss for _, loss in window]) if window else None
             ckpt.save_checkpoint(path, at, model, optimizer.optimizer, param_names, algorithm.state_dict(), ema,
-                                 extra={"loss_window_steps": [s for s, _ in window]}, algorithm=recipe.algorithm,
-                                 loss_window=unlogged)
+                                 extra={"loss_window_steps": [s for s, _ in window], "objective": objective.state_dict(),
+                                        "identity": identity or {}},
+                                 algorithm=recipe.algorithm, loss_window=unlogged)
             ckpt.prune_checkpoints(ckpt_dir, t.keep_checkpoints)
         acc.wait_for_everyone()
         return path
 
     end = t.steps if stop_after is None else min(t.steps, step + stop_after)
     bar = TrainProgress(t.steps, start=step, enabled=progress and acc.is_main_process, label=recipe.name or recipe.algorithm)
+    last_loss = math.nan
     started = time.perf_counter()
     first_step = step
     with bar, _deferred_interrupt() as interrupted:
@@ -194,6 +203,12 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
             step += 1  # steps count from 1: "after every ΔT_e-th step"
             # randomness inside the model (dropout, DiT's label dropout) is a function of (seed, step, rank) too
             torch.manual_seed(_seed(t.seed, step, acc.process_index, 1))
+            stage = algorithm.stage_starting_at(step)
+            if stage is not None:  # progressive N:M: a tighter pattern from this step on
+                objective.begin_stage(stage, model, out_dir, acc)  # teacher: previous takes the model as it is now
+                event = algorithm.stage_event(stage)
+                _log(acc, log_path, {"step": step, "stage_switch": event})
+                bar.note(f"step {step}: stage {event['stage']}, {event.get('from')} → {event.get('to')}")
             algorithm.begin_step(step)
             for micro in range(t.grad_accum):
                 idx = sampler.indices((step - 1) * t.grad_accum + micro)
@@ -237,9 +252,10 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
     seconds = time.perf_counter() - started
     if ema is not None:
         ema.copy_to(model)
-    val = heldout_loss(model, task, objective, t.batch_size, t.eval_batches, t.seed)
+    # the plain ε-loss, whatever the training objective: comparable across recipes (a teacher term would not be)
+    val = heldout_loss(model, task, EpsilonLoss(task), t.batch_size, t.eval_batches, t.seed)
     done = max(step - first_step, 1)
-    return TrainResult(step, last_loss if step > first_step else math.nan, val, seconds, seconds / done,
+    return TrainResult(step, last_loss, val, seconds, seconds / done,
                        list(getattr(algorithm, "history", [])))
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from surgeon import presets
-from surgeon.recipe import Recipe, load_recipe
+from surgeon.recipe import DYNAMIC, Recipe, load_recipe
 from surgeon.run import prepare
 from surgeon.surgery import sites
 from surgeon.tasks.images import ImageTask
@@ -59,8 +59,11 @@ def small_recipe(name: str = "rigl", **changes) -> Recipe:
         "dst.p_decay": "constant",
         "dst.stop_fraction": 1.0,
     }
+    recipe = load_recipe(name)
+    if recipe.algorithm not in DYNAMIC:  # only RigL and MagRan read dst:; the schema rejects it elsewhere
+        base = {k: v for k, v in base.items() if not k.startswith("dst.")}
     base.update(changes)
-    return load_recipe(name).override(**base)
+    return recipe.override(**base)
 
 
 def tiny_model(recipe: Recipe, seed: int = 0):

@@ -4,7 +4,7 @@ A plain dict registry; add an entry here when you add an algorithm.
 """
 from .base import Algorithm
 from .dst import MagRan, RigL
-from .nm_ste import NMSTE
+from .nm_ste import NMSTE, NMFixed
 from .static import Dense, Static
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
@@ -13,6 +13,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "magran": MagRan,
     "rigl": RigL,
     "nm_ste": NMSTE,
+    "nm_fixed": NMFixed,
 }
 
-__all__ = ["ALGORITHMS", "Algorithm", "Dense", "MagRan", "NMSTE", "RigL", "Static"]
+__all__ = ["ALGORITHMS", "Algorithm", "Dense", "MagRan", "NMFixed", "NMSTE", "RigL", "Static"]

@@ -1,5 +1,8 @@
 """The hook points the training loop calls, in order, every step::
 
+    algorithm.stage_starting_at(step)     progressive N:M: the stage this step begins (a switch), or None;
+                                          on a switch the loop logs algorithm.stage_event(stage) and lets the
+                                          objective take its teacher (objective.begin_stage)
     algorithm.begin_step(step)            before the forward passes of this step
     (forward / backward over micro-batches)
     algorithm.after_backward(step)        gradients are complete (and synchronized across processes)
@@ -26,6 +29,12 @@ class Algorithm:
     def setup(self, model: nn.Module, accelerator) -> None:
         self.model = model
         self.accelerator = accelerator
+
+    def stage_starting_at(self, step: int) -> int | None:
+        return None
+
+    def stage_event(self, stage: int) -> dict:
+        return {"stage": stage + 1}
 
     def begin_step(self, step: int) -> None:
         pass

@@ -20,3 +20,13 @@ def drop_fraction(step: int, p: float, total_steps: int, stop_fraction: float, d
         return p
     end = max(stop_step(total_steps, stop_fraction), 1)
     return p * 0.5 * (1.0 + math.cos(math.pi * min(step, end) / end))
+
+
+def stage_at(step: int, lengths: list[int]) -> int:
+    """Index of the progressive stage that optimizer step ``step`` (from 1) belongs to; the last stage runs on."""
+    end = 0
+    for i, n in enumerate(lengths):
+        end += n
+        if step <= end:
+            return i
+    return len(lengths) - 1
