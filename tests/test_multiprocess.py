@@ -33,6 +33,22 @@ for name in ("rigl", "magran"):
     with open(f"{out}/{name}-rank{acc.process_index}.json", "w") as f:
         json.dump({"processes": acc.num_processes, "backend": backend, "distributed": str(acc.distributed_type),
                    "updates": result.mask_updates, "moved": moved}, f)
+
+from surgeon import presets
+from surgeon.recipe import load_recipe
+from surgeon.run import execute, make_objective, prepare, Source
+
+# SparseDM: 3:4 for two steps, then 2:4 distilled from the 3:4 model (each rank its own teacher copy)
+recipe = load_recipe("sparsedm").override(**{
+    "training.steps": 4, "stages": [{"nm": "3:4", "steps": 2}, {"nm": "2:4", "steps": 2}],
+    "distill.teacher": "previous", "training.batch_size": 4, "training.log_every": 1, "training.eval_batches": 1,
+    "optimizer.lr": 1e-3, "training.ema_decay": 0.9})
+teacher, student = presets.build("tiny-unet", seed=1).requires_grad_(False), presets.build("tiny-unet", seed=1)
+task = SyntheticImageTask(student)
+prepare(student, recipe)
+execute(Source(student), task, recipe, f"{out}/sparsedm-run", acc, make_objective(task, recipe, teacher),
+        progress=False, samples=False)
+save_state(student, f"{out}/sparsedm-rank{acc.process_index}.safetensors")
 '''
 
 
@@ -66,3 +82,9 @@ def test_two_cpu_processes_end_with_identical_masks_and_weights(tmp_path):
         assert a.keys() == b.keys() and any(k.startswith("mask.") for k in a)
         different = [k for k in a if not torch.equal(a[k], b[k])]
         assert not different, f"{name}: ranks differ in {different[:5]}"
+    a = load_file(str(tmp_path / "sparsedm-rank0.safetensors"))
+    b = load_file(str(tmp_path / "sparsedm-rank1.safetensors"))
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+    log = [json.loads(line) for line in (tmp_path / "sparsedm-run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "stage_switch" in r] == [3]
+    assert (tmp_path / "sparsedm-run" / "checkpoints" / "teacher-stage-2.safetensors").is_file()

@@ -170,3 +170,64 @@ def test_ctrl_c_exits_130_names_the_checkpoint_and_resumes_bit_identical(tmp_pat
     assert sa.keys() == sb.keys() and all(torch.equal(sa[f].mask, sb[f].mask) for f in sa)
     assert _records(run / "metrics.jsonl") == _records(tmp_path / "full" / "metrics.jsonl")
     assert json.loads((run / "summary.json").read_text())["steps"] == 40
+
+
+FT_RECIPE = {"training.steps": 12, "stages": [{"nm": "3:4", "steps": 3}, {"nm": "2:4", "steps": 9}],
+             "distill.teacher": "previous", "training.checkpoint_every": 4, "training.keep_checkpoints": 2,
+             "training.ema_decay": 0.9, "training.batch_size": 4, "training.log_every": 1,
+             "training.eval_batches": 1, "optimizer.lr": 1e-3}
+
+FT_SCRIPT = """
+import sys, time
+from helpers_train import SyntheticImageTask
+from surgeon import presets
+from surgeon.recipe import load_recipe
+from surgeon.run import finetune
+
+class SlowTask(SyntheticImageTask):
+    def collate(self, items):
+        time.sleep(0.2)
+        return super().collate(items)
+
+teacher = presets.build("tiny-unet", seed=1)
+print("training", flush=True)
+finetune(teacher, SlowTask(teacher), sys.argv[1], load_recipe("sparsedm").override(**{recipe!r}), progress=False,
+         samples=False)
+"""
+
+
+def test_finetune_killed_after_a_stage_switch_resumes_bit_identical(tmp_path):
+    """SparseDM with stages 3:4 → 2:4 and teacher: previous, SIGKILLed in stage 2: the resumed run rebuilds the
+    previous stage's teacher from its snapshot and ends exactly as an uninterrupted run."""
+    from surgeon import presets
+    from surgeon.recipe import load_recipe
+    from surgeon.run import finetune
+
+    script = tmp_path / "finetune_script.py"
+    script.write_text(FT_SCRIPT.format(recipe=FT_RECIPE))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(killed)], env=subprocess_env(), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: bool(ckpt.list_checkpoints(killed / "checkpoints")), proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    stopped_at = int(re.search(r"step-(\d+)", ckpt.list_checkpoints(killed / "checkpoints")[-1].name).group(1))
+    assert 4 <= stopped_at < 12  # in stage 2, which began at step 4
+    assert not (killed / "model").exists()
+
+    recipe = load_recipe("sparsedm").override(**FT_RECIPE)
+    teacher = presets.build("tiny-unet", seed=1)
+    resumed = finetune(teacher, SyntheticImageTask(teacher), killed, recipe, resume=killed, progress=False,
+                       samples=False)
+    full = finetune(teacher, SyntheticImageTask(teacher), tmp_path / "full", recipe, progress=False, samples=False)
+    assert resumed.steps == full.steps == 12 and resumed.val_loss == full.val_loss
+    a, b = surgeon.load(killed / "model"), surgeon.load(tmp_path / "full" / "model")
+    _assert_identical(a.state_dict(), b.state_dict())
+    # every loss after the kill, distilled from the rebuilt stage-1 teacher, is bit-equal
+    assert _records(killed / "metrics.jsonl") == _records(tmp_path / "full" / "metrics.jsonl")
