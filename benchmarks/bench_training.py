@@ -51,7 +51,8 @@ class Setup:
 
     def __init__(self, recipe, masked: bool, batch: int, device: str):
         model = presets.build("unet-kanji", seed=0)
-        prepare(model, recipe if masked else recipe.override(algorithm="dense", sparsity=0.0))
+        dense = load_recipe("dense").override(**{"init": recipe.init, "training.seed": recipe.training.seed})
+        prepare(model, recipe if masked else dense)
         self.model = model.to(device).train()
         self.task = ImageTask(model, data="unused")
         self.objective = EpsilonLoss(self.task)

@@ -11,8 +11,7 @@ from surgeon.recipe import load_recipe, split_stages
 from surgeon.sparsity.patterns import parse_nm
 
 from .common import (BatchSize, Data, EMADecay, Exclude, Force, GradAccum, Include, LearningRate, Limit, MixedPrecision,
-                     NMTarget, Resume, Samples, Seed, ShowProgress, Steps, default_out, print_summary,
-                     training_overrides)
+                     NMTarget, Resume, Samples, Seed, ShowProgress, Steps, default_out, training_overrides)
 
 
 def _stages(value: str | None) -> list[str] | None:
@@ -87,6 +86,8 @@ def finetune(
     from accelerate import PartialState
 
     if PartialState().is_main_process:
+        from surgeon.tables import print_summary
+
         print_summary([summary], title="surgeon finetune")
         print_nm(summary.nm)
 
