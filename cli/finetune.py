@@ -11,7 +11,8 @@ from surgeon.recipe import load_recipe, split_stages
 from surgeon.sparsity.patterns import parse_nm
 
 from .common import (BatchSize, Data, EMADecay, Exclude, Force, GradAccum, Include, LearningRate, Limit, MixedPrecision,
-                     NMTarget, Resume, Samples, Seed, ShowProgress, Steps, default_out, training_overrides)
+                     NMTarget, Resume, Samples, Seed, ShowProgress, Steps, TrustCode, default_out,
+                     training_overrides)
 
 
 def _stages(value: str | None) -> list[str] | None:
