@@ -3,6 +3,7 @@ the 2:4 and CSR encodings are what docs/formats.md says, the input is never chan
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 import surgeon
 from surgeon import SurgeonError
 from surgeon.cli.app import app
-from surgeon.container import read_metadata
+from surgeon.container import digests, read_metadata
 from surgeon.export.csr_layers import CSRConv1x1, CSRLinear, CSRRecurrent, to_csr
 from surgeon.export.semi_structured import compress, decompress
 from surgeon.presets import build
@@ -339,6 +340,10 @@ def test_damaged_semi_structured_and_csr_files_are_one_line_errors(tmp_path):
         key = next(k for k in tensors if k.endswith(part))
         damage(tensors[key])
         save_file(tensors, path, metadata=raw)
+        with pytest.raises(SurgeonError, match=f"damaged file: {key}"):  # the digest notices first
+            surgeon.load(path)
+        # digests recomputed, as a buggy writer would: the format's own checks stand on their own
+        save_file(tensors, path, metadata={**raw, "digests": json.dumps(digests(tensors))})
         with pytest.raises(SurgeonError) as err:
             surgeon.load(path)
         assert "is corrupt: " + key.removesuffix(part) in one_line(err), fmt
