@@ -422,7 +422,7 @@ def test_finetune_works_for_every_kind_of_model(tmp_path, kind):
         assert summary.pipeline == str((tmp_path / "pipe").resolve())
         from diffusers import AutoencoderKL
 
-        after = AutoencoderKL.from_pretrained(tmp_path / "pipe" / "vae").state_dict()
+        after = AutoencoderKL.from_pretrained(tmp_path / "pipe" / "vae", use_safetensors=True).state_dict()
         assert all(torch.equal(after[k], v) for k, v in autoencoder.items())
     if kind in ("chirodiff", "file-class"):  # GRU weights are N:M too
         assert any(".weight_hh_l" in f for f in sites(loaded))
