@@ -11,6 +11,7 @@ from . import eval as eval_cmd
 from . import export as export_cmd
 from . import finetune as finetune_cmd
 from . import inspect as inspect_cmd
+from . import reproduce as reproduce_cmd
 from . import sparsify as sparsify_cmd
 from .common import SurgeonGroup
 
@@ -43,6 +44,7 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("sparsify")(sparsify_cmd.sparsify)
 app.command("eval")(eval_cmd.eval_models)
 app.command("finetune")(finetune_cmd.finetune)
+app.command("reproduce")(reproduce_cmd.reproduce)
 
 
 def main() -> None:

@@ -1,7 +1,12 @@
-"""``make demo``: a small UNet on KanjiVG glyphs, trained dense and with RigL at S = 0.5, side by side.
+"""``make demo``: a small UNet on KanjiVG glyphs, trained dense and with RigL at S = 0.5, then scored side by side.
 
-Everything is embedded: the model is built from a config (preset ``unet-kanji``), the glyphs are rendered from the
-pip package ``kanjivg``; nothing is downloaded. Outputs go to ``runs/demo/``.
+Everything is embedded: the model is built from a config (preset ``unet-kanji``, 32×32 glyphs), the glyphs are
+rendered from the pip package ``kanjivg``, and FID/KID use the offline EfficientNet-Lite0 extractor (not comparable
+with Inception FID); nothing is downloaded. Outputs go to ``runs/demo/``: each run's folder (model, samples.png,
+loss.png, metrics) and ``eval/`` (the two sample grids side by side, results.json).
+
+Sizes are chosen to finish in about five minutes on two idle CPU cores: ``SURGEON_DEMO_STEPS`` (default 600)
+training steps per model, ``SURGEON_DEMO_N`` (default 256) samples scored per model.
 """
 from __future__ import annotations
 
@@ -9,37 +14,48 @@ import os
 import sys
 from pathlib import Path
 
-from rich.console import Console
-
-STEPS = int(os.environ.get("SURGEON_DEMO_STEPS", "300"))
+STEPS = int(os.environ.get("SURGEON_DEMO_STEPS", "600"))
+N = int(os.environ.get("SURGEON_DEMO_N", "256"))
 LIMIT = 2048  # glyphs used for training
+OUT = Path("runs/demo")
 
 
-def run() -> None:
-    from surgeon.tables import print_summary
+def run(out: Path = OUT, steps: int = STEPS, n: int = N, progress: bool = True) -> None:
+    from rich.console import Console
+
+    from surgeon.evaluate import evaluate
     from surgeon.recipe import load_recipe
     from surgeon.run import sparsify
+    from surgeon.tables import comparison_table
 
     console = Console()
-    out = Path("runs/demo")
-    console.print(f"[bold]surgeon demo[/]: UNet2DModel (preset unet-kanji, 32×32) on KanjiVG glyphs, {STEPS} steps each")
+    console.print(f"[bold]surgeon demo[/]: UNet2DModel (preset unet-kanji, 32×32) on KanjiVG glyphs, {steps} steps "
+                  f"each, then FID/KID on {n} samples each")
     summaries = []
     for name, sparsity in (("dense", None), ("rigl", 0.5)):
         recipe = load_recipe(name).override(**{
-            "sparsity": sparsity, "training.steps": STEPS, "training.batch_size": 16, "optimizer.lr": 1e-3,
-            "dst.delta_t": 50, "dst.p": 0.2, "training.checkpoint_every": STEPS, "training.num_samples": 16,
-            "diffusion.sample_steps": 25,
+            "sparsity": sparsity, "training.steps": steps, "training.batch_size": 16, "optimizer.lr": 2e-3,
+            "training.ema_decay": 0.995, "dst.delta_t": max(1, steps // 10), "training.checkpoint_every": steps,
+            "training.num_samples": 36, "diffusion.sample_steps": 50, "training.log_every": max(1, steps // 60),
         })
         console.print(f"\n[bold]{name}[/]" + (f" at S = {sparsity}" if sparsity else ""))
-        summaries.append(sparsify("unet-kanji", recipe, "kanjivg", out / name, limit=LIMIT, force=True))
-    print_summary(summaries)
-    console.print(f"Outputs: {out}/<run>/model (packed masks), samples.png, metrics.jsonl, summary.json")
+        summaries.append(sparsify("unet-kanji", recipe, "kanjivg", out / name, limit=LIMIT, force=True,
+                                  progress=progress))
+    console.print("\n[bold]scoring[/] (sampling and feature extraction)")
+    result = evaluate([out / "dense", out / "rigl"], data="kanjivg", n=n, sample_steps=50, out=out / "eval",
+                      force=True, progress=progress)
+    console.print(comparison_table(summaries, result, title="surgeon demo"))
+    console.print(f"Outputs: {out}/<run>/ (model with packed masks, samples.png, loss.png, metrics.jsonl, summary.json) "
+                  f"and {out}/eval/ (samples.png side by side, results.json)", soft_wrap=True)
 
 
 if __name__ == "__main__":
-    from surgeon.cli.common import print_error
+    from surgeon.errors import SurgeonError
 
     try:
         run()
-    except Exception as err:  # noqa: BLE001 - the demo reports errors like the CLI does
-        sys.exit(print_error(err))
+    except SurgeonError as err:  # the demo reports errors the way the CLI does, without importing it
+        print(f"error: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"hint: {err.hint}", file=sys.stderr)
+        sys.exit(err.exit_code)

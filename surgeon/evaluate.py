@@ -148,14 +148,15 @@ def generate_images(task, model: nn.Module, n: int, steps: int, seed: int, batch
 def evaluate(models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module, data: str = "kanjivg", n: int = 2048,
              metrics="fid,kid", sample_steps: int = 50, extractor: str | None = None,
              out: str | os.PathLike | None = None, force: bool = False, seed: int = 0, batch_size: int = 64,
-             progress: bool = True, console=None, trust_code: bool = False) -> Evaluation:
+             progress: bool = True, console=None, limit: int | None = None, trust_code: bool = False) -> Evaluation:
     """FID/KID, held-out loss, parameters and FLOPs of each model; one table (:class:`Evaluation`).
 
     ``trust_code``: let saved folders import the file or module their config names (see :func:`surgeon.load_model`).
 
     ``extractor``: ``inception-v3-compat`` (needs its weights on disk) or ``efficientnet-lite0`` (offline; its FID
     is not comparable with Inception FID); None picks Inception when available. ``out``: a folder for sample grids
-    and plots (must be empty or absent unless ``force``).
+    and plots (must be empty or absent unless ``force``). ``limit``: use only the first N examples of each split
+    (quick checks; the reference then holds at most N held-out examples).
     """
     from .distill import EpsilonLoss
     from .measure import measure_task
@@ -183,7 +184,7 @@ def evaluate(models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module, 
     for ref in models:
         model, recipe, vae, name = open_model(ref, trust_code)
         model.eval()
-        task = make_task(model, data, vae=vae)
+        task = make_task(model, data, vae=vae, limit=limit)
         channels = getattr(task, "image_channels", None)
         if channels is not None and channels not in (1, 3):
             raise SurgeonError(f"samples of {name} have {channels} channels and cannot be rendered to images",
@@ -196,7 +197,8 @@ def evaluate(models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module, 
         key = (resolution, type(task).__name__)
         if key not in references:
             with WorkProgress("reference features", 1, enabled=progress) as bar:
-                references[key] = reference_features(task, data, info.name, feats_model, resolution, metrics)
+                references[key] = reference_features(task, data, info.name, feats_model, resolution, metrics,
+                                                     limit=limit)
                 bar.advance()
         with WorkProgress(f"sampling {Path(str(name)).name}", n, enabled=progress) as bar:
             images = generate_images(task, model, n, sample_steps, seed, batch_size, bar)
@@ -204,7 +206,7 @@ def evaluate(models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module, 
             feats = extract_features(feats_model, images, progress=bar.set)
         s = score(feats, references[key], metrics)
         measured = measure_task(model, task)
-        loss = heldout_loss(model, task, EpsilonLoss(task), batch_size, 4, seed)
+        loss = heldout_loss(model, task, EpsilonLoss(task), min(batch_size, 32), 4, seed)
         steps_fwd = measured.flops_sparse
         rows.append(ModelEval(
             name, recipe.get("algorithm"), measured.sparsity, measured.params_total, measured.params_kept, steps_fwd,

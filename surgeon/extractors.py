@@ -19,6 +19,7 @@ import hashlib
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -184,8 +185,9 @@ def _inception_state_dict_from(path: Path):
         inc.load_state_dict_from_url = previous
 
 
+@lru_cache(maxsize=2)
 def load_extractor(info: ExtractorInfo) -> nn.Module:
-    """A torch-fidelity feature extractor instance (eval mode, CPU) for ``info``."""
+    """A torch-fidelity feature extractor instance (eval mode, CPU) for ``info``; built once per process."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     register()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .errors import SurgeonError
@@ -58,15 +59,29 @@ def extract_features(extractor: Callable, images: torch.Tensor, batch_size: int 
 
 
 def fid(features_1: torch.Tensor, features_2: torch.Tensor) -> float:
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+    """Fréchet distance of two feature sets: ‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2·tr √(Σ1·Σ2).
+
+    torch-fidelity's statistics (``fid_features_to_statistics``); the trace of the matrix square root is taken as
+    Σ √λ of the symmetric PSD matrix √Σ1·Σ2·√Σ1, which has the eigenvalues of Σ1·Σ2. Two symmetric
+    eigendecompositions are several times faster than torch-fidelity's general ``eigvals`` of Σ1·Σ2 on 1280-d
+    features (a test holds the two equal).
+    """
+    from torch_fidelity.metric_fid import fid_features_to_statistics
 
     for f in (features_1, features_2):
         if len(f) < MIN_EXAMPLES["fid"]:
             raise SurgeonError(f"FID needs at least {MIN_EXAMPLES['fid']} images per set, got {len(f)}",
                                "generate more samples (--n) or give more held-out data")
-    s1, s2 = fid_features_to_statistics(features_1), fid_features_to_statistics(features_2)
-    # a (near-)singular covariance product can leave a tiny negative value from round-off
-    return max(0.0, float(fid_statistics_to_metric(s1, s2, verbose=False)[KEY_METRIC_FID]))
+    s1, s2 = fid_features_to_statistics(features_1.double()), fid_features_to_statistics(features_2.double())
+    mu1, sigma1, mu2, sigma2 = (np.atleast_1d(s1["mu"]), np.atleast_2d(s1["sigma"]), np.atleast_1d(s2["mu"]),
+                                np.atleast_2d(s2["sigma"]))
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root1 @ sigma2 @ root1
+    tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum())
+    diff = mu1 - mu2
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return max(0.0, value)  # round-off can leave a tiny negative value for (near-)identical sets
 
 
 def kid(features_1: torch.Tensor, features_2: torch.Tensor, subsets: int = KID_SUBSETS,
@@ -142,12 +157,13 @@ def heldout_images(task, limit: int = MAX_REFERENCE) -> torch.Tensor:
 
 
 def reference_features(task, data: str, extractor_name: str, extractor: Callable, resolution: int,
-                       metrics=METRICS, progress=None) -> torch.Tensor:
+                       metrics=METRICS, progress=None, limit: int | None = None) -> torch.Tensor:
     """Features of the held-out split, from the user cache when (data, resolution, extractor) match."""
     from .data.cache import cache_dir, cache_key, load_cached, save_cached
 
     header = {"format": "reference-features", "version": 1, "extractor": extractor_name,
-              "resolution": int(resolution), "max": MAX_REFERENCE, **data_fingerprint(data, "validation")}
+              "resolution": int(resolution), "max": MAX_REFERENCE,
+              "limit": limit, "task": type(task).__name__, **data_fingerprint(data, "validation")}
     path = cache_dir("fidelity") / f"reference-{cache_key(header)}.safetensors"
     cached = load_cached(path, header)
     if cached is not None:

@@ -10,7 +10,7 @@ Both commands compose the same steps; each is a few lines that say what differs:
     summary   = execute(source, task, recipe, out, acc, objective, ...)   # train, save, summarize
 
 The output folder holds ``model/`` (packed masks, docs/formats.md), ``recipe.yaml`` (fully resolved),
-``metrics.jsonl``, ``samples.png``, ``summary.json`` and ``checkpoints/`` for ``--resume``.
+``metrics.jsonl``, ``samples.png``, ``loss.png``, ``summary.json`` and ``checkpoints/`` for ``--resume``.
 """
 from __future__ import annotations
 
@@ -257,6 +257,10 @@ def execute(source: Source, task: Task, recipe: Recipe, out: str | os.PathLike, 
         if samples and recipe.training.num_samples:
             save_samples(model, task, out / "samples.png", recipe.training.num_samples, recipe.diffusion.sample_steps,
                          recipe.training.seed)
+        if (out / "metrics.jsonl").is_file():
+            from .plots import loss_curve
+
+            loss_curve(out / "metrics.jsonl", out / "loss.png", title=summary.recipe, val_loss=summary.val_loss)
         summary.seconds = time.perf_counter() - started
         write_text(out / "summary.json", json.dumps(asdict(summary), indent=2))
     acc.wait_for_everyone()

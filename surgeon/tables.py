@@ -65,6 +65,20 @@ def eval_table(result) -> Table:
     return table
 
 
+def comparison_table(summaries, result, title: str = "surgeon") -> Table:
+    """Training runs (``RunSummary``) next to their scores (``Evaluation`` of the same runs, in the same order)."""
+    table = Table(title=f"{title} — {result.label}", caption=f"n = {result.n} samples per model, "
+                  f"{result.sample_steps} DDIM steps; FLOPs after Evci et al. (fwd: one denoiser call)")
+    table.add_column("run", overflow="fold", min_width=6)
+    for col in ("FID", "KID", "train loss", "held-out", "params kept", "fwd FLOPs", "train FLOPs", "time"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for s, r in zip(summaries, result.rows):
+        table.add_row(s.recipe, "n/a" if r.fid is None else f"{r.fid:.2f}", format_kid(r.kid_mean, r.kid_std),
+                      f"{s.final_loss:.4f}", _loss(s.val_loss), _params(s.params_kept, s.params_total),
+                      format_flops(s.flops_forward), format_flops(s.flops_train), f"{s.seconds:.0f}s")
+    return table
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub markdown table; the first column left-aligned, the rest right-aligned."""
     lines = ["| " + " | ".join(header) + " |",

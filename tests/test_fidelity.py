@@ -128,3 +128,13 @@ def test_efficientnet_weights_are_read_without_unpickling_and_cached_as_safetens
     f, g = extract_features(ex, x), extract_features(again, x)
     assert f.shape == (6, 1280) and torch.allclose(f, g)
     assert fid(f, f) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_fid_equals_torch_fidelitys_own_formula():
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(300, 24, generator=g, dtype=torch.float64)
+    b = torch.randn(200, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64) * 0.3 + 0.5
+    theirs = fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b), verbose=False)
+    assert fid(a, b) == pytest.approx(theirs[KEY_METRIC_FID], rel=1e-8)

@@ -1,0 +1,32 @@
+"""``surgeon reproduce``: the sparse-to-sparse study on KanjiVG (images and ChiroDiff strokes) in one command."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import Force
+
+
+def reproduce(
+    budget_minutes: Annotated[float, typer.Option("--budget-minutes", help="Wall-clock budget; it decides the training steps.")] = 60,
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FOLDER", help="Study folder; re-running resumes it.")] = Path("runs/reproduce"),
+    n: Annotated[int, typer.Option("--n", help="Samples scored per model (FID/KID).")] = 256,
+    sample_steps: Annotated[int, typer.Option("--sample-steps", help="DDIM sampling steps for scoring.")] = 20,
+    extractor: Annotated[Optional[str], typer.Option("--extractor", help="Feature extractor, as for surgeon eval.")] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", metavar="RUN", help="Run only these runs (repeatable), e.g. dense, rigl-s0.9-p0.05.")] = None,
+    force: Force = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Dense vs Static/RigL/MagRan at S = 0.25-0.9 (and p = 0.05 vs 0.5 at S = 0.9) on KanjiVG glyphs, then a short
+    ChiroDiff comparison; every model scored by FID, KID, held-out loss, parameters and FLOPs, in a markdown report."""
+    from rich.console import Console
+
+    from surgeon.reproduce import reproduce as run
+
+    console = Console()
+    report = run(budget_minutes, out, n=n, sample_steps=sample_steps, force=force, progress=progress,
+                 console=console, extractor=extractor, only=only)
+    console.print(report.read_text(), soft_wrap=True, markup=False, highlight=False)
+    console.print(f"report: {report}")

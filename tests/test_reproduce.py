@@ -1,0 +1,76 @@
+"""``surgeon reproduce`` on a micro scale: the budget's share-out, a tiny study end to end, resuming, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from surgeon.cli.app import app
+from surgeon.errors import SurgeonError, UsageError
+from surgeon.reproduce import allocate, reproduce, study_runs
+
+TIMING = {"image_step_s": 0.2, "chiro_step_s": 0.5, "image_run_fixed_s": 5.0, "chiro_run_fixed_s": 5.0,
+          "image_eval_fixed_s": 4.0, "image_eval_per_sample_s": 0.1, "chiro_eval_fixed_s": 4.0,
+          "chiro_eval_per_sample_s": 0.2}
+
+
+def test_the_study_has_the_papers_grid():
+    names = [r.name for r in study_runs()]
+    assert len(names) == 18 and names[0] == "dense"
+    for s in ("0.25", "0.5", "0.75", "0.9"):
+        assert {f"static-s{s}", f"rigl-s{s}-p0.5", f"magran-s{s}-p0.5"} <= set(names)
+    assert {"rigl-s0.9-p0.05", "magran-s0.9-p0.05", "chiro-dense", "chiro-magran-s0.9-p0.5", "chiro-rigl-s0.25-p0.5"} <= set(names)
+
+
+def test_the_budget_decides_the_steps():
+    img30, chiro30, eval_s = allocate(30, TIMING, n=128, n_img=15, n_chiro=3, updates=10)
+    img60, chiro60, _ = allocate(60, TIMING, n=128, n_img=15, n_chiro=3, updates=10)
+    assert eval_s == pytest.approx(15 * (4 + 128 * 0.1) + 3 * (4 + 128 * 0.2))
+    assert 0 < img30 < img60 and 0 < chiro30 < chiro60
+    train_s = 30 * 60 * 0.85 - eval_s - 18 * 5
+    assert 15 * img30 * 0.2 + 3 * chiro30 * 0.5 == pytest.approx(train_s, rel=0.01)  # the budget is used, not exceeded
+    with pytest.raises(UsageError, match="too little time") as e:
+        allocate(3, TIMING, n=128, n_img=15, n_chiro=3, updates=10)
+    assert "--budget-minutes" in e.value.hint
+
+
+def test_a_micro_study_runs_scores_reports_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    out = tmp_path / "study"
+    kw = dict(n=4, sample_steps=1, progress=False, image_model="tiny-unet", chiro_model="tiny-chirodiff", limit=12,
+              updates=1, only=["dense", "rigl-s0.9-p0.05", "chiro-dense"], steps=(2, 2))
+    report = reproduce(1, out, **kw)
+    text = report.read_text()
+    assert "not comparable with Inception FID" in text and "| rigl-s0.9-p0.05 | rigl | 0.90 | 0.05 |" in text
+    assert "chiro-dense" in text and "## The paper's findings" in text
+    for name in ("images/samples_side_by_side.png", "images/fid_vs_sparsity.png", "images/fid_vs_flops.png",
+                 "images/loss_curves.png", "strokes/samples_side_by_side.png", "images/dense/loss.png"):
+        assert (out / name).stat().st_size > 1000, name
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["image_steps"] == 2 and plan["runs"] == ["dense", "rigl-s0.9-p0.05", "chiro-dense"]
+    rigl = json.loads((out / "images/rigl-s0.9-p0.05/eval.json").read_text())
+    assert rigl["sparsity"] == pytest.approx(0.9, abs=0.01) and rigl["fid"] > 0 and rigl["n_samples"] == 4
+
+    # an interrupted run (no summary yet, a checkpoint left) continues; finished runs and scores are kept
+    dense_mtime = (out / "images/dense/summary.json").stat().st_mtime_ns
+    (out / "images/rigl-s0.9-p0.05/summary.json").unlink()
+    (out / "images/rigl-s0.9-p0.05/eval.json").unlink()
+    assert list((out / "images/rigl-s0.9-p0.05/checkpoints").glob("step-*.safetensors"))
+    reproduce(1, out, **{**kw, "steps": (50, 50)})  # a resumed study keeps its plan
+    assert (out / "images/dense/summary.json").stat().st_mtime_ns == dense_mtime
+    assert json.loads((out / "images/rigl-s0.9-p0.05/summary.json").read_text())["steps"] == 2
+    assert (out / "images/rigl-s0.9-p0.05/eval.json").is_file()
+
+
+def test_bad_inputs(tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x.txt").write_text("not a study")
+    with pytest.raises(SurgeonError, match="other than a study"):
+        reproduce(1, tmp_path / "busy", steps=(2, 2))
+    r = CliRunner().invoke(app, ["reproduce", "--budget-minutes", "0", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "error: --budget-minutes 0 must be positive" in r.stderr and "hint:" in r.stderr
+    r = CliRunner().invoke(app, ["reproduce", "--only", "rigl-s0.33", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "unknown run(s): rigl-s0.33" in r.stderr
+    assert not (tmp_path / "o").exists()
