@@ -120,10 +120,13 @@ def test_efficientnet_weights_are_read_without_unpickling_and_cached_as_safetens
 
     monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load unpickles"))
+    load_extractor.cache_clear()  # built once per process: start from nothing
     ex = load_extractor(EXTRACTORS[EFFICIENTNET])
     assert len(list((tmp_path / "cache" / "extractors").glob("*.safetensors"))) == 1
     monkeypatch.setattr(surgeon.torchfile, "read_state_dict", lambda p: pytest.fail("the cache was not used"))
+    load_extractor.cache_clear()
     again = load_extractor(EXTRACTORS[EFFICIENTNET])
+    assert again is not ex
     x = _images(6, 0)
     f, g = extract_features(ex, x), extract_features(again, x)
     assert f.shape == (6, 1280) and torch.allclose(f, g)
