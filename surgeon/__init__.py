@@ -28,6 +28,7 @@ _PUBLIC = {
     "evaluate": ".evaluate",
     "export": ".exporting",  # the function; the formats live in the subpackage surgeon.export (see _Package)
     "find_targets": ".targets",
+    "finetune": ".run",
     "fold": ".surgery",
     "inject": ".surgery",
     "load": ".export",
@@ -38,6 +39,7 @@ _PUBLIC = {
     "remove": ".surgery",
     "report": ".report",
     "save": ".packed",
+    "sparsify": ".run",
 }
 
 __all__ = ["SurgeonError", "__version__", *sorted(_PUBLIC)]

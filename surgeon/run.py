@@ -284,13 +284,22 @@ def write_text(path: Path, text: str) -> None:
 
 # --- the commands ------------------------------------------------------------------------------------------------
 
-def sparsify(model: str | os.PathLike | nn.Module, recipe: Recipe, data: str | Task, out: str | os.PathLike,
+def as_recipe(recipe: Recipe | str | os.PathLike, **changes) -> Recipe:
+    """A Recipe, a shipped recipe's name or a YAML path; ``changes`` override fields (``section.field`` keys)."""
+    from .recipe import load_recipe
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return recipe.override(**changes) if changes else recipe
+
+
+def sparsify(model: str | os.PathLike | nn.Module, recipe: Recipe | str, data: str | Task, out: str | os.PathLike,
              init: str | None = None, limit: int | None = None, force: bool = False, resume=None,
              progress: bool = True, samples: bool = True, stop_after: int | None = None,
              trust_code: bool = False) -> RunSummary:
     """Sparse-to-sparse training (Static-DM, RigL-DM, MagRan-DM) or a dense baseline, from scratch by default.
 
-    ``trust_code``: see :func:`surgeon.load_model`."""
+    ``recipe``: a Recipe, a shipped name or a YAML path. ``trust_code``: see :func:`surgeon.load_model`."""
+    recipe = as_recipe(recipe)
     acc = open_run(out, recipe, force, resume)
     source = load_source(model, trust_code)
     task = make_run_task(source, data, recipe, limit)
@@ -300,16 +309,22 @@ def sparsify(model: str | os.PathLike | nn.Module, recipe: Recipe, data: str | T
                    stop_after=stop_after)
 
 
-def finetune(teacher: str | os.PathLike | nn.Module, data: str | Task, out: str | os.PathLike, recipe: Recipe,
-             model: str | os.PathLike | nn.Module | None = None, limit: int | None = None, force: bool = False,
-             resume=None, progress: bool = True, samples: bool = True, stop_after: int | None = None,
-             trust_code: bool = False) -> RunSummary:
+def finetune(teacher: str | os.PathLike | nn.Module, data: str | Task, out: str | os.PathLike,
+             recipe: Recipe | str = "sparsedm", model: str | os.PathLike | nn.Module | None = None,
+             nm: str | None = None, limit: int | None = None, force: bool = False, resume=None, progress: bool = True,
+             samples: bool = True, stop_after: int | None = None, trust_code: bool = False) -> RunSummary:
     """N:M fine-tuning of a trained dense model (SparseDM): the student starts as a copy of ``teacher`` (or as
     ``model``, whose target tensors must match the teacher's) and learns from the frozen teacher if the recipe
-    distills. ``trust_code``: see :func:`surgeon.load_model`."""
+    distills. ``recipe``: a Recipe, a shipped name (sparsedm, sr-ste, ste, asp, one-shot) or a YAML path; ``nm``
+    overrides its pattern. ``data``: a data reference or a Task you built. ``trust_code``: see
+    :func:`surgeon.load_model`.
+
+        surgeon.finetune("runs/dense/model", "kanjivg", "runs/sparse-2of4", nm="2:4")
+    """
     from .surgery import fold
     from .teacher import check_same_targets, content_digest, freeze, load_teacher
 
+    recipe = as_recipe(recipe, nm=nm)
     name = recipe.name or recipe.algorithm
     if recipe.algorithm not in NM:
         raise SurgeonError(f"finetune runs N:M recipes; {name!r} is {recipe.algorithm}",

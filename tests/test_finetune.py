@@ -426,3 +426,11 @@ def test_finetune_works_for_every_kind_of_model(tmp_path, kind):
         assert all(torch.equal(after[k], v) for k, v in autoencoder.items())
     if kind in ("chirodiff", "file-class"):  # GRU weights are N:M too
         assert any(".weight_hh_l" in f for f in sites(loaded))
+
+
+def test_the_python_api_takes_a_recipe_name_and_a_pattern(tmp_path):
+    teacher = presets.build("tiny-unet", seed=1)
+    summary = surgeon.finetune(teacher, SyntheticImageTask(teacher), tmp_path / "run", "one-shot", nm="1:4",
+                               progress=False, samples=False)
+    assert summary.recipe == "one-shot" and summary.steps == 0 and summary.nm["pattern"] == "1:4"
+    assert summary.sparsity == pytest.approx(0.75, abs=0.01)  # 1 of every 4 kept, conv_in left dense
