@@ -347,3 +347,25 @@ def test_damaged_semi_structured_and_csr_files_are_one_line_errors(tmp_path):
         with pytest.raises(SurgeonError) as err:
             surgeon.load(path)
         assert "is corrupt: " + key.removesuffix(part) in one_line(err), fmt
+
+
+@pytest.mark.parametrize("csr_is_slower", [True, False])
+def test_csr_auto_keeps_a_choice_only_if_the_whole_step_is_faster(csr_is_slower):
+    import time
+
+    from surgeon.export.csr import _confirm_whole_step
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+
+    def step(m):  # a step whose cost depends only on whether the model computes with CSR
+        has_csr = any(isinstance(x, CSRLinear) for x in m.modules())
+        time.sleep(0.004 if has_csr == csr_is_slower else 0.0)
+
+    decided = {"0": {"kind": "linear", "dense_ms": 1.0, "csr_ms": 0.5, "why": None},
+               "1": {"kind": "linear", "dense_ms": 1.0, "csr_ms": 2.0, "why": "not faster as CSR"}}
+    out = _confirm_whole_step(model, copy.deepcopy(decided), step)
+    assert out["1"] == decided["1"]
+    assert (out["0"]["why"] is not None) == csr_is_slower
+    if csr_is_slower:
+        assert out["0"]["why"].startswith("whole step not faster with CSR")
+    assert not any(isinstance(x, CSRLinear) for x in model.modules())  # the check converts a copy

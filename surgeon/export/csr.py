@@ -3,13 +3,16 @@
 Eligible modules: ``nn.Linear``, 1×1 convolutions (stride 1, no padding, one group) and GRU/LSTM (their input
 projections ``weight_ih_l*``). With ``layers="auto"`` each eligible module whose weights are at most half dense is
 timed at export, dense against CSR, on the very input it sees in one denoising step of the model; it is converted
-only when CSR takes at most 0.9× the dense time. ``layers="all"`` converts every eligible module. A converted
-weight ``P`` is stored as ``P.crow`` / ``P.col`` (int32) / ``P.values``; other masked weights as in ``packed``;
+only when CSR takes at most 0.9× the dense time, and the choice is kept only if one whole denoising step with all
+chosen modules converted also takes at most 0.9× the dense step. ``layers="all"`` converts every eligible module.
+A converted weight ``P`` is stored as ``P.crow`` / ``P.col`` (int32) / ``P.values``; other masked weights as in
+``packed``;
 the header's ``csr`` entry names the converted modules with their measured times. Loading gives the same model
 with those modules replaced by the CSR modules of :mod:`surgeon.export.csr_layers`, every other weight dense.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -135,6 +138,26 @@ def choose(model: nn.Module, candidates: dict[str, str], opts: Options) -> dict[
             faster = t["csr"] <= FASTER * t["dense"]
             decided[fqn] = {"kind": kind, "dense_ms": round(t["dense"] * 1e3, 4), "csr_ms": round(t["csr"] * 1e3, 4),
                             "why": None if faster else "not faster as CSR"}
+    return _confirm_whole_step(model, decided, opts.example)
+
+
+def _confirm_whole_step(model: nn.Module, decided: dict[str, dict], step: Callable[[nn.Module], Any]) -> dict[str, dict]:
+    """Keep the per-layer choice only if the whole denoising step is faster with it, so auto is never slower.
+
+    Layers measured faster alone can lose in the model (cache effects, threads, a busy machine during the
+    per-layer timing); one interleaved whole-step comparison guards the result.
+    """
+    chosen = [f for f, d in decided.items() if d["why"] is None]
+    if not chosen:
+        return decided
+    converted = copy.deepcopy(model)
+    for fqn in chosen:
+        _replace(converted, fqn, csr_module(converted.get_submodule(fqn), decided[fqn]["kind"]))
+    t = _median_seconds({"dense": lambda: step(model), "csr": lambda: step(converted)}, budget=2.0)
+    if t["csr"] > FASTER * t["dense"]:
+        why = f"whole step not faster with CSR ({t['csr'] * 1e3:.3g} vs {t['dense'] * 1e3:.3g} ms dense)"
+        for fqn in chosen:
+            decided[fqn]["why"] = why
     return decided
 
 
