@@ -2,7 +2,8 @@
 
 Eligible modules: ``nn.Linear``, 1×1 convolutions (stride 1, no padding, one group) and GRU/LSTM (their input
 projections ``weight_ih_l*``). With ``layers="auto"`` each eligible module whose weights are at most half dense is
-timed at export, dense against CSR, on the very input it sees in one denoising step of the model; it is converted
+timed at export (fastest of interleaved repeats), dense against CSR, on the very input it sees in one denoising
+step of the model; it is converted
 only when CSR takes at most 0.9× the dense time, and the choice is kept only if one whole denoising step with all
 chosen modules converted also takes at most 0.9× the dense step. ``layers="all"`` converts every eligible module.
 A converted weight ``P`` is stored as ``P.crow`` / ``P.col`` (int32) / ``P.values``; other masked weights as in
@@ -13,7 +14,6 @@ with those modules replaced by the CSR modules of :mod:`surgeon.export.csr_layer
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -87,8 +87,12 @@ def _inputs_of(model: nn.Module, fqns: list[str], step: Callable[[nn.Module], An
     return seen
 
 
-def _median_seconds(fns: dict[str, Callable[[], Any]], budget: float = 0.3) -> dict[str, float]:
-    """Interleaved medians: fns alternate, so a busy machine slows both alike; about ``budget`` seconds each."""
+def _best_seconds(fns: dict[str, Callable[[], Any]], budget: float = 0.3) -> dict[str, float]:
+    """Fastest of interleaved repeats, about ``budget`` seconds each (at least 5 repeats, at most 25).
+
+    Other processes only ever add time, so on a shared machine the fastest run is the steadiest estimate of what
+    a module costs (the reasoning of ``timeit``); alternating the order lets neither side profit from position.
+    """
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
         for fn in fns.values():
@@ -100,7 +104,7 @@ def _median_seconds(fns: dict[str, Callable[[], Any]], budget: float = 0.3) -> d
                 times[name].append(time.perf_counter() - start)
             if i >= 4 and sum(sum(ts) for ts in times.values()) > budget * len(fns):
                 break
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: min(v) for k, v in times.items()}
 
 
 def _density(module: nn.Module, names: list[str]) -> float:
@@ -134,7 +138,7 @@ def choose(model: nn.Module, candidates: dict[str, str], opts: Options) -> dict[
                 continue
             dense, args = model.get_submodule(fqn), inputs[fqn]
             sparse = csr_module(dense, kind)
-            t = _median_seconds({"dense": lambda: dense(*args), "csr": lambda: sparse(*args)})
+            t = _best_seconds({"dense": lambda: dense(*args), "csr": lambda: sparse(*args)})
             faster = t["csr"] <= FASTER * t["dense"]
             decided[fqn] = {"kind": kind, "dense_ms": round(t["dense"] * 1e3, 4), "csr_ms": round(t["csr"] * 1e3, 4),
                             "why": None if faster else "not faster as CSR"}
@@ -153,7 +157,7 @@ def _confirm_whole_step(model: nn.Module, decided: dict[str, dict], step: Callab
     converted = copy.deepcopy(model)
     for fqn in chosen:
         _replace(converted, fqn, csr_module(converted.get_submodule(fqn), decided[fqn]["kind"]))
-    t = _median_seconds({"dense": lambda: step(model), "csr": lambda: step(converted)}, budget=2.0)
+    t = _best_seconds({"dense": lambda: step(model), "csr": lambda: step(converted)}, budget=2.0)
     if t["csr"] > FASTER * t["dense"]:
         why = f"whole step not faster with CSR ({t['csr'] * 1e3:.3g} vs {t['dense'] * 1e3:.3g} ms dense)"
         for fqn in chosen:
