@@ -79,6 +79,7 @@ def step_times(name: str, build, tmp: Path, repeats: int) -> list[tuple]:
             total = len(r.rows)
             faster_alone = sum("whole step not faster" in row.note for row in r.rows)
     loaded = {label: surgeon.load(p).eval() for label, p in paths.items()}
+    loaded["dense again"] = surgeon.load(paths["dense"]).eval()  # A/A control: what the machine's noise alone does
     with torch.no_grad():
         times = interleaved({k: (lambda m=m: step(m)) for k, m in loaded.items()}, repeats=repeats, warmup=2,
                             sync=lambda: None)
@@ -92,8 +93,9 @@ def step_times(name: str, build, tmp: Path, repeats: int) -> list[tuple]:
              + (f", {faster_alone} faster alone but not in the whole step" if faster_alone else "") + f"; {spread}")]
     rows.append((f"{name} step, csr all / dense", t["csr all"] / t["dense"],
                  f"{t['csr all'] * 1e3:.1f} / {t['dense'] * 1e3:.1f} ms"))
+    rows.append((f"{name} step, dense again / dense (A/A)", t["dense again"] / t["dense"], "same model twice: noise"))
     rows += [(f"{name} step, {k} / dense, fastest runs", best[k] / best["dense"],
-              f"{best[k] * 1e3:.1f} / {best['dense'] * 1e3:.1f} ms") for k in ("csr auto", "csr all")]
+              f"{best[k] * 1e3:.1f} / {best['dense'] * 1e3:.1f} ms") for k in ("csr auto", "csr all", "dense again")]
     return rows
 
 
