@@ -6,6 +6,7 @@ a hub id.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -166,6 +167,26 @@ def load_model(ref: str | os.PathLike, trust_code: bool = False) -> nn.Module:
         return _load_ref(str(ref))
 
 
+def looks_like_path(ref: str) -> bool:
+    """A reference meant as a local path: it starts with ``.``, ``/`` or ``~``, or its parent folder exists here
+    (``runs/nothere`` when ``runs/`` exists). A hub id (``org/name``) has no such local parent."""
+    if ref.startswith((".", "/", "~")) or ref.endswith(".safetensors") or (os.sep != "/" and os.sep in ref):
+        return True
+    parent = Path(ref).expanduser().parent
+    return "/" in ref and parent != Path(".") and parent.is_dir()
+
+
+def missing_path(ref: str) -> SurgeonError:
+    """"no such folder", with the nearest existing parent and, when one is close, the name the user likely meant."""
+    path = Path(ref).expanduser()
+    parent = next((p for p in path.absolute().parents if p.is_dir()), Path("/"))
+    what = "file" if path.suffix else "folder"
+    siblings = [p.name for p in parent.iterdir()] if parent == path.absolute().parent else []
+    near = difflib.get_close_matches(path.name, siblings, n=1)
+    hint = f"did you mean {path.parent / near[0]}?" if near else f"check the path; the nearest existing folder is {parent}"
+    return SurgeonError(f"no such {what}: {ref}", hint)
+
+
 def _load_ref(ref: str) -> nn.Module:
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -179,6 +200,8 @@ def _load_ref(ref: str) -> nn.Module:
         raise SurgeonError(f"cannot load model {ref}: name the class", f"write {ref}:ClassName")
     if ref in presets.PRESETS:
         return presets.build(ref)
+    if looks_like_path(ref) and not path.exists():
+        raise missing_path(ref)
     if _HUB_ID.match(ref) and not path.exists():
         return _load_hub(ref)
     raise SurgeonError(

@@ -468,3 +468,35 @@ def test_a_damaged_training_checkpoint_is_refused_naming_the_tensor(tmp_path):
     _swap_two_bits(path, name)
     with pytest.raises(SurgeonError, match=f"damaged file: {name}"):
         _train(tmp_path / "run", resume=path)
+
+
+# ---- a mistyped local path is not a hub id --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ref, words", [
+    ("runs/nothere", "no such folder: runs/nothere"),
+    ("runs/realrn", "no such folder: runs/realrn"),
+    ("./model", "no such folder: ./model"),
+    ("missing.safetensors", "no such file: missing.safetensors"),
+])
+def test_a_mistyped_local_path_says_no_such_folder_and_never_asks_the_hub(tmp_path, monkeypatch, ref, words):
+    import surgeon.loading
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(surgeon.loading, "_load_hub", lambda ref: pytest.fail(f"{ref} was taken for a hub id"))
+    (tmp_path / "runs" / "realrun").mkdir(parents=True)
+    with pytest.raises(SurgeonError) as info:
+        surgeon.load_model(ref)
+    assert info.value.message == words
+    if ref == "runs/realrn":
+        assert info.value.hint == "did you mean runs/realrun?"
+
+
+def test_a_hub_id_whose_org_is_no_local_folder_still_goes_to_the_hub(tmp_path, monkeypatch):
+    import surgeon.loading
+
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    monkeypatch.setattr(surgeon.loading, "_load_hub", lambda ref: asked.append(ref))
+    surgeon.load_model("google/ddpm-cifar10-32")
+    assert asked == ["google/ddpm-cifar10-32"]
