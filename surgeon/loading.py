@@ -31,6 +31,8 @@ _PIPELINE_PARTS = ("unet", "transformer")
 def _load_folder(folder: Path) -> nn.Module:
     if (folder / "model.safetensors").is_file():
         return load(folder)
+    if (folder / "model" / "model.safetensors").is_file() and not (folder / "config.json").exists():
+        return load(folder / "model")  # a run folder of surgeon sparsify/finetune stands for the model it saved
     if (folder / "model_index.json").is_file():
         index = read_json(folder / "model_index.json")
         for part in _PIPELINE_PARTS:

@@ -192,10 +192,20 @@ def make_run_task(source: Source, data: str | Task, recipe: Recipe, limit: int |
 
 
 def prepare(model: nn.Module, recipe: Recipe, init: str | None = None) -> nn.Module:
-    """Re-initialize (scratch) and inject the recipe's masks, in place."""
+    """Re-initialize (scratch) and inject the recipe's masks, in place.
+
+    A model that already has masks (a folder saved by surgeon) continues from its own masks with ``pretrained``
+    and an unstructured sparse recipe; otherwise its masks are folded in first and it starts over as the recipe
+    says (``scratch``: fresh weights and masks; an N:M or dense recipe: from its effective weights).
+    """
     from .algorithms import ALGORITHMS
+    from .surgery import fold
 
     init = init or recipe.init
+    if sites(model):
+        if init == "pretrained" and recipe.algorithm in ("static", "magran", "rigl"):
+            return continue_own_masks(model, recipe)
+        fold(model)
     if init == "scratch":
         reinitialize(model, recipe.training.seed)
     if recipe.algorithm == "dense":
@@ -212,6 +222,15 @@ def prepare(model: nn.Module, recipe: Recipe, init: str | None = None) -> nn.Mod
         return inject(model, p.fixed_nm(), masks=masks)
     mask_init = "magnitude" if init == "pretrained" else ALGORITHMS[recipe.algorithm].mask_init
     return inject(model, p, init=mask_init, seed=recipe.training.seed, lambda_w=recipe.lambda_w or 0.0)
+
+
+def continue_own_masks(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """Keep a loaded model's masks for an unstructured sparse recipe: they must be fixed masks, not N:M ones."""
+    nm = [fqn for fqn, site in sites(model).items() if site.is_nm]
+    if nm:
+        raise SurgeonError(f"the model has N:M masks (e.g. {nm[0]}); {recipe.algorithm} trains unstructured masks",
+                           "fine-tune it with `surgeon finetune`, or pass --init scratch to start over")
+    return model
 
 
 def make_objective(task: Task, recipe: Recipe, teacher: nn.Module | None = None):

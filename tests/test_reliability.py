@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from helpers_train import SyntheticImageTask, one_thread, small_recipe, tiny_model  # noqa: F401
+from helpers_train import SyntheticImageTask, masks_of, one_thread, small_recipe, tiny_model  # noqa: F401
 from test_cli_sparsify import write_images
 from typer.testing import CliRunner
 
@@ -500,3 +500,39 @@ def test_a_hub_id_whose_org_is_no_local_folder_still_goes_to_the_hub(tmp_path, m
     monkeypatch.setattr(surgeon.loading, "_load_hub", lambda ref: asked.append(ref))
     surgeon.load_model("google/ddpm-cifar10-32")
     assert asked == ["google/ddpm-cifar10-32"]
+
+
+# ---- a sparse model saved by surgeon is a valid MODEL for sparsify ---------------------------------------------------
+
+def _saved_sparse_model(tmp_path):
+    recipe = small_recipe("rigl", **{"training.steps": 3, "sparsity": 0.8})
+    model = tiny_model(recipe)
+    train(model, SyntheticImageTask(model), recipe, tmp_path / "first", progress=False)
+    surgeon.save(model, tmp_path / "first" / "model")
+    return tmp_path / "first" / "model", masks_of(model)
+
+
+@pytest.mark.parametrize("ref", ["model", "run folder"])
+def test_sparsify_continues_a_saved_sparse_model_from_its_own_masks_with_init_pretrained(tmp_path, ref):
+    from surgeon.run import sparsify
+
+    folder, masks = _saved_sparse_model(tmp_path)
+    recipe = small_recipe("static", **{"training.steps": 2, "sparsity": 0.5})
+    task = SyntheticImageTask(surgeon.load(folder))
+    sparsify(folder if ref == "model" else folder.parent, recipe, task, tmp_path / "again", init="pretrained",
+             progress=False, samples=False)
+    again = surgeon.load(tmp_path / "again" / "model")
+    assert masks_of(again).keys() == masks.keys()
+    assert all(torch.equal(masks_of(again)[f], m) for f, m in masks.items())  # static: its own masks, unchanged
+
+
+def test_sparsify_restarts_a_saved_sparse_model_from_scratch(tmp_path):
+    from surgeon.run import sparsify
+
+    folder, masks = _saved_sparse_model(tmp_path)
+    recipe = small_recipe("static", **{"training.steps": 2, "sparsity": 0.5, "training.seed": 7})
+    task = SyntheticImageTask(surgeon.load(folder))
+    summary = sparsify(str(folder), recipe, task, tmp_path / "again", init="scratch", progress=False, samples=False)
+    again = surgeon.load(tmp_path / "again" / "model")
+    assert abs(summary.sparsity - 0.5) < 0.01  # the recipe's budget, not the input's 0.8
+    assert any(not torch.equal(masks_of(again)[f], m) for f, m in masks.items() if f in masks_of(again))
