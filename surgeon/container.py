@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .atomic import missing_target_error
 from .errors import SurgeonError, brief
 
 MARKER = "surgeon"
@@ -36,6 +37,9 @@ _DAMAGED_HINT = "the file changed after it was saved (a disk or copy error, or a
 def weights_file(path: str | os.PathLike) -> Path:
     """The safetensors file of a saved model: ``path`` itself, or ``path/model.safetensors`` for a folder."""
     path = Path(path)
+    interrupted = missing_target_error(path, "the model")
+    if interrupted is not None:
+        raise interrupted
     if path.is_dir() or path.suffix != ".safetensors":
         file = path / WEIGHTS
         if not file.is_file():

@@ -30,6 +30,36 @@ class Interrupted(SurgeonError):
     exit_code = 130
 
 
+class ArgumentError(SurgeonError, TypeError):
+    """A Python API argument of the wrong type, named: a one-line SurgeonError that is also a TypeError."""
+
+
+def check_arg(value, types: type | tuple[type, ...], name: str, expected: str, hint: str | None = None) -> None:
+    """Raise :class:`ArgumentError` naming ``name`` unless ``value`` is one of ``types`` (a bool is never a number)."""
+    numeric = types in (int, float) or (isinstance(types, tuple) and set(types) & {int, float})
+    if isinstance(value, types) and not (numeric and isinstance(value, bool)):
+        return
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise ArgumentError(f"{name} must be {expected}, got {type(value).__name__} {shown}",
+                        hint or f"pass {expected} as {name}")
+
+
+MODULE_HINT = "pass the module itself, e.g. surgeon.load_model('tiny-unet'), not its name"
+PATH_HINT = "pass a str or pathlib.Path"
+
+
+def check_module(model, name: str = "model") -> None:
+    from torch import nn
+
+    check_arg(model, nn.Module, name, "a torch.nn.Module", MODULE_HINT)
+
+
+def check_path(path, name: str) -> None:
+    import os
+
+    check_arg(path, (str, os.PathLike), name, "a path", PATH_HINT)
+
+
 def brief(exc: BaseException) -> str:
     """An exception as one short line: library messages often span many lines."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

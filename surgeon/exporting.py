@@ -16,7 +16,7 @@ from torch import nn
 
 from .atomic import check_output
 from .container import read_metadata
-from .errors import SurgeonError, UsageError
+from .errors import SurgeonError, UsageError, check_arg, check_path
 from .export import FORMATS
 from .export.common import Options, Row, dtype_name, parse_dtype
 from .export.dense import denoiser_part
@@ -70,6 +70,8 @@ def export(
     built from the model's config) and converts it only where CSR is faster; "all" converts every eligible layer.
     trust_code: as in :func:`surgeon.load_model`, for a model folder that records a class from a file or module.
     """
+    check_arg(model, (nn.Module, str, os.PathLike), "model", "a torch.nn.Module or a model reference (a path or name)")
+    check_path(out, "out")
     if format not in FORMATS:
         raise UsageError(f"unknown export format {format!r}", f"choose one of: {', '.join(FORMATS)}")
     fmt = FORMATS[format]

@@ -14,8 +14,9 @@ from pathlib import Path
 from torch import nn
 
 from . import presets
+from .atomic import missing_target_error
 from .classes import diffusers_class, import_file, read_json, trusting_code
-from .errors import SurgeonError, brief
+from .errors import SurgeonError, brief, check_arg
 from .export import load
 
 # the only weights a model folder may hold; loading never unpickles
@@ -165,6 +166,7 @@ def load_model(ref: str | os.PathLike, trust_code: bool = False) -> nn.Module:
     own models is loaded only with ``trust_code=True`` (loading imports, i.e. runs, that code). A
     ``file.py:Class`` given here as ``ref`` is your own explicit choice and needs no opt-in.
     """
+    check_arg(ref, (str, os.PathLike), "ref", "a model reference (a folder, file.py:Class, preset or hub id)")
     with trusting_code(trust_code):
         return _load_ref(str(ref))
 
@@ -181,6 +183,9 @@ def looks_like_path(ref: str) -> bool:
 def missing_path(ref: str) -> SurgeonError:
     """"no such folder", with the nearest existing parent and, when one is close, the name the user likely meant."""
     path = Path(ref).expanduser()
+    interrupted = missing_target_error(path, "the model")
+    if interrupted is not None:
+        return interrupted
     parent = next((p for p in path.absolute().parents if p.is_dir()), Path("/"))
     what = "file" if path.suffix else "folder"
     siblings = [p.name for p in parent.iterdir()] if parent == path.absolute().parent else []

@@ -24,7 +24,7 @@ from .atomic import atomic_folder, atomic_path, check_output
 from .bitpack import pack_mask, packed_shape, unpack_mask
 from .classes import build_from_record, class_path, config_record, read_json, trusting_code
 from .container import WEIGHTS, read_metadata, read_tensors, write_file
-from .errors import SurgeonError
+from .errors import SurgeonError, check_module, check_path
 from .plan import LayerPlan, Plan
 from .surgery import get_plan, inject, sites
 
@@ -138,6 +138,8 @@ def save(
     ``recipe`` (a Recipe or a dict) and ``extra_metadata`` (JSON values) are stored in the metadata; ``dtype``
     casts every floating tensor on the way out (the model itself is not changed).
     """
+    check_module(model)
+    check_path(folder, "folder")
     folder = Path(folder)
     check_output(folder, force)
     config_record(model)  # an unserializable config is refused before any work
@@ -268,6 +270,8 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 def load_into(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Restore a saved folder into ``model``, a plain module you built; masks are re-injected. Returns ``model``."""
+    check_module(model)
+    check_path(folder, "folder")
     meta, tensors = read(folder)
     return restore(model, meta, tensors)
 

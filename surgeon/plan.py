@@ -10,7 +10,7 @@ from typing import Iterable, Mapping
 
 from torch import nn
 
-from .errors import SurgeonError
+from .errors import SurgeonError, check_module
 from .sparsity.distributions import check_sparsity, layer_densities
 from .sparsity.patterns import nm_skip_reason, parse_nm
 from .targets import find_targets
@@ -97,6 +97,7 @@ def plan(
     overrides: Mapping[str, float] | None = None,
 ) -> Plan:
     """Decide what each target keeps. Give exactly one of ``sparsity`` (with a ``distribution``) or ``nm``."""
+    check_module(model)
     if (sparsity is None) == (nm is None):
         raise SurgeonError("give exactly one of sparsity or nm", "e.g. plan(model, sparsity=0.5) or plan(model, nm='2:4')")
     targets = find_targets(model, include, exclude, dense_first, dense_last)

@@ -12,6 +12,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .errors import check_module
 from .sparsity.patterns import nm_groups, nm_skip_reason, parse_nm
 
 
@@ -76,6 +77,7 @@ def report(
 ) -> Report:
     from .measure import measure
 
+    check_module(model)
     n, m = parse_nm(nm)
     measured = measure(model, include=include, exclude=exclude, planned_only=False)
     modules = dict(model.named_modules())

@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_creatable
 from .distill import DistillLoss, EpsilonLoss
 from .errors import SurgeonError
 from .plan import plan as make_plan
@@ -107,11 +107,7 @@ def check_out_dir(out: Path, force: bool, resume=None) -> None:
     if out.exists() and not out.is_dir():
         raise SurgeonError(f"output path {out} exists and is not a folder", "choose another --out")
     if not out.exists():
-        parent = next(p for p in out.absolute().parents if p.exists())  # the root always exists
-        if not parent.is_dir():
-            raise SurgeonError(f"cannot create output folder {out}: {parent} is a file", "choose another --out")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise SurgeonError(f"cannot create output folder {out}: {parent} is not writable", "choose another --out")
+        check_creatable(out)
         return
     if not any(out.iterdir()) or force:
         return

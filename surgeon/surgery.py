@@ -5,6 +5,7 @@ Everything else reaches masked tensors through :func:`sites`, which yields one :
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Mapping
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import SurgeonError
+from .errors import SurgeonError, check_arg, check_module
 from .masks import Mask, NMMask
 from .plan import LayerPlan, Plan
 from .sparsity.patterns import random_mask, topk_mask
@@ -143,6 +144,12 @@ def inject(
     mask (sparse training from scratch, Static-DM). ``masks`` gives explicit masks by FQN (used by load).
     Weights at pruned positions are set to 0, so original == effective for fixed masks.
     """
+    check_module(model)
+    check_arg(plan, Plan, "plan", "a surgeon.plan.Plan", "make one with surgeon.plan(model, sparsity=...) or nm='2:4'")
+    check_arg(seed, int, "seed", "an integer")
+    check_arg(lambda_w, (int, float), "lambda_w", "a number")
+    if not math.isfinite(lambda_w) or lambda_w < 0:
+        raise SurgeonError(f"lambda_w must be a finite number ≥ 0, got {lambda_w}", "0 turns the SR-STE decay off")
     if init not in INITS:
         raise SurgeonError(f"unknown mask init {init!r}", f"choose one of: {', '.join(INITS)}")
     existing = sites(model)
@@ -196,6 +203,7 @@ def inject(
 
 
 def _strip(model: nn.Module, leave_parametrized: bool) -> nn.Module:
+    check_module(model)
     for site in sites(model).values():
         parametrize.remove_parametrizations(site.module, site.name, leave_parametrized=leave_parametrized)
     for module in model.modules():

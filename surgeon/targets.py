@@ -13,7 +13,7 @@ from typing import Iterable
 
 from torch import nn
 
-from .errors import SurgeonError
+from .errors import SurgeonError, check_arg, check_module
 
 _RNN_WEIGHT = re.compile(r"^weight_(ih|hh)_l\d+(_reverse)?$")
 
@@ -71,10 +71,14 @@ def _rnn_order(module: nn.Module):
     return lambda n: order.get(n, len(order))
 
 
-def _compile(patterns: Iterable[str] | None):
-    """FQN patterns: shell globs, or ``re:`` followed by a regular expression (searched, not anchored)."""
+def _compile(patterns: Iterable[str] | None, name: str):
+    """FQN patterns: shell globs, or ``re:`` followed by a regular expression (searched, not anchored). One string
+    is one pattern (iterating it would give one pattern per character)."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
     out = []
     for p in patterns or ():
+        check_arg(p, str, f"each {name} pattern", "a string (a glob, or re:REGEX)")
         if p.startswith("re:"):
             try:
                 rx = re.compile(p[3:])
@@ -102,7 +106,8 @@ def find_targets(
     ``include``/``exclude`` match either the tensor FQN or its module name. ``dense_first``/``dense_last`` drop the
     first/last target module (in registration order), as sparse-training papers usually keep those layers dense.
     """
-    inc, exc = _compile(include), _compile(exclude)
+    check_module(model)
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
     found: dict[str, Target] = {}
     for module_name, module in model.named_modules():
         kind = _kind(module)

@@ -3,6 +3,7 @@ mismatches, interrupts and bad settings end in one line. Each test reproduces a 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -536,3 +537,112 @@ def test_sparsify_restarts_a_saved_sparse_model_from_scratch(tmp_path):
     again = surgeon.load(tmp_path / "again" / "model")
     assert abs(summary.sparsity - 0.5) < 0.01  # the recipe's budget, not the input's 0.8
     assert any(not torch.equal(masks_of(again)[f], m) for f, m in masks.items() if f in masks_of(again))
+
+
+# ---- a forced overwrite never leaves nothing at the target -----------------------------------------------------------
+
+DIE_BETWEEN_RENAMES = """
+import os, signal, sys
+import surgeon, surgeon.atomic
+
+real = os.replace
+calls = []
+
+def replace(src, dst):
+    calls.append(dst)
+    if len(calls) == 2:  # the old copy is aside, the new one not yet in place: the worst moment to die
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+
+surgeon.atomic.os.replace = replace
+model = surgeon.load_model("tiny-unet")
+surgeon.inject(model, surgeon.plan(model, sparsity=0.9), seed=1)
+surgeon.save(model, sys.argv[1], force=True)
+"""
+
+
+def test_a_crash_inside_a_forced_overwrite_keeps_the_old_copy_findable_and_the_next_save_restores_it(tmp_path):
+    from surgeon.atomic import siblings
+
+    target = tmp_path / "m"
+    model = surgeon.load_model("tiny-unet")
+    surgeon.inject(model, surgeon.plan(model, sparsity=0.5), seed=0)
+    surgeon.save(model, target)
+    before = (target / "model.safetensors").read_bytes()
+    script = tmp_path / "die.py"
+    script.write_text(DIE_BETWEEN_RENAMES)
+    proc = subprocess.run([sys.executable, str(script), str(target)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == -9, proc.stderr
+    assert not target.exists()
+    [old] = siblings(target, "old")
+    assert (old / "model.safetensors").read_bytes() == before  # the old copy is intact, aside
+    assert siblings(target, "tmp")  # and the dead writer's temporary is left over
+
+    # a read reports where the old copy is
+    with pytest.raises(SurgeonError, match="an overwrite of it was interrupted, the previous copy is") as info:
+        surgeon.load(target)
+    assert f"mv {old} {target}" in info.value.hint
+    # a write without --force restores it first, so it is refused as existing: nothing was lost
+    with pytest.raises(SurgeonError, match="exists"):
+        surgeon.save(model, target)
+    assert (target / "model.safetensors").read_bytes() == before
+    assert not siblings(target, "old") and not siblings(target, "tmp")  # the stale temporary is gone too
+
+
+def test_a_killed_checkpoint_write_leaves_a_temporary_that_the_next_write_removes(tmp_path):
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)  # a pid that has exited
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    stale = folder / f".step-0000004.safetensors.tmp-{dead}-0123abcd"
+    stale.write_bytes(b"x" * 1000)
+    live = folder / f".step-0000004.safetensors.tmp-{os.getpid()}-0123abce"  # a writer still at work: kept
+    live.write_bytes(b"x")
+    from surgeon.atomic import atomic_path
+
+    with atomic_path(folder / "step-0000004.safetensors") as tmp:
+        tmp.write_bytes(b"new")
+    assert not stale.exists() and live.exists()
+    assert (folder / "step-0000004.safetensors").read_bytes() == b"new"
+
+
+# ---- API arguments of the wrong type are named ----------------------------------------------------------------------
+
+def _api_calls(tmp_path):
+    model = surgeon.load_model("tiny-unet")
+    p = surgeon.plan(model, sparsity=0.5)
+    (tmp_path / "file").write_text("x")
+    return [
+        (lambda: surgeon.plan("tiny-unet", sparsity=0.5), "model must be a torch.nn.Module, got str 'tiny-unet'"),
+        (lambda: surgeon.inject("tiny-unet", p), "model must be a torch.nn.Module"),
+        (lambda: surgeon.inject(model, "plan.json"), "plan must be a surgeon.plan.Plan, got str"),
+        (lambda: surgeon.inject(model, p, seed="1"), "seed must be an integer"),
+        (lambda: surgeon.inject(model, p, lambda_w=float("nan")), "lambda_w must be a finite number"),
+        (lambda: surgeon.save("tiny-unet", tmp_path / "out"), "model must be a torch.nn.Module"),
+        (lambda: surgeon.save(model, 3), "folder must be a path, got int 3"),
+        (lambda: surgeon.load_into("tiny-unet", tmp_path), "model must be a torch.nn.Module"),
+        (lambda: surgeon.load_into(model, None), "folder must be a path, got NoneType"),
+        (lambda: surgeon.load(None), "path must be a path"),
+        (lambda: surgeon.load_model(3), "ref must be a model reference"),
+        (lambda: surgeon.report("tiny-unet"), "model must be a torch.nn.Module"),
+        (lambda: surgeon.fold("tiny-unet"), "model must be a torch.nn.Module"),
+        (lambda: surgeon.find_targets(None), "model must be a torch.nn.Module, got NoneType"),
+        (lambda: surgeon.plan(model, sparsity=0.5, include=["conv*", 3]), "each include pattern must be a string"),
+        (lambda: surgeon.save(model, tmp_path / "file" / "out"), f"cannot create {tmp_path / 'file' / 'out'}: "),
+    ]
+
+
+def test_api_arguments_of_the_wrong_type_raise_a_named_one_line_error(tmp_path):
+    for call, words in _api_calls(tmp_path):
+        with pytest.raises(SurgeonError) as info:
+            call()
+        assert words in info.value.message, info.value.message
+        assert ".tmp" not in info.value.message  # never the temporary name
+        if "must be" in words and "finite" not in words:
+            assert isinstance(info.value, TypeError)  # what Python callers catch for a wrong type
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_single_include_string_is_one_pattern_not_one_per_character():
+    model = surgeon.load_model("tiny-unet")
+    assert list(surgeon.plan(model, sparsity=0.5, include="conv_in*").layers) == ["conv_in.weight"]

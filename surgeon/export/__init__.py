@@ -17,7 +17,7 @@ from torch import nn
 
 from ..classes import trusting_code
 from ..container import read_metadata
-from ..errors import SurgeonError
+from ..errors import SurgeonError, check_path
 from . import csr, dense, packed, semi_structured
 from .common import DTYPES, Options, Row
 
@@ -51,6 +51,7 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None, trus
     ``trust_code``: a recorded class outside diffusers and surgeon's own models (a ``file.py:Class`` or another
     module) is refused unless ``trust_code=True``: importing it would run its code.
     """
+    check_path(path, "path")
     meta = read_metadata(path)
     for fmt in FORMATS.values():
         if fmt.layout == meta["layout"]:
