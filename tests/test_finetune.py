@@ -358,25 +358,6 @@ def test_resume_with_a_different_teacher_is_refused(tmp_path, images):
 
 
 # ------------------------------------------------------------------------------------- every kind of model
-USER_MODULE = '''
-import torch
-from torch import nn
-
-
-class StrokeGRU(nn.Module):
-    def __init__(self, hidden: int = 12):
-        super().__init__()
-        self.t_embed = nn.Linear(1, 4)
-        self.rnn = nn.GRU(3 + 4, hidden, num_layers=2, batch_first=True, bidirectional=True)
-        self.head = nn.Linear(2 * hidden, 3)
-
-    def forward(self, x_t, t, mask):
-        temb = self.t_embed((t.float()[:, None] / 1000.0))[:, None, :].expand(-1, x_t.shape[1], -1)
-        h, _ = self.rnn(torch.cat([x_t, temb], dim=-1))
-        return self.head(h) * mask[..., None].to(x_t.dtype)
-'''
-
-
 def _strokes(n: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -398,6 +379,7 @@ def _stroke_task():
 
 @pytest.mark.parametrize("kind", ["dit", "latent-unet", "chirodiff", "file-class"])
 def test_finetune_works_for_every_kind_of_model(tmp_path, kind):
+    from test_chirodiff_cli import USER_MODULE
     from test_images_task import build_pipeline, class_folder, tiny_dit, write_png
 
     if kind == "dit":

@@ -69,9 +69,10 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None
         time.sleep(0.02)
 
 
-def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
+def _kill_after_first_checkpoint(tmp_path: Path, script_text: str) -> Path:
+    """Run ``script_text`` (it trains into argv[1]) in a subprocess and SIGKILL it once a checkpoint exists."""
     script = tmp_path / "train_script.py"
-    script.write_text(SCRIPT.format(recipe=RECIPE))
+    script.write_text(script_text)
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(script), str(killed)], env=subprocess_env(), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -85,6 +86,11 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    return killed
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
+    killed = _kill_after_first_checkpoint(tmp_path, SCRIPT.format(recipe=RECIPE))
     last = ckpt.list_checkpoints(killed / "checkpoints")[-1]
     stopped_at = int(re.search(r"step-(\d+)", last.name).group(1))
     assert 4 <= stopped_at < 16  # killed mid-way
@@ -203,20 +209,7 @@ def test_finetune_killed_after_a_stage_switch_resumes_bit_identical(tmp_path):
     from surgeon.recipe import load_recipe
     from surgeon.run import finetune
 
-    script = tmp_path / "finetune_script.py"
-    script.write_text(FT_SCRIPT.format(recipe=FT_RECIPE))
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(killed)], env=subprocess_env(), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(lambda: bool(ckpt.list_checkpoints(killed / "checkpoints")), proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    killed = _kill_after_first_checkpoint(tmp_path, FT_SCRIPT.format(recipe=FT_RECIPE))
     stopped_at = int(re.search(r"step-(\d+)", ckpt.list_checkpoints(killed / "checkpoints")[-1].name).group(1))
     assert 4 <= stopped_at < 12  # in stage 2, which began at step 4
     assert not (killed / "model").exists()
