@@ -1,7 +1,8 @@
 """What every command shares: option aliases (same names, same help everywhere) and the one error formatter.
 
 Errors: a SurgeonError prints ``error: <message>`` and ``hint: <hint>`` on stderr and exits with its exit_code
-(1; 2 for UsageError). Click's own usage errors exit 2 as usual. Any other exception prints one line and exits 1;
+(1; 2 for UsageError). A malformed command line (click's usage errors) prints the same two lines and exits 2;
+Ctrl-C exits 130. Any other exception prints one line and exits 1;
 ``SURGEON_DEBUG=1`` adds the full traceback. The formatter sits in the command group, so every command registered
 on the app gets it without decorating anything.
 """
@@ -99,13 +100,26 @@ def print_error(err: BaseException) -> int:
     return code
 
 
+def _is_usage_error(err: BaseException) -> bool:
+    """Click's usage errors (Typer vendors its own click, whose UsageError it does not export), but not the
+    "no arguments: show the help" signal."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return "UsageError" in names and "NoArgsIsHelpError" not in names and hasattr(err, "format_message")
+
+
 class SurgeonGroup(TyperGroup):
     """The app's command group: runs a command and turns what it raises into one formatted error."""
 
     def invoke(self, ctx: typer.Context):
         try:
-            return super().invoke(ctx)
-        except (TyperException, typer.Exit, typer.Abort):  # usage errors and exits: Typer reports them itself
+            try:
+                return super().invoke(ctx)
+            except Exception as err:  # a malformed command line: the same two lines as every error, exit 2
+                if not _is_usage_error(err):
+                    raise
+                command = err.ctx.command_path if getattr(err, "ctx", None) is not None else ctx.command_path
+                raise UsageError(err.format_message(), f"see `{command} --help`") from None
+        except (TyperException, typer.Exit, typer.Abort):  # exits, and Typer's own signals: Typer reports them
             raise
         except KeyboardInterrupt as err:  # Ctrl-C outside a training loop (which stops at a step boundary itself)
             interrupted = Interrupted("interrupted", "run the command again; a training run continues from its "
