@@ -79,6 +79,17 @@ def training_overrides(steps, lr, batch_size, seed, mixed_precision, grad_accum,
             "training.ema_decay": ema, "include": include or None, "exclude": exclude or None}
 
 
+def run_out(out: Path | None, resume: Path | None, model: str, recipe: str, tag: str = "") -> Path:
+    """The run's folder: ``--out``; else the resumed run's own folder (never another run's); else the default."""
+    if out is not None:
+        return out
+    if resume is not None:
+        from surgeon.checkpoint import run_folder
+
+        return run_folder(resume)
+    return default_out(model, recipe, tag)
+
+
 def default_out(model: str, recipe: str, tag: str = "") -> Path:
     """``runs/<model>-<recipe><tag>``, e.g. runs/tiny-unet-rigl-s0.5."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model.split(":")[-1]).name or model).strip("-") or "model"

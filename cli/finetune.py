@@ -11,7 +11,7 @@ from surgeon.recipe import load_recipe, split_stages
 from surgeon.sparsity.patterns import parse_nm
 
 from .common import (BatchSize, Data, EMADecay, Exclude, Force, GradAccum, Include, LearningRate, Limit, MixedPrecision,
-                     NMTarget, Resume, Samples, Seed, ShowProgress, Steps, TrustCode, default_out,
+                     NMTarget, Resume, Samples, Seed, ShowProgress, Steps, TrustCode, run_out,
                      training_overrides)
 
 
@@ -80,8 +80,8 @@ def finetune(
         changes["stages"] = split_stages(patterns, steps if steps is not None else r.training.steps)
         changes["nm"] = nm or patterns[-1]
     r = r.override(**changes)
-    tag = f"-{r.nm.replace(':', 'of')}"
-    out = out or default_out(model or teacher, recipe, tag)
+    tag = f"-{r.nm.replace(':', 'of')}" if r.nm else ""  # no N:M pattern: run.finetune says why
+    out = run_out(out, resume, model or teacher, recipe, tag)
     summary = run(teacher, data, out, r, model=model, limit=limit, force=force, resume=resume, progress=progress,
                   samples=samples, trust_code=trust_code)
     from accelerate import PartialState

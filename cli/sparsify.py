@@ -5,11 +5,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from surgeon.checkpoint import run_folder
 from surgeon.recipe import load_recipe
 
 from .common import (BatchSize, Data, EMADecay, Exclude, Force, GradAccum, Include, LearningRate, Limit, MixedPrecision,
-                     ModelRef, Resume, Samples, Seed, ShowProgress, Steps, TrustCode, default_out, training_overrides)
+                     ModelRef, Resume, Samples, Seed, ShowProgress, Steps, TrustCode, run_out, training_overrides)
 
 
 def sparsify(
@@ -45,8 +44,7 @@ def sparsify(
         **{"sparsity": s, "dst.p": p, "dst.delta_t": delta_t, "distribution": distribution, "init": init},
         **training_overrides(steps, lr, batch_size, seed, mixed_precision, grad_accum, ema, include, exclude),
     )
-    if out is None:  # a resumed run continues in its own folder
-        out = run_folder(resume) if resume else default_out(model, recipe, f"-s{r.sparsity:g}" if r.sparsity else "")
+    out = run_out(out, resume, model, recipe, f"-s{r.sparsity:g}" if r.sparsity else "")
     summary = run(model, r, data, out, limit=limit, force=force, resume=resume, progress=progress, samples=samples,
                   trust_code=trust_code)
     from accelerate import PartialState
