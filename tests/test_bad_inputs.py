@@ -18,6 +18,7 @@ import pytest
 import torch
 from helpers_train import SyntheticImageTask, one_thread, small_recipe, tiny_model  # noqa: F401
 from PIL import Image
+from test_reliability import WRONG_SHAPE, _swap_two_bits
 from typer.testing import CliRunner
 
 import surgeon
@@ -31,20 +32,6 @@ CATCH_ALL_HINT = "SURGEON_DEBUG"  # the generic hint of an exception nobody name
 # ---- the folder every case runs in --------------------------------------------------------------------------------
 
 NOT_A_MODULE = "class Net:\n    pass\n"
-WRONG_SHAPE = '''
-import torch
-from torch import nn
-
-
-class HalfWidth(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.config = {"sample_size": 16, "in_channels": 1}
-        self.conv = nn.Conv2d(1, 1, 3, padding=1)
-
-    def forward(self, x, t):
-        return self.conv(x)[..., :8]
-'''
 PAYLOAD = "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('ran')\n"
 
 RECIPES = {
@@ -107,20 +94,6 @@ def root(tmp_path_factory) -> Path:
     checkpoint = (root / "run" / "checkpoints" / "step-0000002.safetensors").read_bytes()
     (root / "torn-run" / "checkpoints" / "step-0000002.safetensors").write_bytes(checkpoint[: len(checkpoint) // 2])
     return root
-
-
-def _swap_two_bits(file: Path, tensor: str) -> None:
-    raw = bytearray(file.read_bytes())
-    n = int.from_bytes(raw[:8], "little")
-    start, end = json.loads(raw[8 : 8 + n])[tensor]["data_offsets"]
-    for i in range(8 + n + start, 8 + n + end):
-        b = raw[i]
-        for bit in range(7):
-            if ((b >> bit) & 1) != ((b >> (bit + 1)) & 1):
-                raw[i] = b ^ (0b11 << bit)
-                file.write_bytes(bytes(raw))
-                return
-    raise AssertionError("no byte with two differing bits")
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
