@@ -36,7 +36,8 @@ def _nm_value(value: str | None) -> str | None:
 
 ModelRef = Annotated[str, typer.Argument(
     metavar="REF", show_default=False,
-    help="Model: a diffusers model or pipeline folder, a folder saved by surgeon, path/to/file.py:Class, "
+    help="Model: a diffusers model or pipeline folder, a folder or .safetensors file written by surgeon, "
+         "path/to/file.py:Class, "
          "a preset (tiny-unet, unet-kanji, ...) or a hub id.",
 )]
 Include = Annotated[Optional[list[str]], typer.Option(

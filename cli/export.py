@@ -29,7 +29,7 @@ def export(
     trust_code: TrustCode = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress while measuring.")] = True,
 ) -> None:
-    """Export MODEL as dense, packed, semi-structured (2:4) or csr weights; prints what each layer became."""
+    """Export REF as dense, packed, semi-structured (2:4) or csr weights; prints what each layer became."""
     from surgeon.exporting import export as run
 
     result = run(model, out, format=format, dtype=dtype, force=force, pipeline=pipeline, prune=prune, layers=layers,
