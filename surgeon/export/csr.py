@@ -87,8 +87,8 @@ def _inputs_of(model: nn.Module, fqns: list[str], step: Callable[[nn.Module], An
     return seen
 
 
-def _best_seconds(fns: dict[str, Callable[[], Any]], budget: float = 0.3) -> dict[str, float]:
-    """Fastest of interleaved repeats, about ``budget`` seconds each (at least 5 repeats, at most 25).
+def _best_seconds(fns: dict[str, Callable[[], Any]], budget: float = 0.3, least: int = 5) -> dict[str, float]:
+    """Fastest of interleaved repeats, about ``budget`` seconds each (at least ``least`` repeats, at most 25).
 
     Other processes only ever add time, so on a shared machine the fastest run is the steadiest estimate of what
     a module costs (the reasoning of ``timeit``); alternating the order lets neither side profit from position.
@@ -102,7 +102,7 @@ def _best_seconds(fns: dict[str, Callable[[], Any]], budget: float = 0.3) -> dic
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
-            if i >= 4 and sum(sum(ts) for ts in times.values()) > budget * len(fns):
+            if i + 1 >= least and sum(sum(ts) for ts in times.values()) > budget * len(fns):
                 break
     return {k: min(v) for k, v in times.items()}
 
@@ -157,7 +157,8 @@ def _confirm_whole_step(model: nn.Module, decided: dict[str, dict], step: Callab
     converted = copy.deepcopy(model)
     for fqn in chosen:
         _replace(converted, fqn, csr_module(converted.get_submodule(fqn), decided[fqn]["kind"]))
-    t = _best_seconds({"dense": lambda: step(model), "csr": lambda: step(converted)}, budget=2.0)
+    # more repeats than per layer: one wrong call here throws away (or keeps) every layer's choice at once
+    t = _best_seconds({"dense": lambda: step(model), "csr": lambda: step(converted)}, budget=4.0, least=9)
     if t["csr"] > FASTER * t["dense"]:
         why = f"whole step not faster with CSR ({t['csr'] * 1e3:.3g} vs {t['dense'] * 1e3:.3g} ms dense)"
         for fqn in chosen:
