@@ -151,7 +151,12 @@ def config_record(model: nn.Module) -> str:
 def build_from_record(config: Mapping[str, Any], where: Path | str) -> nn.Module:
     """Build a fresh model (random weights) from a :func:`config_record`; ``where`` names the file in errors."""
     if "_class_name" in config:
-        return diffusers_class(config["_class_name"]).from_config(dict(config))
+        cls = diffusers_class(config["_class_name"])
+        try:
+            return cls.from_config(dict(config))
+        except Exception as e:  # a damaged or hand-edited config: diffusers' own message, one line
+            raise SurgeonError(f"cannot build {cls.__name__} from {where}: {brief(e)}",
+                               "the config is damaged or was written for another model; save the model again") from e
     if "_surgeon_class" not in config:
         raise SurgeonError(f"{where} has no config saying which model it holds", "save the model again")
     init = config.get("_surgeon_init")

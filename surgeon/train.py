@@ -25,7 +25,7 @@ from .atomic import atomic_path
 from .distill import EpsilonLoss
 from .ema import EMA
 from .measure import measure
-from .errors import Interrupted, SurgeonError
+from .errors import Interrupted, SurgeonError, brief
 from .progress import TrainProgress
 from .recipe import Recipe
 from .seeding import own_rng
@@ -216,7 +216,7 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
                 gen = torch.Generator().manual_seed(_seed(t.seed, step, micro, acc.process_index))
                 inputs, target, weight = task.noisy_batch(_to(batch, device), gen)
                 sync = nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(wrapped)
-                with sync, acc.autocast():
+                with sync, acc.autocast(), _first_forward(step == first_step + 1 and micro == 0, inputs):
                     loss = objective(wrapped, inputs, target, weight)
                 acc.backward(loss / t.grad_accum)
                 window.append((step, loss.detach()))  # no host sync per step; read at log time
@@ -257,6 +257,24 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
     done = max(step - first_step, 1)
     return TrainResult(step, last_loss, val, seconds, seconds / done,
                        list(getattr(algorithm, "history", [])))
+
+
+@contextmanager
+def _first_forward(first: bool, inputs):
+    """The run's first forward pass is where a model that does not fit the task fails: name that, one line."""
+    if not first:
+        yield
+        return
+    try:
+        yield
+    except SurgeonError:
+        raise
+    except Exception as e:
+        named = inputs.items() if isinstance(inputs, dict) else []
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in named if torch.is_tensor(v))
+        raise SurgeonError(f"the model failed on its first training batch ({shapes}): {type(e).__name__}: {brief(e)}",
+                           "MODEL must be a denoiser taking the task's inputs, e.g. forward(x_t, t) returning ε̂ "
+                           "shaped like x_t") from e
 
 
 class Diverged(SurgeonError):

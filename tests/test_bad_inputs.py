@@ -32,6 +32,21 @@ CATCH_ALL_HINT = "SURGEON_DEBUG"  # the generic hint of an exception nobody name
 # ---- the folder every case runs in --------------------------------------------------------------------------------
 
 NOT_A_MODULE = "class Net:\n    pass\n"
+WRONG_INPUT = '''
+import torch
+
+
+class Linear3(torch.nn.Module):
+    """Claims 16x16 images but multiplies by a 3x3 matrix: its forward fails on the first batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"sample_size": 16, "in_channels": 1}
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x, t):
+        return self.lin(x)
+'''
 PAYLOAD = "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('ran')\n"
 
 RECIPES = {
@@ -65,6 +80,7 @@ def root(tmp_path_factory) -> Path:
     (root / "file.txt").write_text("not a folder")
     (root / "net.py").write_text(NOT_A_MODULE)
     (root / "wrong_shape.py").write_text(WRONG_SHAPE)
+    (root / "wrong_input.py").write_text(WRONG_INPUT)
     (root / "evil.py").write_text(PAYLOAD)
     for name, text in RECIPES.items():
         (root / name).write_text(text)
@@ -73,6 +89,9 @@ def root(tmp_path_factory) -> Path:
     surgeon.inject(model, surgeon.plan(model, sparsity=0.5), init="random")
     surgeon.save(model, root / "saved")
     surgeon.save(model, root / "damaged")
+    surgeon.save(model, root / "bad-config-values")
+    config = json.loads((root / "bad-config-values" / "config.json").read_text())
+    (root / "bad-config-values" / "config.json").write_text(json.dumps({**config, "block_out_channels": "abc"}))
     _swap_two_bits(root / "damaged" / "model.safetensors", f"{next(iter(surgeon.surgery.sites(model)))}.mask")
     # a folder whose config names a Python file: loading it must not run it
     evil = torch.nn.Module()
@@ -131,6 +150,7 @@ CLI_CASES = {
     "inspect/pickled-only": Cli("inspect pickled", "has no safetensors weights"),
     "inspect/empty-folder": Cli("inspect empty", "the folder has no config.json"),
     "inspect/config-not-json": Cli("inspect broken-config", "cannot read"),
+    "inspect/config-bad-values": Cli("inspect bad-config-values", "cannot build UNet2DModel from bad-config-values"),
     "inspect/bad-regex": Cli("inspect tiny-unet --include re:(", "invalid regular expression"),
     "inspect/hub-offline": Cli("inspect someorg/somemodel", "the Hugging Face Hub is offline"),
     "inspect/nm-zero": Cli("inspect tiny-unet --nm 0:4", "need 0 < N <= M", 2),
@@ -190,6 +210,8 @@ CLI_CASES = {
     "sparsify/image-channels": Cli(f"sparsify tiny-unet1d {FAST}", "images can have 1 or 3 channels, got 4"),
     "sparsify/data-empty": Cli("sparsify tiny-unet --data empty --no-progress", "empty"),
     "sparsify/no-targets": Cli(f"sparsify tiny-unet --include nothing* {FAST}", "no target layers found"),
+    "sparsify/forward-fails": Cli(f"sparsify wrong_input.py:Linear3 --steps 1 --batch-size 2 --out o {FAST}",
+                                  "the model failed on its first training batch (x_t [2, 1, 16, 16], t [2])"),
     "sparsify/wrong-output-shape": Cli(f"sparsify wrong_shape.py:HalfWidth --steps 1 --batch-size 2 --out o {FAST}",
                                        "the model's output has shape [2, 1, 16, 8]"),
     # finetune
