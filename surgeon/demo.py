@@ -20,11 +20,25 @@ LIMIT = 2048  # glyphs used for training
 OUT = Path("runs/demo")
 
 
+def recipes(steps: int = STEPS) -> list:
+    """(name, sparsity, recipe) of the two demo runs: the shipped recipes with short-run settings."""
+    from surgeon.recipe import load_recipe
+
+    out = []
+    for name, sparsity in (("dense", None), ("rigl", 0.5)):
+        out.append((name, sparsity, load_recipe(name).override(**{
+            "sparsity": sparsity, "training.steps": steps, "training.batch_size": 16, "optimizer.lr": 2e-3,
+            "training.ema_decay": 0.995, "training.checkpoint_every": steps, "training.num_samples": 36,
+            "diffusion.sample_steps": 50, "training.log_every": max(1, steps // 60),
+            "dst.delta_t": max(1, steps // 10) if sparsity else None,  # mask updates: RigL only
+        })))
+    return out
+
+
 def run(out: Path = OUT, steps: int = STEPS, n: int = N, progress: bool = True) -> None:
     from rich.console import Console
 
     from surgeon.evaluate import evaluate
-    from surgeon.recipe import load_recipe
     from surgeon.run import sparsify
     from surgeon.tables import comparison_table
 
@@ -32,12 +46,7 @@ def run(out: Path = OUT, steps: int = STEPS, n: int = N, progress: bool = True) 
     console.print(f"[bold]surgeon demo[/]: UNet2DModel (preset unet-kanji, 32×32) on KanjiVG glyphs, {steps} steps "
                   f"each, then FID/KID on {n} samples each")
     summaries = []
-    for name, sparsity in (("dense", None), ("rigl", 0.5)):
-        recipe = load_recipe(name).override(**{
-            "sparsity": sparsity, "training.steps": steps, "training.batch_size": 16, "optimizer.lr": 2e-3,
-            "training.ema_decay": 0.995, "dst.delta_t": max(1, steps // 10), "training.checkpoint_every": steps,
-            "training.num_samples": 36, "diffusion.sample_steps": 50, "training.log_every": max(1, steps // 60),
-        })
+    for name, sparsity, recipe in recipes(steps):
         console.print(f"\n[bold]{name}[/]" + (f" at S = {sparsity}" if sparsity else ""))
         summaries.append(sparsify("unet-kanji", recipe, "kanjivg", out / name, limit=LIMIT, force=True,
                                   progress=progress))

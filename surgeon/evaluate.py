@@ -21,30 +21,25 @@ from torch import nn
 
 from .errors import SurgeonError, UsageError
 from .extractors import ExtractorInfo, load_extractor, resolve_extractor
-from .fidelity import MIN_EXAMPLES, extract_features, parse_metrics, reference_features, score
+from .fidelity import MIN_EXAMPLES, Scores, extract_features, parse_metrics, reference_features, score
 
 GRID_SAMPLES = 36
 
 
 @dataclass
-class ModelEval:
-    name: str
-    algorithm: str | None  # from the recipe a surgeon folder records; None for a plain model
-    sparsity: float
-    params_total: int
-    params_kept: int
-    flops_forward: float | None  # one denoiser evaluation of one example, sparse (Evci et al.)
-    flops_forward_dense: float | None
-    flops_per_sample: float | None  # forward × sampling steps
-    flops_train: float | None  # the whole recorded training run (per-example step FLOPs × batch × steps)
-    heldout_loss: float | None
-    fid: float | None
-    kid_mean: float | None
-    kid_std: float | None
-    kid_subset_size: int | None
-    n_samples: int
-    n_reference: int
-    samples_png: str | None = None
+class ModelEval(Scores):
+    """One model's scores (FID, KID, sample counts: :class:`surgeon.fidelity.Scores`) and cost."""
+
+    name: str = ""
+    algorithm: str | None = None  # from the recipe a surgeon folder records; None for a plain model
+    sparsity: float = 0.0
+    params_total: int = 0
+    params_kept: int = 0
+    flops_forward: float | None = None  # one denoiser evaluation of one example, sparse (Evci et al.)
+    flops_forward_dense: float | None = None
+    flops_per_sample: float | None = None  # forward × sampling steps
+    flops_train: float | None = None  # the whole recorded training run (per-example step FLOPs × batch × steps)
+    heldout_loss: float | None = None
 
 
 @dataclass
@@ -209,10 +204,11 @@ def evaluate(models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module, 
         loss = heldout_loss(model, task, EpsilonLoss(task), min(batch_size, 32), 4, seed)
         steps_fwd = measured.flops_sparse
         rows.append(ModelEval(
-            name, recipe.get("algorithm"), measured.sparsity, measured.params_total, measured.params_kept, steps_fwd,
-            measured.flops_dense, None if steps_fwd is None else steps_fwd * sample_steps,
-            _training_flops(measured, recipe), loss, s.fid, s.kid_mean, s.kid_std, s.kid_subset_size, s.n_samples,
-            s.n_reference,
+            **asdict(s), name=name, algorithm=recipe.get("algorithm"), sparsity=measured.sparsity,
+            params_total=measured.params_total, params_kept=measured.params_kept, flops_forward=steps_fwd,
+            flops_forward_dense=measured.flops_dense,
+            flops_per_sample=None if steps_fwd is None else steps_fwd * sample_steps,
+            flops_train=_training_flops(measured, recipe), heldout_loss=loss,
         ))
         grids.append((Path(str(name)).name if not isinstance(ref, nn.Module) else name, images[:GRID_SAMPLES]))
     result = Evaluation(data, info, n, sample_steps, metrics, rows, str(out_dir) if out_dir else None)

@@ -13,23 +13,16 @@ import torch
 from torch import nn
 
 from .errors import check_module
+from .measure import LayerCost, Measurement, measure
 from .sparsity.patterns import nm_groups, nm_skip_reason, parse_nm
 
 
 @dataclass
-class Row:
-    name: str  # parameter FQN
-    kind: str  # linear | conv | rnn
-    shape: tuple[int, ...]
-    masked: str  # "mask", "n:m" or "" (plain)
-    numel: int
-    kept: int
-    nm_valid: bool | None  # None when the pattern does not apply; nm_reason says why
-    nm_reason: str | None = None
+class Row(LayerCost):
+    """A measured target tensor (see :class:`surgeon.measure.LayerCost`) and whether it is N:M valid."""
 
-    @property
-    def density(self) -> float:
-        return self.kept / self.numel if self.numel else 1.0
+    nm_valid: bool | None = None  # None when the pattern does not apply; nm_reason says why
+    nm_reason: str | None = None
 
 
 @dataclass
@@ -39,16 +32,20 @@ class Report:
     model_params: int  # every parameter of the model, targets or not
 
     @property
+    def measured(self) -> Measurement:
+        return Measurement(list(self.rows), self.model_params)
+
+    @property
     def target_params(self) -> int:
-        return sum(r.numel for r in self.rows)
+        return self.measured.target_params
 
     @property
     def kept(self) -> int:
-        return sum(r.kept for r in self.rows)
+        return self.measured.target_kept
 
     @property
     def sparsity(self) -> float:
-        return 1.0 - self.kept / self.target_params if self.target_params else 0.0
+        return self.measured.sparsity
 
     @property
     def totals(self) -> dict:
@@ -64,7 +61,8 @@ class Report:
     def to_dict(self) -> dict:
         return {
             "nm": f"{self.nm[0]}:{self.nm[1]}",
-            "rows": [{**asdict(r), "shape": list(r.shape), "density": r.density} for r in self.rows],
+            "rows": [{k: v for k, v in asdict(r).items() if k != "flops"} | {"shape": list(r.shape), "density": r.density}
+                     for r in self.rows],
             "totals": self.totals,
         }
 
@@ -75,8 +73,6 @@ def report(
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
 ) -> Report:
-    from .measure import measure
-
     check_module(model)
     n, m = parse_nm(nm)
     measured = measure(model, include=include, exclude=exclude, planned_only=False)
@@ -88,7 +84,7 @@ def report(
             nonzero = getattr(modules[module_name], tensor_name) != 0  # the effective weight, through any parametrization
             reason = nm_skip_reason(r.shape, m)
             valid = None if reason else bool((torch.count_nonzero(nm_groups(nonzero, m), dim=1) <= n).all())
-            rows.append(Row(r.name, r.kind, r.shape, r.masked, r.numel, r.kept, valid, reason))
+            rows.append(Row(r.name, r.kind, r.shape, r.masked, r.numel, r.kept, None, valid, reason))
     return Report((n, m), rows, measured.params_total)
 
 

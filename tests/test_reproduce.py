@@ -74,3 +74,18 @@ def test_bad_inputs(tmp_path):
     r = CliRunner().invoke(app, ["reproduce", "--only", "rigl-s0.33", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "unknown run(s): rigl-s0.33" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_every_run_of_the_study_has_a_valid_recipe():
+    from surgeon.reproduce import StudyPlan, _recipe
+
+    plan = StudyPlan(30, "unet-kanji", "chirodiff", 200, 100, 128, 20, 16, 2e-3, 2e-3, 10, None,
+                     "efficientnet-lite0", [r.name for r in study_runs()])
+    for spec in study_runs():
+        r = _recipe(spec, plan)
+        assert r.algorithm == spec.algorithm and r.name == spec.name
+        assert r.training.steps == (200 if spec.study == "images" else 100)
+        if spec.algorithm in ("rigl", "magran"):
+            assert r.dst.p == spec.p and r.dst.delta_t == (20 if spec.study == "images" else 10)
+        if spec.algorithm != "dense":
+            assert r.sparsity == spec.sparsity
