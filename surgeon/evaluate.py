@@ -107,14 +107,12 @@ def open_model(ref: str | os.PathLike | nn.Module, trust_code: bool = False) -> 
 
 
 def _training_flops(measured, recipe: dict) -> float | None:
+    """The recorded run's training FLOPs, from the recipe a surgeon folder stores (None for a plain model)."""
     if not recipe:
         return None
-    t = recipe.get("training") or {}
-    algo = recipe.get("algorithm", "dense")
-    per = measured.training_flops(algo, (recipe.get("dst") or {}).get("delta_t"))
-    if per is None:
-        return None
-    return per * int(t.get("batch_size", 1)) * int(t.get("grad_accum", 1)) * int(t.get("steps", 0))
+    from .recipe import Recipe
+
+    return measured.run_flops(Recipe.from_dict(recipe))
 
 
 @torch.no_grad()

@@ -88,6 +88,17 @@ class Measurement:
             return 2.0 * f_s + f_d
         return 3.0 * f_s  # static, magran: sparse forward and backward; MagRan's regrowth needs no gradient
 
+    def run_flops(self, recipe, steps: int | None = None) -> float | None:
+        """Training FLOPs of a whole run of ``recipe`` (a Recipe): per-example step FLOPs, plus a distillation
+        teacher's dense forward, × batch × gradient accumulation × ``steps`` (default: the recipe's)."""
+        per_step = self.training_flops(recipe.algorithm, recipe.dst.delta_t if recipe.dst else None)
+        if per_step is None:
+            return None
+        if recipe.distill is not None:
+            per_step += self.flops_dense  # the teacher's forward pass (dense) on every example
+        t = recipe.training
+        return per_step * t.batch_size * t.grad_accum * (t.steps if steps is None else steps)
+
     def to_dict(self) -> dict:
         return {
             "params_total": self.params_total, "params_kept": self.params_kept, "target_params": self.target_params,

@@ -255,14 +255,10 @@ def execute(source: Source, task: Task, recipe: Recipe, out: str | os.PathLike, 
                        progress=progress, stop_after=stop_after, identity={"teacher": teacher} if teacher else None)
     model = acc.unwrap_model(source.model).cpu()
     cost = measure_task(model, task)
-    per_step = cost.training_flops(recipe.algorithm, recipe.dst.delta_t if recipe.dst else None)
-    if per_step is not None and recipe.distill is not None:
-        per_step += cost.flops_dense  # the teacher's forward pass (dense) on every example
     summary = RunSummary(recipe.name or recipe.algorithm, recipe.algorithm, cost.sparsity, cost.params_total,
                          cost.params_kept, result.steps, result.final_loss, result.val_loss, time.perf_counter() - started,
                          result.seconds_per_step, str(out), source.pipeline, cost.flops_sparse, cost.flops_dense,
-                         per_step * recipe.training.batch_size * recipe.training.grad_accum * result.steps
-                         if per_step is not None else None,
+                         cost.run_flops(recipe, result.steps),
                          teacher, nm_coverage(model, recipe.nm) if recipe.nm else None)
     if acc.is_main_process:  # every process holds the same model; one writes it
         # the denoiser alone is saved; a latent model records the pipeline whose frozen autoencoder it needs

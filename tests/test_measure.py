@@ -72,3 +72,17 @@ def test_gru_flops_are_counted_and_shared_by_size():
 
 def test_format_flops():
     assert format_flops(1.5e9) == "1.50G" and format_flops(None) == "n/a" and format_flops(12) == "12"
+
+
+def test_run_flops_of_a_recipe_add_the_distillation_teacher():
+    from surgeon.recipe import load_recipe
+
+    model = _model()
+    surgeon.inject(model, surgeon.plan(model, sparsity=0.5, distribution="uniform"))
+    m = measure(model, torch.randn(1, 3, 6, 6))
+    rigl = load_recipe("rigl").override(**{"training.steps": 10, "training.batch_size": 4, "dst.delta_t": 5})
+    assert m.run_flops(rigl) == pytest.approx(m.training_flops("rigl", 5) * 4 * 10)
+    sparsedm = load_recipe("sparsedm")
+    t = sparsedm.training
+    expected = (m.training_flops(sparsedm.algorithm) + m.flops_dense) * t.batch_size * t.grad_accum * 3
+    assert sparsedm.distill is not None and m.run_flops(sparsedm, steps=3) == pytest.approx(expected)
