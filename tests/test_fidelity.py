@@ -141,3 +141,27 @@ def test_fid_equals_torch_fidelitys_own_formula():
     b = torch.randn(200, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64) * 0.3 + 0.5
     theirs = fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b), verbose=False)
     assert fid(a, b) == pytest.approx(theirs[KEY_METRIC_FID], rel=1e-8)
+
+
+def test_inception_weights_on_disk_are_used_and_read_without_unpickling(tmp_path, monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+
+    from surgeon.extractors import EXTRACTORS, INCEPTION, load_extractor, resolve_extractor
+
+    # weights as torch-fidelity ships them (a torch.save'd state dict), with recognizable values
+    monkeypatch.setattr(inc, "load_state_dict_from_url", lambda *a, **k: None)
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", lambda self, sd, *a, **k: None)
+    blank = inc.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    monkeypatch.undo()
+    state = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in blank.state_dict().items()}
+    path = tmp_path / "weights-inception.pth"
+    torch.save(state, path)
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SURGEON_INCEPTION_WEIGHTS", str(path))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load unpickles"))
+    assert resolve_extractor(None).name == INCEPTION  # the default when the weights are there
+    load_extractor.cache_clear()
+    model = load_extractor(EXTRACTORS[INCEPTION])
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert inc.load_state_dict_from_url is not None and inc.load_state_dict_from_url.__name__ == "load_state_dict_from_url"
+    load_extractor.cache_clear()
