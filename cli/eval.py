@@ -31,12 +31,10 @@ def eval_models(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
     """Score MODELs' samples against the held-out data (FID, KID) next to their loss, parameters and FLOPs."""
-    from rich.console import Console
-
     from surgeon.evaluate import evaluate
-    from surgeon.tables import eval_table
+    from surgeon.tables import eval_table, wide_console
 
-    console = Console()
+    console = wide_console()
     result = evaluate(models, data=data, n=n, metrics=metrics, sample_steps=sample_steps, extractor=extractor, out=out,
                       force=force, seed=seed, batch_size=batch_size, progress=progress and not json_output,
                       console=None if json_output else console, trust_code=trust_code)

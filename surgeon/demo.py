@@ -36,13 +36,11 @@ def recipes(steps: int = STEPS) -> list:
 
 
 def run(out: Path = OUT, steps: int = STEPS, n: int = N, progress: bool = True) -> None:
-    from rich.console import Console
-
     from surgeon.evaluate import evaluate
     from surgeon.run import sparsify
-    from surgeon.tables import comparison_table
+    from surgeon.tables import comparison_table, wide_console
 
-    console = Console()
+    console = wide_console()
     console.print(f"[bold]surgeon demo[/]: UNet2DModel (preset unet-kanji, 32×32) on KanjiVG glyphs, {steps} steps "
                   f"each, then FID/KID on {n} samples each")
     summaries = []

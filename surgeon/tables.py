@@ -29,6 +29,12 @@ def _params(kept: int, total: int) -> str:
     return f"{kept / 1e6:.3f}M / {total / 1e6:.3f}M"
 
 
+def wide_console(**kwargs) -> Console:
+    """A console at least 120 columns wide: piped output (80 columns by default) would squeeze the tables' first
+    column to nothing."""
+    return Console(width=max(120, Console().width), **kwargs)
+
+
 def summary_table(summaries, title: str = "surgeon sparsify") -> Table:
     """One row per training run (``RunSummary``): losses, kept parameters, sparsity, FLOPs, speed."""
     table = Table(title=title)
@@ -45,7 +51,7 @@ def summary_table(summaries, title: str = "surgeon sparsify") -> Table:
 
 
 def print_summary(summaries, console: Console | None = None, title: str = "surgeon sparsify") -> None:
-    console = console or Console()
+    console = console or wide_console()
     console.print(summary_table(summaries, title))
     for s in summaries:
         console.print(f"{s.recipe}: {s.out_dir}", soft_wrap=True)
