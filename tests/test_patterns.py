@@ -174,3 +174,15 @@ def test_nm_skip_reason_looks_at_reduction_dim_only():
     assert nm_skip_reason((6, 8), 4) is None  # out not divisible: fine
     assert nm_skip_reason((8, 2, 2, 2), 4)  # in=2, even though in·kh·kw = 8 is divisible
     assert nm_skip_reason((8,), 4)  # not a matrix
+
+
+@pytest.mark.parametrize("n, m", [(1, 2), (2, 4), (3, 4), (1, 8), (5, 8), (2, 16)])
+@pytest.mark.parametrize("shape", [(6, 16), (4, 16, 3, 3)])
+def test_nm_mask_equals_a_stable_sort_ties_included(n, m, shape):
+    """The comparison path (M ≤ 8) and the sort path keep exactly what a stable descending sort keeps."""
+    g = torch.Generator().manual_seed(n * 100 + m)
+    w = torch.randint(-3, 4, shape, generator=g).float()  # few distinct magnitudes: many ties
+    groups = nm_groups(w.abs(), m)
+    idx = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
+    expected = nm_ungroup(torch.zeros_like(groups, dtype=torch.bool).scatter_(1, idx, True), w.shape)
+    assert torch.equal(nm_mask(w, n, m), expected)
