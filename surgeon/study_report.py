@@ -52,6 +52,10 @@ def _beats(a: float, b: float) -> bool:
     return a < b * (1 - TIE)
 
 
+def _verdict(wins: int, losses: int) -> str:
+    return "holds" if wins > losses else "does not hold" if losses > wins else "mixed (as many wins as losses)"
+
+
 def findings(rows) -> list[str]:
     """The paper's three findings, each checked on this study's FIDs; differences under 2 % count as ties."""
     from .reproduce import LOW_P, MAIN_P
@@ -84,7 +88,7 @@ def findings(rows) -> list[str]:
     if total:
         out.append(f"**Dynamic ≥ static** (paper: mostly, and clearly with p = 0.05 at high sparsity). Dynamic better "
                    f"in {wins}, tied (within 2 %) in {ties}, worse in {total - wins - ties} of {total} pairs "
-                   f"({'; '.join(detail)}): {'holds' if wins + ties > total / 2 else 'does not hold'} here.")
+                   f"({'; '.join(detail)}): {_verdict(wins, total - wins - ties)} here.")
     pairs = []
     for algo in ("rigl", "magran"):
         lo, hi = fid(_get(rows, algo, 0.9, LOW_P)), fid(_get(rows, algo, 0.9, MAIN_P))

@@ -89,3 +89,22 @@ def test_every_run_of_the_study_has_a_valid_recipe():
             assert r.dst.p == spec.p and r.dst.delta_t == (20 if spec.study == "images" else 10)
         if spec.algorithm != "dense":
             assert r.sparsity == spec.sparsity
+
+
+def test_findings_are_judged_on_the_numbers_with_ties():
+    from surgeon.study_report import findings
+    from surgeon.reproduce import StudyRow
+
+    specs = {r.name: r for r in study_runs()}
+
+    def row(name, fid):
+        return StudyRow(specs[name], {}, {"fid": fid, "sparsity": specs[name].sparsity}, "")
+
+    rows = [row("dense", 100.0), row("static-s0.25", 100.5), row("rigl-s0.25-p0.5", 90.0),
+            row("magran-s0.25-p0.5", 120.0), row("rigl-s0.9-p0.05", 150.0), row("rigl-s0.9-p0.5", 170.0)]
+    text = "\n".join(findings(rows))
+    assert "2 of 3 within 10 % of dense or better: holds" in text
+    assert "better in 1, tied (within 2 %) in 0, worse in 1 of 2 pairs" in text and "mixed" in text
+    assert "rigl: p = 0.05 150.00 vs p = 0.5 170.00: holds here" in text
+    rows[-2] = row("rigl-s0.9-p0.05", 169.0)  # within 2 %: a tie, not a win
+    assert "does not hold" in findings(rows)[-1]
