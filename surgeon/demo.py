@@ -5,8 +5,8 @@ rendered from the pip package ``kanjivg``, and FID/KID use the offline Efficient
 with Inception FID); nothing is downloaded. Outputs go to ``runs/demo/``: each run's folder (model, samples.png,
 loss.png, metrics) and ``eval/`` (the two sample grids side by side, results.json).
 
-Sizes are chosen to finish in about five minutes on two idle CPU cores: ``SURGEON_DEMO_STEPS`` (default 600)
-training steps per model, ``SURGEON_DEMO_N`` (default 256) samples scored per model.
+Sizes are chosen to finish in about five minutes on two idle CPU cores: ``SURGEON_DEMO_STEPS`` (default 1000)
+training steps per model, ``SURGEON_DEMO_N`` (default 192) samples scored per model.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-STEPS = int(os.environ.get("SURGEON_DEMO_STEPS", "600"))
-N = int(os.environ.get("SURGEON_DEMO_N", "256"))
+STEPS = int(os.environ.get("SURGEON_DEMO_STEPS", "1000"))
+N = int(os.environ.get("SURGEON_DEMO_N", "192"))
 LIMIT = 2048  # glyphs used for training
 OUT = Path("runs/demo")
 
