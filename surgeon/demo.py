@@ -5,7 +5,7 @@ rendered from the pip package ``kanjivg``, and FID/KID use the offline Efficient
 with Inception FID); nothing is downloaded. Outputs go to ``runs/demo/``: each run's folder (model, samples.png,
 loss.png, metrics) and ``eval/`` (the two sample grids side by side, results.json).
 
-Sizes are chosen to finish in about five minutes on two idle CPU cores: ``SURGEON_DEMO_STEPS`` (default 1000)
+Sizes are chosen to finish in about six minutes on two idle CPU cores (measured: 6.0 min): ``SURGEON_DEMO_STEPS`` (default 1000)
 training steps per model, ``SURGEON_DEMO_N`` (default 192) samples scored per model.
 """
 from __future__ import annotations
