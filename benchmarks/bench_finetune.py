@@ -28,16 +28,11 @@ from surgeon.run import prepare
 from surgeon.surgery import sites
 from surgeon.tasks.images import ImageTask
 from surgeon.train import make_optimizer
-from timing import interleaved  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from timing import interleaved, step_parser  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def parse() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = step_parser(__doc__.splitlines()[0], "cuda" if torch.cuda.is_available() else "cpu")
     return ap.parse_args()
 
 

@@ -30,18 +30,13 @@ from surgeon.run import prepare
 from surgeon.surgery import sites
 from surgeon.tasks.images import ImageTask
 from surgeon.train import make_optimizer, zero_optimizer_state
-from timing import interleaved  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from timing import interleaved, step_parser  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 DELTA_T = 100
 
 
 def parse() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = step_parser(__doc__.splitlines()[0], "cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true")
     return ap.parse_args()
 

@@ -1,6 +1,7 @@
 """Side-by-side timing shared by the benchmark scripts."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -24,3 +25,14 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, s
 
 def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def step_parser(description: str, device_default: str) -> argparse.ArgumentParser:
+    """The options every training-step benchmark takes; a script adds its own before parsing."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--device", default=device_default)
+    return ap

@@ -25,6 +25,7 @@ from torch import nn
 
 from .surgery import get_plan, sites
 from .targets import find_targets
+from .tasks.base import to_device
 
 
 @dataclass
@@ -203,16 +204,10 @@ def task_inputs(task, model: nn.Module) -> tuple[dict, Callable]:
         index = order[len(order) // 2]
     batch = task.collate([data[index]])
     device = next(model.parameters()).device
-    inputs, _, _ = task.noisy_batch(_to(batch, device), torch.Generator().manual_seed(0))
+    inputs, _, _ = task.noisy_batch(to_device(batch, device), torch.Generator().manual_seed(0))
     return inputs, task.predict
 
 
-def _to(batch, device):
-    if torch.is_tensor(batch):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
 
 
 def measure_task(model: nn.Module, task) -> Measurement:

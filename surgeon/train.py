@@ -29,7 +29,7 @@ from .errors import Interrupted, SurgeonError, brief
 from .progress import TrainProgress
 from .recipe import Recipe
 from .seeding import own_rng
-from .tasks.base import Task
+from .tasks.base import Task, to_device
 
 
 @dataclass
@@ -214,7 +214,7 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
                 idx = sampler.indices((step - 1) * t.grad_accum + micro)
                 batch = task.collate([data[i] for i in idx])
                 gen = torch.Generator().manual_seed(_seed(t.seed, step, micro, acc.process_index))
-                inputs, target, weight = task.noisy_batch(_to(batch, device), gen)
+                inputs, target, weight = task.noisy_batch(to_device(batch, device), gen)
                 sync = nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(wrapped)
                 with sync, acc.autocast(), _first_forward(step == first_step + 1 and micro == 0, inputs):
                     loss = objective(wrapped, inputs, target, weight)
@@ -306,14 +306,6 @@ def _deferred_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
-def _to(batch, device):
-    if torch.is_tensor(batch):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(v, device) for v in batch)
-    return batch
 
 
 def _log(acc: Accelerator, path: Path, record: dict) -> None:

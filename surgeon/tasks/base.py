@@ -19,6 +19,17 @@ from torch.utils.data import Dataset
 from ..errors import SurgeonError
 
 
+def to_device(batch, device):
+    """A collated batch (tensor, or dict/list/tuple of them) moved to ``device``; other values as they are."""
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
 def draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
     """A generator only draws on its own device; draws are moved to the data afterwards."""
     return generator.device if generator is not None else device
