@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m surgeon.demo
+	$(PY) -m surgeon.study.demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_storage.py

@@ -11,7 +11,7 @@ Models (built from configs, random weights: bytes and times do not depend on the
 Bytes: each format's file / the dense export's file in the same dtype. Unstructured rows use S = 0.9 (uniform per
 layer); semi-structured rows a 2:4 model (the dense and packed bytes of that same 2:4 model are shown too).
 
-CPU time: one denoising step (batch 4, the model's own input shapes; ``surgeon.export.inputs.denoising_step``) of
+CPU time: one denoising step (batch 4, the model's own input shapes; ``surgeon.formats.inputs.denoising_step``) of
 the CSR export (``--layers auto``, measured choice, and ``--layers all``) and of the dense export, loaded back,
 interleaved repeats: medians, and the fastest runs (steadier on a shared machine, where others only add time). GPU rows (2:4 on sparse tensor cores, fp16, DiT hidden 1024) run only where CUDA is
 available; otherwise they print "not measured".
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import surgeon
-from surgeon.export.inputs import denoising_step
+from surgeon.formats.inputs import denoising_step
 from timing import interleaved, medians  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
@@ -41,7 +41,7 @@ def dit(hidden_heads: int = 12, layers: int = 4) -> torch.nn.Module:
 
 
 def chirodiff() -> torch.nn.Module:
-    return surgeon.presets.build("chirodiff")
+    return surgeon.models.presets.build("chirodiff")
 
 
 def masked(model: torch.nn.Module, nm: bool, sparsity: float = 0.9) -> torch.nn.Module:

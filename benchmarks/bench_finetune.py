@@ -21,13 +21,13 @@ import statistics
 
 import torch
 
-from surgeon import presets
-from surgeon.distill import DistillLoss, EpsilonLoss
+from surgeon.models import presets
+from surgeon.training.objectives import DistillLoss, EpsilonLoss
 from surgeon.recipe import load_recipe
-from surgeon.run import prepare
-from surgeon.surgery import sites
+from surgeon.training.run import prepare
+from surgeon.masking.surgery import sites
 from surgeon.tasks.images import ImageTask
-from surgeon.train import make_optimizer
+from surgeon.training.loop import make_optimizer
 from timing import interleaved, step_parser  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 

@@ -4,7 +4,7 @@
                                                    [--profile]
 
 Model: presets.build("unet-kanji") (diffusers UNet2DModel, 32x32, 1 channel), trained with the loop's own pieces
-(ImageTask noising, EpsilonLoss, surgeon.train.make_optimizer = AdamW, zero_optimizer_state). The masked model is
+(ImageTask noising, EpsilonLoss, surgeon.training.loop.make_optimizer = AdamW, zero_optimizer_state). The masked model is
 the rigl recipe's plan (S = 0.5, ERK). All timed functions run round-robin (A B C D A B C D ...) after a warm-up, so
 load from other processes on a shared machine hits them alike; medians are reported.
 
@@ -22,14 +22,14 @@ import time
 
 import torch
 
-from surgeon import presets
+from surgeon.models import presets
 from surgeon.algorithms import MagRan, RigL
-from surgeon.distill import EpsilonLoss
+from surgeon.training.objectives import EpsilonLoss
 from surgeon.recipe import load_recipe
-from surgeon.run import prepare
-from surgeon.surgery import sites
+from surgeon.training.run import prepare
+from surgeon.masking.surgery import sites
 from surgeon.tasks.images import ImageTask
-from surgeon.train import make_optimizer, zero_optimizer_state
+from surgeon.training.loop import make_optimizer, zero_optimizer_state
 from timing import interleaved, step_parser  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 DELTA_T = 100
@@ -63,7 +63,7 @@ class Setup:
         loss.backward()
 
     def step(self) -> None:
-        """One training step as surgeon.train runs it between mask updates."""
+        """One training step as surgeon.training.loop runs it between mask updates."""
         self.forward_backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -7,13 +7,13 @@ import typer
 
 from surgeon import __version__
 
-from . import eval as eval_cmd
-from . import export as export_cmd
-from . import finetune as finetune_cmd
-from . import inspect as inspect_cmd
-from . import reproduce as reproduce_cmd
-from . import sparsify as sparsify_cmd
-from .common import SurgeonGroup
+from surgeon.cli import eval as eval_cmd
+from surgeon.cli import export as export_cmd
+from surgeon.cli import finetune as finetune_cmd
+from surgeon.cli import inspect as inspect_cmd
+from surgeon.cli import reproduce as reproduce_cmd
+from surgeon.cli import sparsify as sparsify_cmd
+from surgeon.cli.common import SurgeonGroup
 
 app = typer.Typer(
     name="surgeon",

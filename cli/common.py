@@ -85,7 +85,7 @@ def run_out(out: Path | None, resume: Path | None, model: str, recipe: str, tag:
     if out is not None:
         return out
     if resume is not None:
-        from surgeon.checkpoint import run_folder
+        from surgeon.training.checkpoint import run_folder
 
         return run_folder(resume)
     return default_out(model, recipe, tag)

@@ -9,7 +9,7 @@ INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 def main() -> None:
     try:
-        from .app import main as run
+        from surgeon.cli.app import main as run
 
         run()
     except KeyboardInterrupt:  # while importing; the command group reports interrupts that come later itself

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import Force, JsonOutput, TrustCode
+from surgeon.cli.common import Force, JsonOutput, TrustCode
 
 
 def eval_models(
@@ -31,8 +31,8 @@ def eval_models(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
     """Score MODELs' samples against the held-out data (FID, KID) next to their loss, parameters and FLOPs."""
-    from surgeon.evaluate import evaluate
-    from surgeon.tables import eval_table, wide_console
+    from surgeon.evaluation.evaluate import evaluate
+    from surgeon.evaluation.tables import eval_table, wide_console
 
     console = wide_console()
     result = evaluate(models, data=data, n=n, metrics=metrics, sample_steps=sample_steps, extractor=extractor, out=out,

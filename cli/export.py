@@ -9,9 +9,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from surgeon.export import FORMATS
+from surgeon.formats import FORMATS
 
-from .common import Force, ModelRef, TrustCode
+from surgeon.cli.common import Force, ModelRef, TrustCode
 
 _FORMATS = ", ".join(FORMATS)
 
@@ -30,7 +30,7 @@ def export(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress while measuring.")] = True,
 ) -> None:
     """Export REF as dense, packed, semi-structured (2:4) or csr weights; prints what each layer became."""
-    from surgeon.exporting import export as run
+    from surgeon.formats.exporter import export as run
 
     result = run(model, out, format=format, dtype=dtype, force=force, pipeline=pipeline, prune=prune, layers=layers,
                  progress=progress, trust_code=trust_code)

@@ -10,7 +10,7 @@ from surgeon.errors import UsageError
 from surgeon.recipe import load_recipe, split_stages
 from surgeon.sparsity.patterns import parse_nm
 
-from .common import (BatchSize, Data, EMADecay, Exclude, Force, GradAccum, Include, LearningRate, Limit, MixedPrecision,
+from surgeon.cli.common import (BatchSize, Data, EMADecay, Exclude, Force, GradAccum, Include, LearningRate, Limit, MixedPrecision,
                      NMTarget, Resume, Samples, Seed, ShowProgress, Steps, TrustCode, run_out,
                      training_overrides)
 
@@ -69,7 +69,7 @@ def finetune(
 ) -> None:
     """Fine-tune a trained dense model into an N:M-sparse one (SparseDM: straight-through N:M, SR-STE,
     distillation from the frozen dense teacher) and save it with its N:M masks."""
-    from surgeon.run import finetune as run
+    from surgeon.training.run import finetune as run
 
     r = load_recipe(recipe)
     changes = {"nm": nm, "lambda_w": lambda_w, "distill.lambda_1": lambda_1, "distill.lambda_2": lambda_2,
@@ -87,7 +87,7 @@ def finetune(
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        from surgeon.tables import print_summary
+        from surgeon.evaluation.tables import print_summary
 
         print_summary([summary], title="surgeon finetune")
         print_nm(summary.nm)

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import Force
+from surgeon.cli.common import Force
 
 
 def reproduce(
@@ -23,7 +23,7 @@ def reproduce(
     ChiroDiff comparison; every model scored by FID, KID, held-out loss, parameters and FLOPs, in a markdown report."""
     from rich.console import Console
 
-    from surgeon.reproduce import reproduce as run
+    from surgeon.study.reproduce import reproduce as run
 
     console = Console()
     report = run(budget_minutes, out, n=n, sample_steps=sample_steps, force=force, progress=progress,

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from surgeon.recipe import load_recipe
 
-from .common import (BatchSize, Data, EMADecay, Exclude, Force, GradAccum, Include, LearningRate, Limit, MixedPrecision,
+from surgeon.cli.common import (BatchSize, Data, EMADecay, Exclude, Force, GradAccum, Include, LearningRate, Limit, MixedPrecision,
                      ModelRef, Resume, Samples, Seed, ShowProgress, Steps, TrustCode, run_out, training_overrides)
 
 
@@ -38,7 +38,7 @@ def sparsify(
     progress: ShowProgress = True,
 ) -> None:
     """Train MODEL sparse from scratch (Static-DM, RigL-DM, MagRan-DM) and save it with packed masks."""
-    from surgeon.run import sparsify as run
+    from surgeon.training.run import sparsify as run
 
     r = load_recipe(recipe).override(
         **{"sparsity": s, "dst.p": p, "dst.delta_t": delta_t, "distribution": distribution, "init": init},
@@ -50,6 +50,6 @@ def sparsify(
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        from surgeon.tables import print_summary
+        from surgeon.evaluation.tables import print_summary
 
         print_summary([summary])

@@ -6,7 +6,7 @@ parametrized, and any training loop you already have keeps working. Run: python 
 import torch
 
 import surgeon
-from surgeon import presets
+from surgeon.models import presets
 
 model = presets.build("tiny-unet")  # or surgeon.load_model("path/to/diffusers/folder")
 plan = surgeon.plan(model, sparsity=0.8, distribution="erk")  # per-layer densities from the ERK budget

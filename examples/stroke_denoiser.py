@@ -40,7 +40,7 @@ class StrokeLSTM(nn.Module):
 
 if __name__ == "__main__":
     from surgeon.recipe import load_recipe
-    from surgeon.run import sparsify
+    from surgeon.training.run import sparsify
 
     recipe = load_recipe("rigl").override(**{
         "sparsity": 0.5, "training.steps": 100, "training.batch_size": 32, "optimizer.lr": 1e-3, "dst.delta_t": 25,

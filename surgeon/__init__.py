@@ -12,34 +12,27 @@ command can take Ctrl-C from its first instant, and importing surgeon never impo
 from __future__ import annotations
 
 import importlib
-import sys
-import types
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("diffusion-surgeon")
-except PackageNotFoundError:  # a bare checkout on sys.path, not installed
-    __version__ = "0+unknown"
-
-from .errors import SurgeonError
+from surgeon.errors import SurgeonError
+from surgeon.version import __version__
 
 # public name → the module that defines it, imported on first access (PEP 562)
 _PUBLIC = {
-    "evaluate": ".evaluate",
-    "export": ".exporting",  # the function; the formats live in the subpackage surgeon.export (see _Package)
-    "find_targets": ".targets",
-    "finetune": ".run",
-    "fold": ".surgery",
-    "inject": ".surgery",
-    "load": ".export",
-    "load_into": ".packed",
-    "load_model": ".loading",
-    "measure": ".measure",
-    "plan": ".plan",
-    "remove": ".surgery",
-    "report": ".report",
-    "save": ".packed",
-    "sparsify": ".run",
+    "evaluate": "surgeon.evaluation.evaluate",
+    "export": "surgeon.formats.exporter",
+    "find_targets": "surgeon.masking.targets",
+    "finetune": "surgeon.training.run",
+    "fold": "surgeon.masking.surgery",
+    "inject": "surgeon.masking.surgery",
+    "load": "surgeon.formats",
+    "load_into": "surgeon.formats.packed",
+    "load_model": "surgeon.formats.loading",
+    "measure": "surgeon.masking.measure",
+    "plan": "surgeon.masking.plan",
+    "remove": "surgeon.masking.surgery",
+    "report": "surgeon.masking.inspection",
+    "save": "surgeon.formats.packed",
+    "sparsify": "surgeon.training.run",
 }
 
 __all__ = ["SurgeonError", "__version__", *sorted(_PUBLIC)]
@@ -47,10 +40,10 @@ __all__ = ["SurgeonError", "__version__", *sorted(_PUBLIC)]
 
 def __getattr__(name: str):
     if name in _PUBLIC:
-        value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
-    else:  # a submodule, as ``import surgeon; surgeon.surgery`` worked when everything loaded eagerly
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    else:  # a subpackage: ``import surgeon; surgeon.masking``
         try:
-            value = importlib.import_module(f".{name}", __name__)
+            value = importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as e:
             if e.name != f"{__name__}.{name}":
                 raise
@@ -61,17 +54,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_PUBLIC})
-
-
-class _Package(types.ModuleType):
-    """``surgeon.plan``, ``surgeon.report`` and ``surgeon.export`` name both a function and a submodule. Importing the submodule sets
-    the package attribute to the module; the eager ``from .plan import plan`` used to overwrite it back. Lazily,
-    the function must win by refusing that binding."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _PUBLIC and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

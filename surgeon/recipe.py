@@ -17,8 +17,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import SurgeonError
-from .sparsity.patterns import parse_nm
+from surgeon.errors import SurgeonError
+from surgeon.sparsity.patterns import parse_nm
 
 ALGORITHMS = ("dense", "static", "magran", "rigl", "nm_ste", "nm_fixed")
 UNSTRUCTURED = ("static", "magran", "rigl")  # a global sparsity spread over layers by a distribution

@@ -27,3 +27,20 @@ def seeded(seed: int) -> Iterator[None]:
     with own_rng():
         torch.default_generator.manual_seed(int(seed))
         yield
+
+
+SEED_MODULUS = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
+
+
+def derive_seed(*parts: int) -> int:
+    """The one seed derivation of the library: a stream's seed from the run's seed and the stream's coordinates
+    (step, process, micro-batch, ...). Always in torch's range, however large the run's seed."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p)) % SEED_MODULUS
+    return h
+
+
+def generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded with :func:`derive_seed` of ``parts``."""
+    return torch.Generator().manual_seed(derive_seed(*parts))

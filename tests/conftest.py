@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgeon import presets
+from surgeon.models import presets
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spin-waiting makes
 # every forward 10-50x slower under load. One thread keeps the suite fast and its timings stable.

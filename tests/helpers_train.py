@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from surgeon import presets
+from surgeon.models import presets
 from surgeon.recipe import DYNAMIC, Recipe, load_recipe
-from surgeon.run import prepare
-from surgeon.surgery import sites
+from surgeon.training.run import prepare
+from surgeon.masking.surgery import sites
 from surgeon.tasks.images import ImageTask
 
 

@@ -1,6 +1,6 @@
 """Static, MagRan and RigL (Algorithm 1 and 2 of the paper) against the invariants of docs/methods.md.
 
-Loop-level tests run the real ``surgeon.train.train`` loop with a probe wrapped around the algorithm's hooks, so
+Loop-level tests run the real ``surgeon.training.loop.train`` loop with a probe wrapped around the algorithm's hooks, so
 what is checked is what the loop actually does at every mask update (optimizer and EMA fix-ups included).
 Hook-level tests drive RigL/MagRan directly on a tiny Linear layer whose weights and gradients are set by hand.
 """
@@ -14,12 +14,12 @@ from accelerate import Accelerator
 from helpers_train import SyntheticImageTask, masks_of, one_thread, small_recipe, tiny_model  # noqa: F401
 from torch import nn
 
-import surgeon.train as train_mod
+import surgeon.training.loop as train_mod
 from surgeon.algorithms import ALGORITHMS, MagRan, RigL
-from surgeon.plan import plan
+from surgeon.masking.plan import plan
 from surgeon.recipe import load_recipe
-from surgeon.surgery import get_plan, inject, sites
-from surgeon.train import train
+from surgeon.masking.surgery import get_plan, inject, sites
+from surgeon.training.loop import train
 
 
 # --------------------------------------------------------------------------------------------- loop-level probe
@@ -335,7 +335,7 @@ def test_mask_updates_never_write_through_to_the_callers_mask_tensor():
 
 def test_a_position_dropped_and_grown_back_keeps_its_value_and_optimizer_state():
     """The reference RigL rule: only truly new connections start at 0 with fresh optimizer state."""
-    from surgeon.train import zero_optimizer_state
+    from surgeon.training.loop import zero_optimizer_state
 
     w = torch.tensor([[0.5, 0.0, -0.1, 0.0],
                       [0.0, 3.0, 0.0, -0.7],

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 import surgeon
 from surgeon.cli.app import app
 from surgeon.errors import SurgeonError
-from surgeon.train import train
+from surgeon.training.loop import train
 
 CATCH_ALL_HINT = "SURGEON_DEBUG"  # the generic hint of an exception nobody named
 
@@ -92,7 +92,7 @@ def root(tmp_path_factory) -> Path:
     surgeon.save(model, root / "bad-config-values")
     config = json.loads((root / "bad-config-values" / "config.json").read_text())
     (root / "bad-config-values" / "config.json").write_text(json.dumps({**config, "block_out_channels": "abc"}))
-    _swap_two_bits(root / "damaged" / "model.safetensors", f"{next(iter(surgeon.surgery.sites(model)))}.mask")
+    _swap_two_bits(root / "damaged" / "model.safetensors", f"{next(iter(surgeon.masking.surgery.sites(model)))}.mask")
     # a folder whose config names a Python file: loading it must not run it
     evil = torch.nn.Module()
     evil.conv = torch.nn.Conv2d(1, 1, 3)
@@ -294,7 +294,7 @@ API_CASES: dict[str, tuple[Callable[[Path], object], str]] = {
     "plan/power-scale-nan": (lambda r: surgeon.plan(_model(), sparsity=0.5, power_scale=float("nan")), "power_scale"),
     "plan/distribution": (lambda r: surgeon.plan(_model(), sparsity=0.5, distribution="gauss"), "unknown distribution"),
     "plan/override-unknown": (lambda r: surgeon.plan(_model(), sparsity=0.5, overrides={"x": 1.0}), "unknown layer 'x'"),
-    "inject/plan-is-a-string": (lambda r: surgeon.inject(_model(), "plan"), "plan must be a surgeon.plan.Plan"),
+    "inject/plan-is-a-string": (lambda r: surgeon.inject(_model(), "plan"), "plan must be a surgeon.masking.plan.Plan"),
     "inject/unknown-init": (lambda r: surgeon.inject(_model(), surgeon.plan(_model(), sparsity=0.5), init="lucky"),
                             "unknown mask init 'lucky'"),
     "save/model-is-a-string": (lambda r: surgeon.save("tiny-unet", r / "o"), "model must be a torch.nn.Module"),
@@ -309,7 +309,7 @@ API_CASES: dict[str, tuple[Callable[[Path], object], str]] = {
     "recipe/override-nan": (lambda r: surgeon.recipe.load_recipe("rigl").override(**{"optimizer.lr": float("nan")}),
                             "must be a finite number"),
     "export/unknown-format": (lambda r: surgeon.export(_model(), r / "o", format="onnx"), "unknown export format"),
-    "sparsify/bad-data": (lambda r: surgeon.run.sparsify("tiny-unet", surgeon.recipe.load_recipe("rigl"), "nowhere",
+    "sparsify/bad-data": (lambda r: surgeon.training.run.sparsify("tiny-unet", surgeon.recipe.load_recipe("rigl"), "nowhere",
                                                         r / "o", progress=False), "no data set or folder named 'nowhere'"),
 }
 

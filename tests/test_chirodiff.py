@@ -13,9 +13,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from surgeon.errors import SurgeonError
 from surgeon.models import ChiroDiffNet
-from surgeon.plan import plan
-from surgeon.surgery import inject, sites
-from surgeon.targets import find_targets
+from surgeon.masking.plan import plan
+from surgeon.masking.surgery import inject, sites
+from surgeon.masking.targets import find_targets
 from surgeon.tasks.base import Task
 from surgeon.tasks.sequences import SequenceTask
 

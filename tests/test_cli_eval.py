@@ -84,7 +84,7 @@ def test_samples_that_cannot_be_rendered(tmp_path, data):
 
 def test_two_models_one_table_with_the_extractor_named(tmp_path, data):
     import surgeon
-    from surgeon.presets import build
+    from surgeon.models.presets import build
 
     sparse = build("tiny-unet")
     surgeon.inject(sparse, surgeon.plan(sparse, sparsity=0.5))

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 import surgeon
 from surgeon.cli.app import app
-from surgeon.presets import build
-from surgeon.report import report
+from surgeon.models.presets import build
+from surgeon.masking.inspection import report
 
 runner = CliRunner()
 
@@ -56,7 +56,7 @@ def test_report_counts_exact_kept_params_of_a_masked_model():
 def test_report_density_comes_from_the_mask_not_from_zero_values():
     model = build("tiny-unet")
     surgeon.inject(model, surgeon.plan(model, sparsity=0.5, distribution="uniform"))
-    site = surgeon.surgery.sites(model)["conv_out.weight"]
+    site = surgeon.masking.surgery.sites(model)["conv_out.weight"]
     with torch.no_grad():
         site.original[site.mask] = 0.0  # kept positions holding zeros are still kept
     row = next(r for r in report(model).rows if r.name == "conv_out.weight")

@@ -14,11 +14,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 import surgeon
-import surgeon.train as train_mod
-from surgeon.checkpoint import save_checkpoint
+import surgeon.training.loop as train_mod
+from surgeon.training.checkpoint import save_checkpoint
 from surgeon.cli.app import app
 from surgeon.recipe import load_recipe
-from surgeon.surgery import sites
+from surgeon.masking.surgery import sites
 
 
 @pytest.fixture(autouse=True)

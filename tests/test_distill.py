@@ -6,8 +6,8 @@ import copy
 import torch
 
 import surgeon
-from surgeon.distill import DistillLoss, EpsilonLoss
-from surgeon.presets import build
+from surgeon.training.objectives import DistillLoss, EpsilonLoss
+from surgeon.models.presets import build
 from surgeon.tasks.images import ImageTask
 
 

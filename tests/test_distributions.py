@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from surgeon.errors import SurgeonError
-from surgeon.plan import LayerPlan, Plan, plan
+from surgeon.masking.plan import LayerPlan, Plan, plan
 from surgeon.sparsity.distributions import layer_densities
 
 FAST = settings(max_examples=50, deadline=None, derandomize=True)

@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 import surgeon
 from surgeon import SurgeonError
 from surgeon.cli.app import app
-from surgeon.container import digests, read_metadata
-from surgeon.export.csr_layers import CSRConv1x1, CSRLinear, CSRRecurrent, to_csr
-from surgeon.export.semi_structured import compress, decompress
-from surgeon.presets import build
+from surgeon.io.container import digests, read_metadata
+from surgeon.formats.csr_layers import CSRConv1x1, CSRLinear, CSRRecurrent, to_csr
+from surgeon.formats.semi_structured import compress, decompress
+from surgeon.models.presets import build
 from surgeon.sparsity.patterns import nm_mask
-from surgeon.surgery import sites
+from surgeon.masking.surgery import sites
 
 runner = CliRunner()
 
@@ -177,7 +177,7 @@ def test_single_file_dense_export_is_self_describing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher.safetensors"]
     meta = read_metadata(tmp_path / "teacher.safetensors")
     assert meta["layout"] == "dense" and meta["config"]["_surgeon_init"] == {"features": 4, "hidden": 16}
-    from surgeon.loading import load_safetensors_file
+    from surgeon.formats.loading import load_safetensors_file
 
     folded = forward("gru", surgeon.fold(copy.deepcopy(model)))
     with pytest.raises(SurgeonError, match="trust"):  # the file names a class from this test module: code to run
@@ -309,7 +309,7 @@ def test_semi_structured_prune_opts_into_one_shot_2_4_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="pruned .* tensors to 2:4 by magnitude"):
         result = surgeon.export(model, tmp_path / "s", format="semi-structured", prune=True)
     loaded = surgeon.load(tmp_path / "s")
-    from surgeon.report import report
+    from surgeon.masking.inspection import report
 
     assert all(r.nm_valid for r in report(loaded).rows if r.nm_valid is not None)
     assert any("pruned" in r.note for r in result.rows)
@@ -353,7 +353,7 @@ def test_damaged_semi_structured_and_csr_files_are_one_line_errors(tmp_path):
 def test_csr_auto_keeps_a_choice_only_if_the_whole_step_is_faster(csr_is_slower):
     import time
 
-    from surgeon.export.csr import _confirm_whole_step
+    from surgeon.formats.csr import _confirm_whole_step
 
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
 

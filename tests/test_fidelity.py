@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from surgeon.errors import SurgeonError
-from surgeon.fidelity import extract_features, fid, kid, parse_metrics, reference_features, score
+from surgeon.evaluation.fidelity import extract_features, fid, kid, parse_metrics, reference_features, score
 
 
 class TinyExtractor(torch.nn.Module):
@@ -65,7 +65,7 @@ def _folder(root, n_val, seed=0):
 
 
 def test_reference_features_are_cached_and_recomputed_when_data_or_extractor_change(tmp_path, monkeypatch):
-    from surgeon.presets import build
+    from surgeon.models.presets import build
     from surgeon.tasks import make_task
 
     monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
@@ -84,7 +84,7 @@ def test_reference_features_are_cached_and_recomputed_when_data_or_extractor_cha
 
 
 def test_too_few_heldout_examples(tmp_path, monkeypatch):
-    from surgeon.presets import build
+    from surgeon.models.presets import build
     from surgeon.tasks import make_task
 
     monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
@@ -96,7 +96,7 @@ def test_too_few_heldout_examples(tmp_path, monkeypatch):
 def test_plots_are_written_and_not_empty(tmp_path):
     import json
 
-    from surgeon.plots import grids_side_by_side, loss_curve, metric_vs
+    from surgeon.evaluation.plots import grids_side_by_side, loss_curve, metric_vs
 
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 11))
@@ -115,15 +115,15 @@ def test_plots_are_written_and_not_empty(tmp_path):
 
 
 def test_efficientnet_weights_are_read_without_unpickling_and_cached_as_safetensors(tmp_path, monkeypatch):
-    import surgeon.torchfile
-    from surgeon.extractors import EFFICIENTNET, EXTRACTORS, load_extractor
+    import surgeon.io.torchfile
+    from surgeon.evaluation.extractors import EFFICIENTNET, EXTRACTORS, load_extractor
 
     monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load unpickles"))
     load_extractor.cache_clear()  # built once per process: start from nothing
     ex = load_extractor(EXTRACTORS[EFFICIENTNET])
     assert len(list((tmp_path / "cache" / "extractors").glob("*.safetensors"))) == 1
-    monkeypatch.setattr(surgeon.torchfile, "read_state_dict", lambda p: pytest.fail("the cache was not used"))
+    monkeypatch.setattr(surgeon.io.torchfile, "read_state_dict", lambda p: pytest.fail("the cache was not used"))
     load_extractor.cache_clear()
     again = load_extractor(EXTRACTORS[EFFICIENTNET])
     assert again is not ex
@@ -146,7 +146,7 @@ def test_fid_equals_torch_fidelitys_own_formula():
 def test_inception_weights_on_disk_are_used_and_read_without_unpickling(tmp_path, monkeypatch):
     import torch_fidelity.feature_extractor_inceptionv3 as inc
 
-    from surgeon.extractors import EXTRACTORS, INCEPTION, load_extractor, resolve_extractor
+    from surgeon.evaluation.extractors import EXTRACTORS, INCEPTION, load_extractor, resolve_extractor
 
     # weights as torch-fidelity ships them (a torch.save'd state dict), with recognizable values
     monkeypatch.setattr(inc, "load_state_dict_from_url", lambda *a, **k: None)

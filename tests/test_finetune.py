@@ -13,15 +13,15 @@ from torch import nn
 from typer.testing import CliRunner
 
 import surgeon
-import surgeon.train as train_mod
-from surgeon import checkpoint as ckpt
-from surgeon import presets
+import surgeon.training.loop as train_mod
+from surgeon.training import checkpoint as ckpt
+from surgeon.models import presets
 from surgeon.cli.app import app
-from surgeon.distill import DistillLoss
+from surgeon.training.objectives import DistillLoss
 from surgeon.errors import SurgeonError
 from surgeon.recipe import load_recipe
-from surgeon.run import finetune
-from surgeon.surgery import sites
+from surgeon.training.run import finetune
+from surgeon.masking.surgery import sites
 from surgeon.tasks.base import Task
 
 
@@ -128,7 +128,7 @@ def test_teacher_is_frozen_unchanged_and_never_in_the_optimizer_or_checkpoints(t
         n_state = len(surgeon.remove(presets.build("tiny-unet")).state_dict())
         assert sum(k.startswith("model.") for k in keys) == n_state  # the student's state, nothing more
         identity = json.loads(meta["extra"])["identity"]["teacher"]
-        assert identity["sha256"] == surgeon.teacher.content_digest(teacher)
+        assert identity["sha256"] == surgeon.training.teacher.content_digest(teacher)
     assert len(sites(student)) > 0
 
 
@@ -236,17 +236,17 @@ def test_a_bare_teacher_file_finds_its_architecture(tmp_path):
     model, file = _diffusers_folder(tmp_path)
     expected = forward(model)
     # a config.json beside it (the diffusers layout)
-    assert torch.equal(forward(surgeon.teacher.load_teacher(file)), expected)
+    assert torch.equal(forward(surgeon.training.teacher.load_teacher(file)), expected)
     # no config: MODEL names the architecture
     alone = tmp_path / "alone" / "weights.safetensors"
     alone.parent.mkdir()
     shutil.copy(file, alone)
-    assert torch.equal(forward(surgeon.teacher.load_teacher(alone, architecture="tiny-unet")), expected)
+    assert torch.equal(forward(surgeon.training.teacher.load_teacher(alone, architecture="tiny-unet")), expected)
     # a file surgeon wrote (its config beside it)
     surgeon.save(model, tmp_path / "saved")
-    assert torch.equal(forward(surgeon.teacher.load_teacher(tmp_path / "saved" / "model.safetensors")), expected)
+    assert torch.equal(forward(surgeon.training.teacher.load_teacher(tmp_path / "saved" / "model.safetensors")), expected)
     with pytest.raises(SurgeonError, match="cannot tell which model") as e:
-        surgeon.teacher.load_teacher(alone)
+        surgeon.training.teacher.load_teacher(alone)
     assert "pass MODEL" in e.value.hint
 
 

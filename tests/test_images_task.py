@@ -18,18 +18,18 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import surgeon
-from surgeon.container import read_metadata
-import surgeon.run as run_mod
-import surgeon.train as train_mod
+from surgeon.io.container import read_metadata
+import surgeon.formats.loading as loading_mod
+import surgeon.training.loop as train_mod
 from surgeon.cli.app import app
 from surgeon.data import cache, resolve_image_data
 from surgeon.data.images import ImageFolder, class_folders
 from surgeon.errors import SurgeonError
-from surgeon.run import prepare, sparsify
-from surgeon.surgery import get_plan, sites
+from surgeon.training.run import prepare, sparsify
+from surgeon.masking.surgery import get_plan, sites
 from surgeon.tasks import make_task
 from surgeon.tasks.images import ImageTask
-from surgeon.train import BatchSampler, train
+from surgeon.training.loop import BatchSampler, train
 
 
 @pytest.fixture(autouse=True)
@@ -266,7 +266,7 @@ def test_latent_pipeline_sparsifies_only_the_denoiser(tmp_path, monkeypatch, kin
     for i in range(8):
         write_png(data / f"{i}.png", 30 * i, size=24, seed=i)  # resized to the 16-pixel image size
     seen = {}
-    real_find, real_train = run_mod.find_autoencoder, train_mod.train
+    real_find, real_train = loading_mod.find_autoencoder, train_mod.train
 
     def find(ref):
         seen["ae"] = real_find(ref)
@@ -278,7 +278,7 @@ def test_latent_pipeline_sparsifies_only_the_denoiser(tmp_path, monkeypatch, kin
         seen["x_t"] = task.noisy_batch(x, torch.Generator().manual_seed(0))[0]["x_t"].shape
         return real_train(model, task, *a, **k)
 
-    monkeypatch.setattr(run_mod, "find_autoencoder", find)
+    monkeypatch.setattr(loading_mod, "find_autoencoder", find)
     monkeypatch.setattr(train_mod, "train", spy_train)
     recipe = small_recipe("rigl", **{"training.steps": 4, "dst.delta_t": 2, "training.num_samples": 4})
     out = tmp_path / "out"
@@ -313,7 +313,7 @@ def test_latents_are_scaled_by_the_autoencoder_scaling_factor(tmp_path):
 
     build_pipeline(tmp_path / "pipe", "vae")
     ae = AutoencoderKL.from_pretrained(tmp_path / "pipe" / "vae", use_safetensors=True)
-    task = make_task(surgeon.load_model(tmp_path / "pipe"), "unused", vae=run_mod.find_autoencoder(tmp_path / "pipe"))
+    task = make_task(surgeon.load_model(tmp_path / "pipe"), "unused", vae=loading_mod.find_autoencoder(tmp_path / "pipe"))
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     z = task.encode(images, torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -14,10 +14,10 @@ from torch import nn
 
 import surgeon
 from surgeon import SurgeonError
-from surgeon.bitpack import pack_mask, unpack_mask
-from surgeon.container import digests, read_metadata
-from surgeon.presets import build
-from surgeon.surgery import get_plan, sites
+from surgeon.io.bitpack import pack_mask, unpack_mask
+from surgeon.io.container import digests, read_metadata
+from surgeon.models.presets import build
+from surgeon.masking.surgery import get_plan, sites
 
 
 class BiGRUNet(nn.Module):
@@ -339,7 +339,7 @@ def test_failed_write_leaves_no_partial_folder(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("surgeon.container.save_file", disk_full)
+    monkeypatch.setattr("surgeon.io.container.save_file", disk_full)
     with pytest.raises(SurgeonError, match=r"^cannot write .*out: No space left on device") as err:
         surgeon.save(make("tiny-unet"), tmp_path / "out")
     assert ".tmp" not in err.value.message  # the target's name, never the temporary's

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from surgeon.masks import Mask, NMMask
+from surgeon.masking.masks import Mask, NMMask
 
 
 def _gen(seed: int) -> torch.Generator:

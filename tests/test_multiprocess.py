@@ -18,7 +18,7 @@ import json, sys
 import torch
 from accelerate import Accelerator
 from helpers_train import SyntheticImageTask, masks_of, save_state, small_recipe, tiny_model
-from surgeon.train import train
+from surgeon.training.loop import train
 
 out = sys.argv[1]
 acc = Accelerator(cpu=True)
@@ -34,9 +34,9 @@ for name in ("rigl", "magran"):
         json.dump({"processes": acc.num_processes, "backend": backend, "distributed": str(acc.distributed_type),
                    "updates": result.mask_updates, "moved": moved}, f)
 
-from surgeon import presets
+from surgeon.models import presets
 from surgeon.recipe import load_recipe
-from surgeon.run import execute, make_objective, prepare, Source
+from surgeon.training.run import execute, make_objective, prepare, Source
 
 # SparseDM: 3:4 for two steps, then 2:4 distilled from the 3:4 model (each rank its own teacher copy)
 recipe = load_recipe("sparsedm").override(**{

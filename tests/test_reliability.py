@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 import surgeon
 from surgeon import SurgeonError
-from surgeon import checkpoint as ckpt
+from surgeon.training import checkpoint as ckpt
 from surgeon.cli.app import app
 from surgeon.recipe import Recipe, load_recipe
-from surgeon.train import train
+from surgeon.training.loop import train
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
@@ -193,12 +193,12 @@ def test_ctrl_c_while_the_cli_imports_exits_130_with_one_line(monkeypatch, capsy
 
 
 def test_ctrl_c_while_a_command_loads_its_model_exits_130_with_one_line(tmp_path, monkeypatch):
-    import surgeon.loading
+    import surgeon.formats.loading
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(surgeon.loading, "load_model", interrupted)
+    monkeypatch.setattr(surgeon.formats.loading, "load_model", interrupted)
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["sparsify", "tiny-unet", "--out", str(out), "--no-progress"])
     assert result.exit_code == 130, result.output
@@ -253,9 +253,9 @@ def test_a_model_whose_output_has_the_wrong_shape_is_named_and_leaves_no_out(tmp
 
 @pytest.mark.parametrize("kind", ["under-a-file", "exists-as-file"])
 def test_an_out_that_cannot_be_created_is_refused_before_the_model_loads(tmp_path, monkeypatch, kind):
-    import surgeon.loading
+    import surgeon.formats.loading
 
-    monkeypatch.setattr(surgeon.loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(surgeon.formats.loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "run" if kind == "under-a-file" else tmp_path / "file"
     line = _one_error(_cli(tmp_path, "tiny-unet", "--out", out, "--no-progress"))
@@ -285,9 +285,9 @@ def test_resume_without_out_continues_in_the_resumed_run_folder_and_never_touche
 
 
 def test_resume_into_another_non_empty_folder_needs_force(tmp_path, monkeypatch):
-    import surgeon.loading
+    import surgeon.formats.loading
 
-    monkeypatch.setattr(surgeon.loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(surgeon.formats.loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     recipe = small_recipe("static", **{"training.steps": 4, "training.checkpoint_every": 2})
     model = tiny_model(recipe)
     train(model, SyntheticImageTask(model), recipe, tmp_path / "A", progress=False, stop_after=2)
@@ -307,7 +307,7 @@ def test_a_forced_fresh_run_never_leaves_the_old_runs_checkpoints_for_resume(tmp
     model = tiny_model(short)
     with pytest.raises(SurgeonError, match="holds checkpoints of an earlier run"):
         train(model, SyntheticImageTask(model), short, tmp_path / "run", progress=False)
-    from surgeon.run import open_run
+    from surgeon.training.run import open_run
 
     open_run(tmp_path / "run", short, force=True)
     assert ckpt.list_checkpoints(tmp_path / "run" / "checkpoints") == []
@@ -453,7 +453,7 @@ def test_a_mask_with_two_bits_swapped_is_reported_as_a_damaged_file(tmp_path):
     model = surgeon.load_model("tiny-unet")
     surgeon.inject(model, surgeon.plan(model, sparsity=0.5), init="random")
     surgeon.save(model, tmp_path / "m")
-    mask = f"{next(iter(surgeon.surgery.sites(model)))}.mask"
+    mask = f"{next(iter(surgeon.masking.surgery.sites(model)))}.mask"
     _swap_two_bits(tmp_path / "m" / "model.safetensors", mask)
     with pytest.raises(SurgeonError, match=rf"^damaged file: {mask} in "):
         surgeon.load(tmp_path / "m")
@@ -480,11 +480,11 @@ def test_a_damaged_training_checkpoint_is_refused_naming_the_tensor(tmp_path):
     ("missing.safetensors", "no such file: missing.safetensors"),
 ])
 def test_a_mistyped_local_path_says_no_such_folder_and_never_asks_the_hub(tmp_path, monkeypatch, ref, words):
-    import surgeon.loading
+    import surgeon.formats.loading
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(surgeon.loading, "_load_hub", lambda ref: pytest.fail(f"{ref} was taken for a hub id"))
+    monkeypatch.setattr(surgeon.formats.loading, "_load_hub", lambda ref: pytest.fail(f"{ref} was taken for a hub id"))
     (tmp_path / "runs" / "realrun").mkdir(parents=True)
     with pytest.raises(SurgeonError) as info:
         surgeon.load_model(ref)
@@ -494,11 +494,11 @@ def test_a_mistyped_local_path_says_no_such_folder_and_never_asks_the_hub(tmp_pa
 
 
 def test_a_hub_id_whose_org_is_no_local_folder_still_goes_to_the_hub(tmp_path, monkeypatch):
-    import surgeon.loading
+    import surgeon.formats.loading
 
     monkeypatch.chdir(tmp_path)
     asked = []
-    monkeypatch.setattr(surgeon.loading, "_load_hub", lambda ref: asked.append(ref))
+    monkeypatch.setattr(surgeon.formats.loading, "_load_hub", lambda ref: asked.append(ref))
     surgeon.load_model("google/ddpm-cifar10-32")
     assert asked == ["google/ddpm-cifar10-32"]
 
@@ -515,7 +515,7 @@ def _saved_sparse_model(tmp_path):
 
 @pytest.mark.parametrize("ref", ["model", "run folder"])
 def test_sparsify_continues_a_saved_sparse_model_from_its_own_masks_with_init_pretrained(tmp_path, ref):
-    from surgeon.run import sparsify
+    from surgeon.training.run import sparsify
 
     folder, masks = _saved_sparse_model(tmp_path)
     recipe = small_recipe("static", **{"training.steps": 2, "sparsity": 0.5})
@@ -528,7 +528,7 @@ def test_sparsify_continues_a_saved_sparse_model_from_its_own_masks_with_init_pr
 
 
 def test_sparsify_restarts_a_saved_sparse_model_from_scratch(tmp_path):
-    from surgeon.run import sparsify
+    from surgeon.training.run import sparsify
 
     folder, masks = _saved_sparse_model(tmp_path)
     recipe = small_recipe("static", **{"training.steps": 2, "sparsity": 0.5, "training.seed": 7})
@@ -543,7 +543,7 @@ def test_sparsify_restarts_a_saved_sparse_model_from_scratch(tmp_path):
 
 DIE_BETWEEN_RENAMES = """
 import os, signal, sys
-import surgeon, surgeon.atomic
+import surgeon.io.atomic
 
 real = os.replace
 calls = []
@@ -554,7 +554,7 @@ def replace(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(src, dst)
 
-surgeon.atomic.os.replace = replace
+surgeon.io.atomic.os.replace = replace
 model = surgeon.load_model("tiny-unet")
 surgeon.inject(model, surgeon.plan(model, sparsity=0.9), seed=1)
 surgeon.save(model, sys.argv[1], force=True)
@@ -562,7 +562,7 @@ surgeon.save(model, sys.argv[1], force=True)
 
 
 def test_a_crash_inside_a_forced_overwrite_keeps_the_old_copy_findable_and_the_next_save_restores_it(tmp_path):
-    from surgeon.atomic import siblings
+    from surgeon.io.atomic import siblings
 
     target = tmp_path / "m"
     model = surgeon.load_model("tiny-unet")
@@ -598,7 +598,7 @@ def test_a_killed_checkpoint_write_leaves_a_temporary_that_the_next_write_remove
     stale.write_bytes(b"x" * 1000)
     live = folder / f".step-0000004.safetensors.tmp-{os.getpid()}-0123abce"  # a writer still at work: kept
     live.write_bytes(b"x")
-    from surgeon.atomic import atomic_path
+    from surgeon.io.atomic import atomic_path
 
     with atomic_path(folder / "step-0000004.safetensors") as tmp:
         tmp.write_bytes(b"new")
@@ -615,7 +615,7 @@ def _api_calls(tmp_path):
     return [
         (lambda: surgeon.plan("tiny-unet", sparsity=0.5), "model must be a torch.nn.Module, got str 'tiny-unet'"),
         (lambda: surgeon.inject("tiny-unet", p), "model must be a torch.nn.Module"),
-        (lambda: surgeon.inject(model, "plan.json"), "plan must be a surgeon.plan.Plan, got str"),
+        (lambda: surgeon.inject(model, "plan.json"), "plan must be a surgeon.masking.plan.Plan, got str"),
         (lambda: surgeon.inject(model, p, seed="1"), "seed must be an integer"),
         (lambda: surgeon.inject(model, p, lambda_w=float("nan")), "lambda_w must be a finite number"),
         (lambda: surgeon.save("tiny-unet", tmp_path / "out"), "model must be a torch.nn.Module"),

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from surgeon.cli.app import app
 from surgeon.errors import SurgeonError, UsageError
-from surgeon.reproduce import allocate, reproduce, study_runs
+from surgeon.study.reproduce import allocate, reproduce, study_runs
 
 TIMING = {"image_step_s": 0.2, "chiro_step_s": 0.5, "image_run_fixed_s": 5.0, "chiro_run_fixed_s": 5.0,
           "image_eval_fixed_s": 4.0, "image_eval_per_sample_s": 0.1, "chiro_eval_fixed_s": 4.0,
@@ -77,7 +77,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_every_run_of_the_study_has_a_valid_recipe():
-    from surgeon.reproduce import StudyPlan, _recipe
+    from surgeon.study.reproduce import StudyPlan, _recipe
 
     plan = StudyPlan(30, "unet-kanji", "chirodiff", 200, 100, 128, 20, 16, 2e-3, 2e-3, 10, None,
                      "efficientnet-lite0", [r.name for r in study_runs()])
@@ -92,8 +92,8 @@ def test_every_run_of_the_study_has_a_valid_recipe():
 
 
 def test_findings_are_judged_on_the_numbers_with_ties():
-    from surgeon.study_report import findings
-    from surgeon.reproduce import StudyRow
+    from surgeon.study.report import findings
+    from surgeon.study.reproduce import StudyRow
 
     specs = {r.name: r for r in study_runs()}
 

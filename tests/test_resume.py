@@ -17,9 +17,9 @@ from helpers_train import (REPO, SyntheticImageTask, masks_of, one_thread, small
 from typer.testing import CliRunner
 
 import surgeon
-from surgeon import checkpoint as ckpt
+from surgeon.training import checkpoint as ckpt
 from surgeon.cli.app import app
-from surgeon.train import train
+from surgeon.training.loop import train
 
 SURGEON = REPO / ".venv" / "bin" / "surgeon"
 
@@ -30,7 +30,7 @@ SCRIPT = """
 import sys, time
 import torch
 from helpers_train import SyntheticImageTask, small_recipe, tiny_model
-from surgeon.train import train
+from surgeon.training.loop import train
 
 class SlowTask(SyntheticImageTask):
     # same data and noise as SyntheticImageTask; each step just takes longer, so the kill lands mid-run
@@ -172,7 +172,7 @@ def test_ctrl_c_exits_130_names_the_checkpoint_and_resumes_bit_identical(tmp_pat
 
     a, b = surgeon.load(run / "model"), surgeon.load(tmp_path / "full" / "model")
     _assert_identical(a.state_dict(), b.state_dict())
-    sa, sb = surgeon.surgery.sites(a), surgeon.surgery.sites(b)
+    sa, sb = surgeon.masking.surgery.sites(a), surgeon.masking.surgery.sites(b)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[f].mask, sb[f].mask) for f in sa)
     assert _records(run / "metrics.jsonl") == _records(tmp_path / "full" / "metrics.jsonl")
     assert json.loads((run / "summary.json").read_text())["steps"] == 40
@@ -186,9 +186,9 @@ FT_RECIPE = {"training.steps": 12, "stages": [{"nm": "3:4", "steps": 3}, {"nm": 
 FT_SCRIPT = """
 import sys, time
 from helpers_train import SyntheticImageTask
-from surgeon import presets
+from surgeon.models import presets
 from surgeon.recipe import load_recipe
-from surgeon.run import finetune
+from surgeon.training.run import finetune
 
 class SlowTask(SyntheticImageTask):
     def collate(self, items):
@@ -205,9 +205,9 @@ finetune(teacher, SlowTask(teacher), sys.argv[1], load_recipe("sparsedm").overri
 def test_finetune_killed_after_a_stage_switch_resumes_bit_identical(tmp_path):
     """SparseDM with stages 3:4 → 2:4 and teacher: previous, SIGKILLed in stage 2: the resumed run rebuilds the
     previous stage's teacher from its snapshot and ends exactly as an uninterrupted run."""
-    from surgeon import presets
+    from surgeon.models import presets
     from surgeon.recipe import load_recipe
-    from surgeon.run import finetune
+    from surgeon.training.run import finetune
 
     killed = _kill_after_first_checkpoint(tmp_path, FT_SCRIPT.format(recipe=FT_RECIPE))
     stopped_at = int(re.search(r"step-(\d+)", ckpt.list_checkpoints(killed / "checkpoints")[-1].name).group(1))

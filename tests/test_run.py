@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers_train import SyntheticImageTask, one_thread, small_recipe  # noqa: F401
 
-from surgeon import presets
+from surgeon.models import presets
 from surgeon.errors import SurgeonError
-from surgeon.run import prepare, reinitialize, sparsify
-from surgeon.train import train
+from surgeon.training.run import prepare, reinitialize, sparsify
+from surgeon.training.loop import train
 
 
 def _untouched(call) -> None:

@@ -10,9 +10,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from surgeon.errors import SurgeonError
-from surgeon.masks import Mask, NMMask
-from surgeon.plan import Plan, plan
-from surgeon.surgery import fold, get_plan, inject, remove, sites
+from surgeon.masking.masks import Mask, NMMask
+from surgeon.masking.plan import Plan, plan
+from surgeon.masking.surgery import fold, get_plan, inject, remove, sites
 
 TINY_PRESETS = ("tiny-unet", "tiny-unet-cond", "tiny-unet1d", "tiny-dit")
 
@@ -451,7 +451,7 @@ def test_nm_plan_skips_non_divisible_reduction_with_reasons():
 def test_nm_plan_on_presets(name, build_preset):
     model = build_preset(name)
     p = plan(model, nm="2:4")
-    from surgeon.targets import find_targets
+    from surgeon.masking.targets import find_targets
 
     every = find_targets(model)
     assert set(p.layers) | set(p.skipped) == set(every) and not set(p.layers) & set(p.skipped)

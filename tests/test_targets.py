@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from surgeon.errors import SurgeonError
-from surgeon.plan import plan
-from surgeon.surgery import inject, sites
-from surgeon.targets import find_targets
+from surgeon.masking.plan import plan
+from surgeon.masking.surgery import inject, sites
+from surgeon.masking.targets import find_targets
 
 TINY_PRESETS = ("tiny-unet", "tiny-unet-cond", "tiny-unet1d", "tiny-dit")
 
@@ -157,7 +157,7 @@ def test_rnn_targets_still_listed_after_injection():
 
 @pytest.fixture(scope="module")
 def unet():
-    from surgeon import presets
+    from surgeon.models import presets
 
     return presets.build("tiny-unet")
 

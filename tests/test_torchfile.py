@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from surgeon.errors import SurgeonError
-from surgeon.torchfile import read_state_dict
+from surgeon.io.torchfile import read_state_dict
 
 
 def _state():

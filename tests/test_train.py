@@ -9,11 +9,11 @@ import torch
 from helpers_train import SyntheticImageTask, masks_of, one_thread, small_recipe, state_of, tiny_model  # noqa: F401
 from torch import nn
 
-from surgeon import checkpoint as ckpt
+from surgeon.training import checkpoint as ckpt
 from surgeon.errors import SurgeonError
-from surgeon.surgery import get_plan, sites
-from surgeon.measure import measure
-from surgeon.train import BatchSampler, heldout_loss, make_optimizer, train, zero_optimizer_state
+from surgeon.masking.surgery import get_plan, sites
+from surgeon.masking.measure import measure
+from surgeon.training.loop import BatchSampler, heldout_loss, make_optimizer, train, zero_optimizer_state
 
 
 # ------------------------------------------------------------------------------------------------ BatchSampler
@@ -150,7 +150,7 @@ def test_heldout_loss_uses_fixed_noise():
     recipe = small_recipe("static")
     model = tiny_model(recipe)
     task = SyntheticImageTask(model)
-    from surgeon.distill import EpsilonLoss
+    from surgeon.training.objectives import EpsilonLoss
 
     loss = EpsilonLoss(task)
     a = heldout_loss(model, task, loss, batch_size=4, batches=2, seed=0)

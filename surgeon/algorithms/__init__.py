@@ -2,10 +2,10 @@
 
 A plain dict registry; add an entry here when you add an algorithm.
 """
-from .base import Algorithm
-from .dst import MagRan, RigL
-from .nm_ste import NMSTE, NMFixed
-from .static import Dense, Static
+from surgeon.algorithms.base import Algorithm
+from surgeon.algorithms.dst import MagRan, RigL
+from surgeon.algorithms.nm_ste import NMSTE, NMFixed
+from surgeon.algorithms.static import Dense, Static
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     "dense": Dense,

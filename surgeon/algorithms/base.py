@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..recipe import Recipe
+from surgeon.recipe import Recipe
 
 
 class Algorithm:

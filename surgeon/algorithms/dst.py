@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from ..sparsity.patterns import topk_mask
-from ..sparsity.schedules import drop_fraction, is_update_step
-from ..surgery import Site, sites
-from .base import Algorithm
+from surgeon import seeding
+from surgeon.sparsity.patterns import topk_mask
+from surgeon.sparsity.schedules import drop_fraction, is_update_step
+from surgeon.masking.surgery import Site, sites
+from surgeon.algorithms.base import Algorithm
 
 
 class MagRan(Algorithm):
@@ -57,7 +58,7 @@ class MagRan(Algorithm):
             return {}
         d = self.recipe.dst
         frac = drop_fraction(step, d.p, self.total_steps, d.stop_fraction, d.p_decay)
-        generator = torch.Generator().manual_seed(self.recipe.training.seed * 1_000_003 + step)
+        generator = seeding.generator(self.recipe.training.seed, step)
         resets, moved = {}, 0
         for fqn, site in self.sites.items():
             w, mask = site.original, site.mask.clone()  # set_mask below writes the buffer in place

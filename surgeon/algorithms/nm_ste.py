@@ -2,15 +2,15 @@
 
 NMSTE: each NMMask recomputes S(W) every forward and SR-STE acts in its backward, so a single-stage run needs no
 per-step hook. Progressive stages (eq. 12–14) tighten the pattern at stage boundaries: the switch changes only
-the pattern; weights, optimizer state and EMA carry on. The teacher loss lives in surgeon.distill.
+the pattern; weights, optimizer state and EMA carry on. The teacher loss lives in surgeon.training.objectives.
 NMFixed (ASP): the magnitude N:M mask is drawn once by ``prepare`` and stays fixed, like Static.
 """
 from __future__ import annotations
 
-from ..sparsity.patterns import nm_skip_reason
-from ..sparsity.schedules import stage_at
-from ..surgery import Site, sites
-from .base import Algorithm
+from surgeon.sparsity.patterns import nm_skip_reason
+from surgeon.sparsity.schedules import stage_at
+from surgeon.masking.surgery import Site, sites
+from surgeon.algorithms.base import Algorithm
 
 
 def set_pattern(site: Site, n: int, m: int) -> bool:

@@ -1,5 +1,5 @@
 """Static-DM (Algorithm 1): the mask drawn at initialization never changes. Dense: no mask at all."""
-from .base import Algorithm
+from surgeon.algorithms.base import Algorithm
 
 
 class Static(Algorithm):

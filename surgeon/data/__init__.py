@@ -11,21 +11,13 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from surgeon.data.splits import canonical_split
 from surgeon.errors import SurgeonError
 
 __all__ = ["BUILTIN", "canonical_split", "resolve_image_data", "resolve_sequence_data"]
 
 BUILTIN = "kanjivg"
-_SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation"}
 _FOLDER_NAMES = {"train": ("train",), "validation": ("validation", "val")}
-
-
-def canonical_split(split: str) -> str:
-    """"train" or "validation" ("val" is accepted for the latter)."""
-    try:
-        return _SPLIT_ALIASES[split]
-    except KeyError:
-        raise SurgeonError(f"unknown split {split!r}", "use 'train' or 'validation'") from None
 
 
 def _folder_split(root: Path, split: str) -> Path | None:

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..atomic import atomic_path
+from surgeon.io.atomic import atomic_path
 
 __all__ = ["ENV_VAR", "atomic_path", "cache_dir", "cache_key", "load_cached", "save_cached"]
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from surgeon.data import canonical_split
+from surgeon.data.splits import canonical_split
 from surgeon.data.cache import cache_dir, cache_key, load_cached, save_cached
 from surgeon.data.render import default_line_width, render_sequence
 from surgeon.data.svgpath import parse_paths

@@ -1,4 +1,4 @@
 """Model architectures surgeon ships itself (anything from diffusers is loaded, not defined, here)."""
-from .chirodiff import ChiroDiffNet
+from surgeon.models.chirodiff import ChiroDiffNet
 
 __all__ = ["ChiroDiffNet"]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from ..errors import SurgeonError
+from surgeon.errors import SurgeonError
 
 
 class BiGRULayer(nn.Module):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-from ..errors import SurgeonError
+from surgeon.errors import SurgeonError
 
 
 def _raw_er(shape: Sequence[int], power_scale: float) -> float:

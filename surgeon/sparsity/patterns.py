@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import SurgeonError
+from surgeon.errors import SurgeonError
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -9,8 +9,8 @@ import inspect
 
 from torch import nn
 
-from ..errors import SurgeonError
-from .base import Task, apply_diffusion_settings, ddpm_scheduler
+from surgeon.errors import SurgeonError
+from surgeon.tasks.base import Task, apply_diffusion_settings, ddpm_scheduler
 
 SEQUENCE_FORWARD = ("x_t", "t", "mask")
 
@@ -30,11 +30,11 @@ def is_image_model(model: nn.Module) -> bool:
 
 def make_task(model: nn.Module, data: str, vae: nn.Module | None = None, limit: int | None = None) -> Task:
     if is_sequence_model(model):
-        from .sequences import SequenceTask
+        from surgeon.tasks.sequences import SequenceTask
 
         return SequenceTask(data=data, limit=limit)
     if is_image_model(model):
-        from .images import ImageTask
+        from surgeon.tasks.images import ImageTask
 
         return ImageTask(model, data=data, vae=vae, limit=limit)
     raise SurgeonError(

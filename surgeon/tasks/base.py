@@ -10,13 +10,14 @@ so a distillation loss can run the teacher on the very same ``inputs``.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..errors import SurgeonError
+from surgeon.errors import SurgeonError
 
 
 def to_device(batch, device):
@@ -102,3 +103,25 @@ def apply_diffusion_settings(task: Task, diffusion) -> None:
         cfg.beta_end if diffusion.beta_end is None else diffusion.beta_end,
         diffusion.beta_schedule,
     )
+
+
+class EpsilonLoss:
+    """The task's plain DDPM ε-loss as a training objective (the protocol is in surgeon.training.objectives)."""
+
+    def __init__(self, task: Task):
+        self.task = task
+
+    def __call__(self, model: nn.Module, inputs: dict, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        return self.task.mse(self.task.predict(model, inputs), target, weight)
+
+    def to(self, device) -> "EpsilonLoss":
+        return self
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        pass
+
+    def begin_stage(self, stage: int, model: nn.Module, out_dir: Path, accelerator) -> None:
+        pass

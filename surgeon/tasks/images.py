@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..errors import SurgeonError
-from .base import Task, ddpm_scheduler
+from surgeon.errors import SurgeonError
+from surgeon.tasks.base import Task, ddpm_scheduler
 
 _UNLIMITED = None  # a class embedding that takes any integer label (class_embed_type "timestep")
 
@@ -67,7 +67,7 @@ class ImageTask(Task):
 
     def dataset(self, split: str = "train") -> Dataset | None:
         if split not in self._datasets:
-            from ..data import BUILTIN, resolve_image_data
+            from surgeon.data import BUILTIN, resolve_image_data
 
             if self.class_conditional and self.data == BUILTIN:
                 raise SurgeonError(

@@ -13,8 +13,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..errors import SurgeonError
-from .base import Task, draw_device
+from surgeon.errors import SurgeonError
+from surgeon.tasks.base import Task, draw_device
 
 SAMPLERS = ("ddim", "ddpm")
 _FALLBACK_LENGTH = 64  # used when neither lengths nor a loaded training set say otherwise
@@ -34,7 +34,7 @@ class SequenceTask(Task):
 
     def dataset(self, split: str = "train") -> Dataset:
         if split not in self._datasets:
-            from ..data import resolve_sequence_data
+            from surgeon.data import resolve_sequence_data
 
             self._datasets[split] = resolve_sequence_data(
                 self.data, split=split, limit=self.limit, max_points=self.max_points
@@ -42,7 +42,7 @@ class SequenceTask(Task):
         return self._datasets[split]
 
     def collate(self, items: list) -> dict:
-        from ..data.kanjivg import collate_sequences
+        from surgeon.data.kanjivg import collate_sequences
 
         return collate_sequences(items)
 
@@ -125,7 +125,7 @@ class SequenceTask(Task):
 
     def to_images(self, samples: dict | torch.Tensor) -> torch.Tensor:
         """Render each sequence (pen bit thresholded at 0.5) → uint8 ``[n, H, W, 1]``; a bare tensor is unpadded."""
-        from ..data.render import render_sequence
+        from surgeon.data.render import render_sequence
 
         if isinstance(samples, torch.Tensor):
             samples = {"points": samples, "mask": torch.ones(samples.shape[:2], dtype=torch.bool)}

@@ -1,0 +1,31 @@
+"""The order in which training and validation examples are drawn: a function of (seed, step), so resume is exact."""
+from __future__ import annotations
+
+import torch
+
+from surgeon.errors import SurgeonError
+from surgeon.seeding import generator
+
+
+class BatchSampler:
+    """Global batch ``step`` = positions [step·B, (step+1)·B) of an endless stream of per-epoch permutations."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if n == 0:
+            raise SurgeonError("the training data is empty", "point --data at a folder with images, or use kanjivg")
+        if batch_size % world:
+            raise SurgeonError(f"batch size {batch_size} is not divisible by {world} processes", "pick a multiple")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=generator(self.seed, epoch))
+        return self._perm
+
+    def indices(self, step: int) -> list[int]:
+        out = []
+        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+            out.append(int(self._permutation(pos // self.n)[pos % self.n]))
+        return out[self.rank :: self.world]

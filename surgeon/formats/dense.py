@@ -1,0 +1,73 @@
+"""``dense``: masks folded into plain weights, written the way the model's ecosystem reads them.
+
+- a diffusers model to a folder: ``save_pretrained`` (``config.json`` + ``diffusion_pytorch_model.safetensors``),
+  which stock ``from_pretrained`` loads;
+- with a pipeline (``--pipeline``): the whole latent pipeline folder with the sparse denoiser in place, which stock
+  ``DiffusionPipeline.from_pretrained`` loads;
+- ``--out x.safetensors``: one self-describing surgeon file, the config inside its metadata;
+- any other module: a surgeon folder (``config.json`` with the recorded class + ``model.safetensors``).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from surgeon.io.atomic import atomic_folder, check_output
+from surgeon.io.classes import is_diffusers_class, read_json
+from surgeon.io.container import read_tensors
+from surgeon.errors import SurgeonError
+from surgeon.formats.packed import header_fields, plain_state, write_model
+from surgeon.masking.surgery import fold
+from surgeon.formats.common import Options, Row, build_plain, nbytes, target_kinds
+
+LAYOUT = "dense"
+DENOISER_PARTS = ("unet", "transformer")
+
+
+def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
+    kinds = target_kinds(model)
+    fold(model)
+    if opts.dtype is not None:
+        nn.Module.to(model, opts.dtype)  # not diffusers' override, which warns about fp32 modules it keeps none of
+    state = plain_state(model)
+    if opts.pipeline is not None:
+        _write_pipeline(model, Path(opts.pipeline), out, opts.force)
+    elif is_diffusers_class(type(model)) and out.suffix != ".safetensors":
+        check_output(out, opts.force)
+        with atomic_folder(out, opts.force) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        write_model(model, out, state, LAYOUT, header_fields(model, {}, opts.recipe, opts.extra), opts.force)
+    return [Row(fqn, kind, shape, "dense", nbytes(state[fqn]), "dense") for fqn, (kind, shape) in kinds.items()]
+
+
+def denoiser_part(pipeline: Path) -> str:
+    """Which subfolder of a pipeline holds the denoiser (``unet`` or ``transformer``)."""
+    index = read_json(pipeline / "model_index.json") if (pipeline / "model_index.json").is_file() else {}
+    for part in DENOISER_PARTS:
+        if part in index and (pipeline / part).is_dir():
+            return part
+    raise SurgeonError(f"{pipeline} is not a pipeline folder with a unet or transformer",
+                       "export the model alone (drop --pipeline)")
+
+
+def _write_pipeline(model: nn.Module, pipeline: Path, out: Path, force: bool) -> None:
+    if not is_diffusers_class(type(model)):
+        raise SurgeonError(f"--pipeline needs a diffusers model, not {type(model).__name__}", "drop --pipeline")
+    part = denoiser_part(pipeline)
+    check_output(out, force)
+    with atomic_folder(out, force) as tmp:
+        for item in pipeline.iterdir():  # every other component as it is: scheduler, autoencoder, model_index.json
+            if item.name == part or item.name.startswith("."):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        model.save_pretrained(tmp / part, safe_serialization=True)
+
+
+def read(meta: Mapping, device: torch.device | str | None = None) -> nn.Module:
+    model = build_plain(meta, read_tensors(meta["file"]))
+    return model.to(device) if device is not None else model

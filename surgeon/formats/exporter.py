@@ -1,0 +1,123 @@
+"""``surgeon.export``: turn a (sparse) model into a deployable artifact in one of the formats of :mod:`surgeon.formats`.
+
+The model is resolved (any reference :func:`surgeon.load_model` takes, or a module), the request is checked before
+anything is written, and the format's writer gets a deep copy: the input is never changed.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from surgeon.io.atomic import check_output
+from surgeon.io.container import read_metadata
+from surgeon.errors import SurgeonError, UsageError, check_arg, check_path
+from surgeon.formats import FORMATS
+from surgeon.formats.common import Options, Row, dtype_name, parse_dtype
+from surgeon.formats.dense import denoiser_part
+from surgeon.formats.inputs import denoising_step
+from surgeon.formats.loading import load_model
+
+
+@dataclass
+class Exported:
+    format: str
+    out: Path
+    rows: list[Row]
+    file_bytes: int  # everything written under ``out``
+    warnings: list[str] = field(default_factory=list)
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _inside(out: Path, source: Path) -> bool:
+    out, source = out.resolve(), source.resolve()
+    return out == source or source in out.parents
+
+
+def _source_metadata(ref: Path) -> dict | None:
+    try:
+        return read_metadata(ref)
+    except SurgeonError:
+        return None  # not a surgeon file: a diffusers folder, a preset, ...
+
+
+def export(
+    model: nn.Module | str | os.PathLike,
+    out: str | os.PathLike,
+    format: str = "dense",  # noqa: A002 - the CLI's --format
+    dtype: str | None = None,
+    force: bool = False,
+    pipeline: bool | str | os.PathLike = False,
+    prune: bool = False,
+    layers: str = "auto",
+    example: Callable[[nn.Module], Any] | None = None,
+    progress: bool = True,
+    trust_code: bool = False,
+) -> Exported:
+    """Write ``model`` to ``out`` in ``format`` (dense, packed, semi-structured, csr; see docs/formats.md).
+
+    dtype: fp32, fp16 or bf16 (the format must hold it). pipeline (dense): write the latent pipeline the model
+    came from (True: the one its metadata names) around it. prune (semi-structured): one-shot magnitude 2:4 where a
+    weight is not 2:4 yet. layers (csr): "auto" measures each layer on ``example`` (one denoising step; by default
+    built from the model's config) and converts it only where CSR is faster; "all" converts every eligible layer.
+    trust_code: as in :func:`surgeon.load_model`, for a model folder that records a class from a file or module.
+    """
+    check_arg(model, (nn.Module, str, os.PathLike), "model", "a torch.nn.Module or a model reference (a path or name)")
+    check_path(out, "out")
+    if format not in FORMATS:
+        raise UsageError(f"unknown export format {format!r}", f"choose one of: {', '.join(FORMATS)}")
+    fmt = FORMATS[format]
+    torch_dtype = parse_dtype(dtype)
+    if torch_dtype is not None and dtype_name(torch_dtype) not in [dtype_name(parse_dtype(d)) for d in fmt.dtypes]:
+        raise SurgeonError(f"the {format} format cannot hold {dtype}: it stores {', '.join(fmt.dtypes)}",
+                           "drop --dtype, or export half precision as dense, packed or semi-structured")
+    if layers not in ("auto", "all"):
+        raise UsageError(f"unknown --layers {layers!r}", "choose auto (measured per layer) or all")
+    for flag, given, allowed in (("--pipeline", bool(pipeline), "dense"), ("--prune", prune, "semi-structured"),
+                                 ("--layers all", layers == "all", "csr")):
+        if given and format != allowed:
+            raise UsageError(f"{flag} is for --format {allowed}, not {format}", f"drop {flag}")
+    out = Path(out)
+    meta = None
+    if not isinstance(model, nn.Module):
+        source = Path(model).expanduser()
+        if source.exists() and _inside(out, source):
+            raise SurgeonError(f"--out {out} is inside the model {source}", "write the export somewhere else")
+        meta = _source_metadata(source) if source.exists() else None
+        pipeline_of_ref = source if (source / "model_index.json").is_file() else None
+        model = load_model(model, trust_code=trust_code)
+    else:
+        pipeline_of_ref = None
+    extra = dict(meta["extra"]) if meta else {}
+    if pipeline is True:
+        pipeline = extra.get("pipeline") or pipeline_of_ref
+        if not pipeline:
+            raise SurgeonError("--pipeline: the model's metadata names no pipeline",
+                               "export a model trained from a latent pipeline folder, or pass pipeline=PATH")
+    if pipeline:
+        pipeline = Path(pipeline)
+        denoiser_part(pipeline)  # refuses a folder that is not a pipeline, before any work
+        if _inside(out, pipeline):
+            raise SurgeonError(f"--out {out} is inside the pipeline {pipeline}", "write the export somewhere else")
+    check_output(out, force)
+    if format == "csr" and layers == "auto" and example is None:
+        example = denoising_step(model)
+    opts = Options(dtype=torch_dtype, force=force, pipeline=str(pipeline) if pipeline else None, prune=prune,
+                   layers=layers, example=example, progress=progress, recipe=meta["recipe"] if meta else None,
+                   extra=extra)
+    work = copy.deepcopy(model)  # the writers fold, cast and swap modules: never on the caller's model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = fmt.write(work, out, opts)
+    notes = [str(w.message) for w in caught]
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return Exported(format, out, rows, _size(out), notes)

@@ -1,0 +1,225 @@
+"""Inject, remove and fold mask parametrizations. The only module that touches torch.nn.utils.parametrize.
+
+Everything else reaches masked tensors through :func:`sites`, which yields one :class:`Site` per masked tensor.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from surgeon.errors import SurgeonError, check_arg, check_module
+from surgeon.masking.masks import Mask, NMMask
+from surgeon.masking.plan import LayerPlan, Plan
+from surgeon.sparsity.patterns import random_mask, topk_mask
+
+_PLAN_ATTR = "_surgeon_plan"
+INITS = ("random", "magnitude")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One masked tensor: ``module.<name>`` is parametrized by a Mask or NMMask."""
+
+    fqn: str
+    module: nn.Module
+    name: str
+
+    @property
+    def parametrization(self) -> Mask | NMMask:
+        return self.module.parametrizations[self.name][0]
+
+    @property
+    def original(self) -> nn.Parameter:
+        """The trainable tensor the optimizer sees (dense storage; zero at pruned positions for Mask)."""
+        return self.module.parametrizations[self.name].original
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.parametrization.current_mask(self.original)
+
+    @property
+    def is_nm(self) -> bool:
+        return isinstance(self.parametrization, NMMask)
+
+    def effective(self) -> torch.Tensor:
+        return getattr(self.module, self.name)
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Replace a fixed mask in place (same shape, exact bool)."""
+        p = self.parametrization
+        if not isinstance(p, Mask):
+            raise TypeError(f"{self.fqn} has an N:M mask; it is recomputed every forward")
+        p.mask.copy_(mask.to(p.mask.device))
+
+
+def _split(fqn: str) -> tuple[str, str]:
+    module_name, _, name = fqn.rpartition(".")
+    return module_name, name
+
+
+def sites(model: nn.Module) -> dict[str, Site]:
+    """``{fqn: Site}`` for every masked tensor of ``model``, in module registration order."""
+    out = {}
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for name, plist in module.parametrizations.items():
+            if isinstance(plist[0], (Mask, NMMask)):
+                fqn = f"{module_name}.{name}" if module_name else name
+                out[fqn] = Site(fqn, module, name)
+    return out
+
+
+def get_plan(model: nn.Module) -> Plan | None:
+    return getattr(model, _PLAN_ATTR, None)
+
+
+def _rnn_release_flat_weights(module: nn.RNNBase, args, output) -> None:
+    """Forward hook on masked RNNs: point ``_flat_weights`` back at the leaf originals after each forward.
+
+    RNNBase caches the tensors it ran with; for parametrized weights those are graph nodes, which would keep the
+    autograd graph alive and make ``copy.deepcopy`` fail. The next forward sees the changed reference and
+    recomputes the masked weights, so the forward always uses them.
+    """
+    if not parametrize.is_parametrized(module):
+        return
+    for i, name in enumerate(module._flat_weights_names):
+        if name in module.parametrizations:
+            leaf = module.parametrizations[name].original
+            module._flat_weights[i] = leaf
+            module._flat_weight_refs[i] = weakref.ref(leaf)
+
+
+def _deepcopy_with_own_class(self: nn.Module, memo: dict) -> nn.Module:
+    """``__deepcopy__`` of parametrized modules: the copy gets its own parametrized class.
+
+    parametrize swaps a module's class for a generated ``Parametrized<Class>`` that holds one property per
+    parametrized tensor, and adds or deletes those properties as tensors are (un)parametrized. torch's own deepcopy
+    keeps that class shared, so folding or injecting into a copy used to change the original (folding a copied
+    Conv deleted the original's ``weight``). A private class per copy keeps every copy independent.
+    """
+    if id(self) in memo:
+        return memo[id(self)]
+    shared = type(self)
+    own = type(shared.__name__, shared.__bases__, {k: v for k, v in shared.__dict__.items()
+                                                   if k not in ("__dict__", "__weakref__")})
+    replica = own.__new__(own)
+    memo[id(self)] = replica
+    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+    return replica
+
+
+def _copies_get_own_class(module: nn.Module) -> None:
+    cls = type(module)
+    theirs = cls.__dict__.get("__deepcopy__")
+    # replace only torch's generated default; a class's own __deepcopy__ is the author's to keep
+    if theirs is None or getattr(theirs, "__name__", "") == "default_deepcopy":
+        cls.__deepcopy__ = _deepcopy_with_own_class
+
+
+def _initial_mask(w: torch.Tensor, lp: LayerPlan, init: str, gen: torch.Generator) -> torch.Tensor:
+    if init == "random":
+        return random_mask(w.shape, lp.kept, generator=gen, device=w.device)
+    return topk_mask(w.detach().abs(), lp.kept)
+
+
+def inject(
+    model: nn.Module,
+    plan: Plan,
+    init: str = "magnitude",
+    masks: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    lambda_w: float = 0.0,
+) -> nn.Module:
+    """Register a mask parametrization on every planned tensor of ``model``, in place; returns ``model``.
+
+    init: "magnitude" keeps the largest |w| (pruning a trained checkpoint), "random" draws an exact-count random
+    mask (sparse training from scratch, Static-DM). ``masks`` gives explicit masks by FQN (used by load).
+    Weights at pruned positions are set to 0, so original == effective for fixed masks.
+    """
+    check_module(model)
+    check_arg(plan, Plan, "plan", "a surgeon.masking.plan.Plan", "make one with surgeon.plan(model, sparsity=...) or nm='2:4'")
+    check_arg(seed, int, "seed", "an integer")
+    check_arg(lambda_w, (int, float), "lambda_w", "a number")
+    if not math.isfinite(lambda_w) or lambda_w < 0:
+        raise SurgeonError(f"lambda_w must be a finite number ≥ 0, got {lambda_w}", "0 turns the SR-STE decay off")
+    if init not in INITS:
+        raise SurgeonError(f"unknown mask init {init!r}", f"choose one of: {', '.join(INITS)}")
+    existing = sites(model)
+    gen = torch.Generator().manual_seed(int(seed))
+    # check every planned tensor before touching any, so a bad plan leaves the model as it was
+    todo = []
+    for fqn, lp in plan.layers.items():
+        if lp.is_dense:
+            continue
+        if fqn in existing:
+            raise SurgeonError(f"{fqn} is already masked", "call surgeon.fold or surgeon.remove first")
+        module_name, name = _split(fqn)
+        try:
+            module = model.get_submodule(module_name)
+            w = getattr(module, name)
+        except AttributeError:
+            raise SurgeonError(f"plan names {fqn!r}, which the model does not have", "make the plan from this model") from None
+        if tuple(w.shape) != tuple(lp.shape):
+            raise SurgeonError(
+                f"mask shape mismatch for {fqn}: plan has {list(lp.shape)}, model has {list(w.shape)}",
+                "the plan or saved masks belong to a different model",
+            )
+        mask = None
+        if lp.nm is None and masks is not None:
+            if fqn not in masks:
+                raise SurgeonError(f"no mask given for {fqn}", "the saved masks do not match the plan")
+            mask = masks[fqn].to(device=w.device, dtype=torch.bool)
+            if tuple(mask.shape) != tuple(w.shape):
+                raise SurgeonError(
+                    f"mask shape mismatch for {fqn}: mask {list(mask.shape)}, weight {list(w.shape)}",
+                    "the masks belong to a different model",
+                )
+        todo.append((module, name, w, lp, mask))
+    for module, name, w, lp, mask in todo:
+        if lp.nm is not None:
+            # unsafe: both parametrizations keep shape and dtype, so skip parametrize's checking forward pass
+            parametrize.register_parametrization(module, name, NMMask(*lp.nm, lambda_w=lambda_w), unsafe=True)
+            _copies_get_own_class(module)
+            continue
+        if mask is None:
+            mask = _initial_mask(w, lp, init, gen)
+        with torch.no_grad():
+            w.mul_(mask)
+        parametrize.register_parametrization(module, name, Mask(mask), unsafe=True)
+        _copies_get_own_class(module)
+    for module in {id(m): m for m in (s.module for s in sites(model).values())}.values():
+        if isinstance(module, nn.RNNBase) and _rnn_release_flat_weights not in module._forward_hooks.values():
+            module.register_forward_hook(_rnn_release_flat_weights)
+    setattr(model, _PLAN_ATTR, plan)
+    return model
+
+
+def _strip(model: nn.Module, leave_parametrized: bool) -> nn.Module:
+    check_module(model)
+    for site in sites(model).values():
+        parametrize.remove_parametrizations(site.module, site.name, leave_parametrized=leave_parametrized)
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if hook is _rnn_release_flat_weights:
+                del module._forward_hooks[key]
+    if hasattr(model, _PLAN_ATTR):
+        delattr(model, _PLAN_ATTR)
+    return model
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Bake the masks into the weights and remove the parametrizations: a plain module, stock state_dict keys."""
+    return _strip(model, leave_parametrized=True)
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Remove the parametrizations and keep the stored (original) tensors, e.g. a SparseDM student's dense W."""
+    return _strip(model, leave_parametrized=False)

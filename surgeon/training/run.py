@@ -1,0 +1,352 @@
+"""End-to-end runs behind ``surgeon sparsify`` and ``surgeon finetune`` (and the Python API).
+
+Both commands compose the same steps; each is a few lines that say what differs::
+
+    acc       = open_run(out, recipe, force, resume)     # check the output folder before any process writes
+    source    = load_source(model)                        # the denoiser (+ frozen autoencoder of a latent pipeline)
+    task      = make_run_task(source, data, recipe)       # what is denoised, with the recipe's noise schedule
+    prepare(source.model, recipe, init)                   # re-initialize (scratch) and inject the recipe's masks
+    objective = make_objective(task, recipe, teacher)     # ε-loss, or distillation from a frozen teacher
+    summary   = execute(source, task, recipe, out, acc, objective, ...)   # train, save, summarize
+
+The output folder holds ``model/`` (packed masks, docs/formats.md), ``recipe.yaml`` (fully resolved),
+``metrics.jsonl``, ``samples.png``, ``loss.png``, ``summary.json`` and ``checkpoints/`` for ``--resume``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from surgeon.formats import loading
+from surgeon.io.atomic import atomic_path, replaceable
+from surgeon.training.objectives import DistillLoss, EpsilonLoss
+from surgeon.errors import SurgeonError
+from surgeon.masking.plan import plan as make_plan
+from surgeon.recipe import NM, Recipe, dump_recipe
+from surgeon.masking.inspection import nm_coverage
+from surgeon.seeding import seeded
+from surgeon.sparsity.patterns import nm_mask
+from surgeon.masking.surgery import inject, sites
+from surgeon.tasks import Task, apply_diffusion_settings, make_task
+
+
+@dataclass
+class RunSummary:
+    recipe: str
+    algorithm: str
+    sparsity: float  # measured over the masked tensors
+    params_total: int  # every parameter of the denoiser
+    params_kept: int  # nonzero after masking (unmasked tensors count in full)
+    steps: int
+    final_loss: float
+    val_loss: float | None
+    seconds: float
+    seconds_per_step: float
+    out_dir: str
+    pipeline: str | None = None  # latent diffusion: the pipeline folder holding the frozen autoencoder
+    flops_forward: float | None = None  # one denoiser call on one example, sparse (Evci et al.; surgeon.measure)
+    flops_forward_dense: float | None = None  # the same call with every weight dense
+    flops_train: float | None = None  # the whole run: per-example step FLOPs × batch × steps
+    teacher: dict | None = None  # finetune: the teacher's reference and content digest
+    nm: dict | None = None  # N:M runs: converted layers, how many are N:M-valid, and those left dense with why
+
+
+@dataclass
+class Source:
+    """A loaded denoiser and what came with it."""
+
+    model: nn.Module
+    vae: nn.Module | None = None  # the frozen autoencoder of a latent-diffusion pipeline
+    pipeline: str | None = None  # that pipeline's folder (absolute), recorded in the saved model
+
+
+def reinitialize(model: nn.Module, seed: int) -> nn.Module:
+    """Fresh weights for training from scratch (the paper's setting), in place; they depend on ``seed`` only."""
+    with seeded(seed):
+        cfg = getattr(model, "config", None)
+        if cfg is not None and hasattr(type(model), "from_config"):
+            fresh = type(model).from_config(cfg)
+            model.load_state_dict(fresh.state_dict())
+            return model
+        for m in model.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return model
+
+
+def check_out_dir(out: Path, force: bool, resume=None) -> None:
+    """Refuse, before anything loads, an output folder that cannot be created or would replace another run.
+
+    A non-empty folder is written only with ``force`` or when it is the run folder that ``resume`` continues.
+    """
+    from surgeon.training.checkpoint import run_folder
+
+    if replaceable(out) or force:
+        return
+    if resume is None:
+        raise SurgeonError(f"output folder {out} exists", "pass --force to overwrite, or --resume to continue a run")
+    resumed = run_folder(resume)
+    if out.resolve() != resumed.resolve():
+        raise SurgeonError(f"output folder {out} holds another run than the one resumed ({resumed})",
+                           f"leave out --out to continue in {resumed}, or pass --force to write into {out}")
+
+
+def clear_stale_checkpoints(out: Path) -> None:
+    """A fresh run forced over an old one starts without the old run's checkpoints: --resume must never pick them."""
+    from surgeon.training.checkpoint import list_checkpoints
+
+    for path in list_checkpoints(out / "checkpoints"):
+        path.unlink()
+
+
+@contextmanager
+def no_empty_folder_on_failure(out: Path) -> Iterator[None]:
+    """If the run fails, remove ``out`` when the run created it and it holds nothing (no log, no checkpoint)."""
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and out.is_dir():
+            for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                _rmdir_if_empty(folder)
+            _rmdir_if_empty(out)
+        raise
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty: something worth keeping (a log, a checkpoint)
+        pass
+
+
+# --- the shared steps ----------------------------------------------------------------------------------------------
+
+def open_run(out: str | os.PathLike, recipe: Recipe, force: bool = False, resume=None) -> Accelerator:
+    """Check the output folder (every process, before any process writes) and start Accelerate."""
+    from surgeon.training.loop import make_accelerator
+
+    from surgeon.training.checkpoint import check_resumable
+
+    out = Path(out)
+    check_out_dir(out, force, resume)
+    if resume is not None:  # another algorithm's checkpoint, or one past --steps: refused before the model loads
+        check_resumable(resume, recipe.algorithm, recipe.training.steps)
+    acc = make_accelerator(recipe.training.mixed_precision)
+    if force and resume is None and acc.is_main_process:
+        clear_stale_checkpoints(out)
+    acc.wait_for_everyone()
+    return acc
+
+
+def load_source(model: str | os.PathLike | nn.Module, trust_code: bool = False) -> Source:
+    """A model reference (anything :func:`surgeon.load_model` takes) or a module you built."""
+    if isinstance(model, nn.Module):
+        return Source(model)
+    ref = str(model)
+    vae = loading.find_autoencoder(ref)
+    return Source(loading.load_model(ref, trust_code=trust_code), vae, str(Path(ref).resolve()) if vae is not None else None)
+
+
+def make_run_task(source: Source, data: str | Task, recipe: Recipe, limit: int | None = None) -> Task:
+    """The task for ``source.model`` on ``data`` (a data reference or a Task you built), with the recipe's noise."""
+    task = data if isinstance(data, Task) else make_task(source.model, data, vae=source.vae, limit=limit)
+    apply_diffusion_settings(task, recipe.diffusion)
+    if len(task.dataset("train")) == 0:
+        raise SurgeonError(f"no training examples in {data}", "check --data")
+    return task
+
+
+def prepare(model: nn.Module, recipe: Recipe, init: str | None = None) -> nn.Module:
+    """Re-initialize (scratch) and inject the recipe's masks, in place.
+
+    A model that already has masks (a folder saved by surgeon) continues from its own masks with ``pretrained``
+    and an unstructured sparse recipe; otherwise its masks are folded in first and it starts over as the recipe
+    says (``scratch``: fresh weights and masks; an N:M or dense recipe: from its effective weights).
+    """
+    from surgeon.algorithms import ALGORITHMS
+    from surgeon.masking.surgery import fold
+
+    init = init or recipe.init
+    if sites(model):
+        if init == "pretrained" and recipe.algorithm in ("static", "magran", "rigl"):
+            return continue_own_masks(model, recipe)
+        fold(model)
+    if init == "scratch":
+        reinitialize(model, recipe.training.seed)
+    if recipe.algorithm == "dense":
+        return model
+    targets = {"include": recipe.include or None, "exclude": recipe.exclude or None,
+               "dense_first": recipe.dense_first, "dense_last": recipe.dense_last}
+    if recipe.nm:
+        p = make_plan(model, nm=recipe.nm, **targets)
+    else:
+        p = make_plan(model, sparsity=recipe.sparsity, distribution=recipe.distribution,
+                      power_scale=recipe.power_scale, **targets)
+    if recipe.algorithm == "nm_fixed":  # ASP: the magnitude N:M pattern of the weights, drawn once, then fixed
+        masks = {f: nm_mask(model.get_parameter(f), *lp.nm) for f, lp in p.layers.items()}
+        return inject(model, p.fixed_nm(), masks=masks)
+    mask_init = "magnitude" if init == "pretrained" else ALGORITHMS[recipe.algorithm].mask_init
+    return inject(model, p, init=mask_init, seed=recipe.training.seed, lambda_w=recipe.lambda_w or 0.0)
+
+
+def continue_own_masks(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """Keep a loaded model's masks for an unstructured sparse recipe: they must be fixed masks, not N:M ones."""
+    nm = [fqn for fqn, site in sites(model).items() if site.is_nm]
+    if nm:
+        raise SurgeonError(f"the model has N:M masks (e.g. {nm[0]}); {recipe.algorithm} trains unstructured masks",
+                           "fine-tune it with `surgeon finetune`, or pass --init scratch to start over")
+    return model
+
+
+def make_objective(task: Task, recipe: Recipe, teacher: nn.Module | None = None):
+    """The loss the loop minimizes: the ε-objective, or SparseDM distillation when the recipe has ``distill:``."""
+    if recipe.distill is None:
+        return EpsilonLoss(task)
+    if teacher is None:
+        raise SurgeonError(f"recipe {recipe.name or recipe.algorithm!r} has a distill section, but this run has no teacher",
+                           "distill from a dense model with `surgeon finetune --teacher DENSE`, or drop distill: from the recipe")
+    d = recipe.distill
+    return DistillLoss(task, teacher, d.lambda_1, d.lambda_2, previous=d.teacher == "previous")
+
+
+def execute(source: Source, task: Task, recipe: Recipe, out: str | os.PathLike, acc: Accelerator, objective=None,
+            resume=None, progress: bool = True, samples: bool = True, stop_after: int | None = None,
+            teacher: dict | None = None) -> RunSummary:
+    """Train ``source.model`` (prepared) in place, then write the model, recipe, samples and summary."""
+    from surgeon.formats.packed import save
+    from surgeon.masking.measure import measure_task
+    from surgeon.training.loop import train
+
+    out = Path(out)
+    started = time.perf_counter()
+    with no_empty_folder_on_failure(out):
+        result = train(source.model, task, recipe, out, objective=objective, resume=resume, accelerator=acc,
+                       progress=progress, stop_after=stop_after, identity={"teacher": teacher} if teacher else None)
+    model = acc.unwrap_model(source.model).cpu()
+    cost = measure_task(model, task)
+    summary = RunSummary(recipe.name or recipe.algorithm, recipe.algorithm, cost.sparsity, cost.params_total,
+                         cost.params_kept, result.steps, result.final_loss, result.val_loss, time.perf_counter() - started,
+                         result.seconds_per_step, str(out), source.pipeline, cost.flops_sparse, cost.flops_dense,
+                         cost.run_flops(recipe, result.steps),
+                         teacher, nm_coverage(model, recipe.nm) if recipe.nm else None)
+    if acc.is_main_process:  # every process holds the same model; one writes it
+        # the denoiser alone is saved; a latent model records the pipeline whose frozen autoencoder it needs
+        save(model, out / "model", recipe=recipe.to_dict(), force=True,
+             extra_metadata={"pipeline": source.pipeline, **({"teacher": teacher} if teacher else {})})
+        write_text(out / "recipe.yaml", dump_recipe(recipe))
+        if samples and recipe.training.num_samples:
+            save_samples(model, task, out / "samples.png", recipe.training.num_samples, recipe.diffusion.sample_steps,
+                         recipe.training.seed)
+        if (out / "metrics.jsonl").is_file():
+            from surgeon.evaluation.plots import loss_curve
+
+            loss_curve(out / "metrics.jsonl", out / "loss.png", title=summary.recipe, val_loss=summary.val_loss)
+        summary.seconds = time.perf_counter() - started
+        write_text(out / "summary.json", json.dumps(asdict(summary), indent=2))
+    acc.wait_for_everyone()
+    return summary
+
+
+def save_samples(model: nn.Module, task, path: Path, n: int, steps: int, seed: int) -> Path:
+    from surgeon.data.render import render_grid
+
+    images = task.to_images(task.sample(model, n, generator=torch.Generator().manual_seed(seed), steps=steps))
+    grid = render_grid(images, nrow=max(1, int(n**0.5)))
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return path
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+# --- the commands ------------------------------------------------------------------------------------------------
+
+def as_recipe(recipe: Recipe | str | os.PathLike, **changes) -> Recipe:
+    """A Recipe, a shipped recipe's name or a YAML path; ``changes`` override fields (``section.field`` keys)."""
+    from surgeon.recipe import load_recipe
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return recipe.override(**changes) if changes else recipe
+
+
+def sparsify(model: str | os.PathLike | nn.Module, recipe: Recipe | str, data: str | Task, out: str | os.PathLike,
+             init: str | None = None, limit: int | None = None, force: bool = False, resume=None,
+             progress: bool = True, samples: bool = True, stop_after: int | None = None,
+             trust_code: bool = False) -> RunSummary:
+    """Sparse-to-sparse training (Static-DM, RigL-DM, MagRan-DM) or a dense baseline, from scratch by default.
+
+    ``recipe``: a Recipe, a shipped name or a YAML path. ``trust_code``: see :func:`surgeon.load_model`."""
+    recipe = as_recipe(recipe)
+    acc = open_run(out, recipe, force, resume)
+    source = load_source(model, trust_code)
+    task = make_run_task(source, data, recipe, limit)
+    objective = make_objective(task, recipe)  # before prepare: a recipe that needs a teacher fails untouched
+    prepare(source.model, recipe, init)
+    return execute(source, task, recipe, out, acc, objective, resume=resume, progress=progress, samples=samples,
+                   stop_after=stop_after)
+
+
+def finetune(teacher: str | os.PathLike | nn.Module, data: str | Task, out: str | os.PathLike,
+             recipe: Recipe | str = "sparsedm", model: str | os.PathLike | nn.Module | None = None,
+             nm: str | None = None, limit: int | None = None, force: bool = False, resume=None, progress: bool = True,
+             samples: bool = True, stop_after: int | None = None, trust_code: bool = False) -> RunSummary:
+    """N:M fine-tuning of a trained dense model (SparseDM): the student starts as a copy of ``teacher`` (or as
+    ``model``, whose target tensors must match the teacher's) and learns from the frozen teacher if the recipe
+    distills. ``recipe``: a Recipe, a shipped name (sparsedm, sr-ste, ste, asp, one-shot) or a YAML path; ``nm``
+    overrides its pattern. ``data``: a data reference or a Task you built. ``trust_code``: see
+    :func:`surgeon.load_model`.
+
+        surgeon.finetune("runs/dense/model", "kanjivg", "runs/sparse-2of4", nm="2:4")
+    """
+    from surgeon.masking.surgery import fold
+    from surgeon.training.teacher import check_same_targets, content_digest, freeze, load_teacher
+
+    recipe = as_recipe(recipe, nm=nm)
+    name = recipe.name or recipe.algorithm
+    if recipe.algorithm not in NM:
+        raise SurgeonError(f"finetune runs N:M recipes; {name!r} is {recipe.algorithm}",
+                           "use --recipe sparsedm, sr-ste, ste, asp or one-shot; sparse training from scratch is "
+                           "`surgeon sparsify`")
+    if recipe.init != "pretrained":
+        raise SurgeonError(f"recipe {name!r} re-initializes the weights (init: {recipe.init})",
+                           "fine-tuning starts from the teacher's weights: set init: pretrained")
+    acc = open_run(out, recipe, force, resume)
+    teacher_module = load_teacher(teacher, architecture=model if not isinstance(model, nn.Module) else None,
+                                  trust_code=trust_code)
+    if model is None:  # the paper's setting: the student starts as the teacher
+        student = Source(copy.deepcopy(teacher_module).train().requires_grad_(True))
+        if not isinstance(teacher, nn.Module):
+            student.vae = loading.find_autoencoder(str(teacher))
+            student.pipeline = str(Path(teacher).resolve()) if student.vae is not None else None
+    else:
+        student = load_source(model, trust_code)
+        check_same_targets(student.model, teacher_module)
+    if sites(student.model):
+        fold(student.model)  # a masked student (e.g. an unstructured sparse model) starts from its effective weights
+    teacher_module = freeze(teacher_module)
+    identity = {"source": _describe(teacher), "sha256": content_digest(teacher_module)}
+    task = make_run_task(student, data, recipe, limit)
+    objective = make_objective(task, recipe, teacher_module)
+    prepare(student.model, recipe, init="pretrained")
+    return execute(student, task, recipe, out, acc, objective, resume=resume, progress=progress, samples=samples,
+                   stop_after=stop_after, teacher=identity)
+
+
+def _describe(ref: str | os.PathLike | nn.Module) -> str:
+    """How a summary and a checkpoint name a model: a resolved path, a reference as given, or a class name."""
+    if isinstance(ref, nn.Module):
+        return f"<{type(ref).__name__} module>"
+    return str(Path(ref).resolve()) if Path(ref).exists() else str(ref)
