@@ -8,11 +8,11 @@ STAMP  := $(VENV)/.surgeon-installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test quality format demo bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
@@ -21,6 +21,16 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff (lint, import order, format) and mypy, configured in pyproject.toml; CI runs this before the tests
+quality: $(STAMP)
+	$(VENV)/bin/ruff check surgeon cli tests benchmarks examples setup.py
+	$(VENV)/bin/ruff format --check surgeon cli tests benchmarks examples setup.py
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix surgeon cli tests benchmarks examples setup.py
+	$(VENV)/bin/ruff format surgeon cli tests benchmarks examples setup.py
 
 demo: $(STAMP)
 	$(PY) -m surgeon.study.demo

@@ -25,10 +25,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from timing import interleaved, medians
 
 import surgeon
 from surgeon.formats.inputs import denoising_step
-from timing import interleaved, medians  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def dit(hidden_heads: int = 12, layers: int = 4) -> torch.nn.Module:

@@ -20,15 +20,15 @@ import argparse
 import statistics
 
 import torch
+from timing import interleaved, step_parser
 
-from surgeon.models import presets
-from surgeon.training.objectives import DistillLoss, EpsilonLoss
-from surgeon.recipe import load_recipe
-from surgeon.training.run import prepare
 from surgeon.masking.surgery import sites
+from surgeon.models import presets
+from surgeon.recipe import load_recipe
 from surgeon.tasks.images import ImageTask
 from surgeon.training.loop import make_optimizer
-from timing import interleaved, step_parser  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from surgeon.training.objectives import DistillLoss, EpsilonLoss
+from surgeon.training.run import prepare
 
 
 def parse() -> argparse.Namespace:

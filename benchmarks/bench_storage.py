@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from timing import interleaved, medians
 
 import surgeon
-from timing import interleaved, medians  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 CONFIG = dict(
     sample_size=32,

@@ -21,16 +21,16 @@ import statistics
 import time
 
 import torch
+from timing import interleaved, step_parser
 
-from surgeon.models import presets
 from surgeon.algorithms import MagRan, RigL
-from surgeon.training.objectives import EpsilonLoss
-from surgeon.recipe import load_recipe
-from surgeon.training.run import prepare
 from surgeon.masking.surgery import sites
+from surgeon.models import presets
+from surgeon.recipe import load_recipe
 from surgeon.tasks.images import ImageTask
 from surgeon.training.loop import make_optimizer, zero_optimizer_state
-from timing import interleaved, step_parser  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from surgeon.training.objectives import EpsilonLoss
+from surgeon.training.run import prepare
 
 DELTA_T = 100
 
@@ -99,7 +99,8 @@ class Updater:
 
 
 def profile(setup: Setup, label: str, device: str) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     for _ in range(2):

@@ -6,7 +6,6 @@ from typing import Annotated
 import typer
 
 from surgeon import __version__
-
 from surgeon.cli import eval as eval_cmd
 from surgeon.cli import export as export_cmd
 from surgeon.cli import finetune as finetune_cmd

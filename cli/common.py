@@ -12,7 +12,7 @@ import os
 import re
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -40,14 +40,14 @@ ModelRef = Annotated[str, typer.Argument(
          "path/to/file.py:Class, "
          "a preset (tiny-unet, unet-kanji, ...) or a hub id.",
 )]
-Include = Annotated[Optional[list[str]], typer.Option(
+Include = Annotated[list[str] | None, typer.Option(
     "--include", metavar="GLOB", help="Only tensors whose FQN or module name matches this glob (or re:REGEX). Repeatable.",
 )]
-Exclude = Annotated[Optional[list[str]], typer.Option(
+Exclude = Annotated[list[str] | None, typer.Option(
     "--exclude", metavar="GLOB", help="Skip tensors whose FQN or module name matches this glob (or re:REGEX). Repeatable.",
 )]
 NMPattern = Annotated[str, typer.Option("--nm", metavar="N:M", callback=_nm_value, help="N:M pattern, e.g. 2:4.")]
-NMTarget = Annotated[Optional[str], typer.Option(
+NMTarget = Annotated[str | None, typer.Option(
     "--nm", metavar="N:M", callback=_nm_value, help="N:M pattern to reach, e.g. 2:4 (default: the recipe's).",
     show_default=False)]
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
@@ -60,15 +60,15 @@ TrustCode = Annotated[bool, typer.Option(
 
 # training options that sparsify and finetune share
 Data = Annotated[str, typer.Option("--data", "-d", help="'kanjivg' (built in) or a folder of images.")]
-Steps = Annotated[Optional[int], typer.Option("--steps", help="Training steps.")]
-LearningRate = Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate.")]
-BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Global batch size.")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for masks, data order and noise.")]
-MixedPrecision = Annotated[Optional[str], typer.Option("--mixed-precision", help="no, fp16 or bf16 (Accelerate).")]
-GradAccum = Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step.")]
-EMADecay = Annotated[Optional[float], typer.Option("--ema", help="EMA decay of the weights (e.g. 0.999); EMA follows the masks.")]
-Limit = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N training examples.")]
-Resume = Annotated[Optional[Path], typer.Option("--resume", help="Checkpoint file or run folder to continue from.")]
+Steps = Annotated[int | None, typer.Option("--steps", help="Training steps.")]
+LearningRate = Annotated[float | None, typer.Option("--lr", help="AdamW learning rate.")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", "-b", help="Global batch size.")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed for masks, data order and noise.")]
+MixedPrecision = Annotated[str | None, typer.Option("--mixed-precision", help="no, fp16 or bf16 (Accelerate).")]
+GradAccum = Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")]
+EMADecay = Annotated[float | None, typer.Option("--ema", help="EMA decay of the weights (e.g. 0.999); EMA follows the masks.")]
+Limit = Annotated[int | None, typer.Option("--limit", help="Use only the first N training examples.")]
+Resume = Annotated[Path | None, typer.Option("--resume", help="Checkpoint file or run folder to continue from.")]
 Samples = Annotated[bool, typer.Option("--samples/--no-samples", help="Write a PNG grid of samples at the end.")]
 ShowProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
 

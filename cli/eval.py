@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,7 +19,7 @@ def eval_models(
     n: Annotated[int, typer.Option("--n", help="Samples generated per model.")] = 2048,
     metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated: fid, kid.")] = "fid,kid",
     sample_steps: Annotated[int, typer.Option("--sample-steps", help="DDIM sampling steps.")] = 50,
-    extractor: Annotated[Optional[str], typer.Option(
+    extractor: Annotated[str | None, typer.Option(
         "--extractor", help="inception-v3-compat (needs its weights on disk) or efficientnet-lite0 (offline; its FID "
                             "is not comparable with Inception FID). Default: Inception if available.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FOLDER", help="Folder for sample grids, plots and results.json.")] = Path("runs/eval"),

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from surgeon.formats import FORMATS
-
 from surgeon.cli.common import Force, ModelRef, TrustCode
+from surgeon.formats import FORMATS
 
 _FORMATS = ", ".join(FORMATS)
 
@@ -21,7 +20,7 @@ def export(
     format: Annotated[str, typer.Option("--format", "-f", help=f"One of: {_FORMATS}.")] = "dense",  # noqa: A002
     out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", show_default=False,
                                       help="Output folder, or a file ending in .safetensors (one self-describing file).")] = ...,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast floating tensors: fp32, fp16 or bf16.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Cast floating tensors: fp32, fp16 or bf16.")] = None,
     pipeline: Annotated[bool, typer.Option("--pipeline", help="dense: write the whole latent pipeline the model came from.")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="semi-structured: one-shot magnitude 2:4 where weights are not 2:4 yet.")] = False,
     layers: Annotated[str, typer.Option("--layers", help="csr: auto (converted where measured faster) or all.")] = "auto",

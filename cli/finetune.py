@@ -2,17 +2,34 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
+from surgeon.cli.common import (
+    BatchSize,
+    Data,
+    EMADecay,
+    Exclude,
+    Force,
+    GradAccum,
+    Include,
+    LearningRate,
+    Limit,
+    MixedPrecision,
+    NMTarget,
+    Resume,
+    Samples,
+    Seed,
+    ShowProgress,
+    Steps,
+    TrustCode,
+    run_out,
+    training_overrides,
+)
 from surgeon.errors import UsageError
 from surgeon.recipe import load_recipe, split_stages
 from surgeon.sparsity.patterns import parse_nm
-
-from surgeon.cli.common import (BatchSize, Data, EMADecay, Exclude, Force, GradAccum, Include, LearningRate, Limit, MixedPrecision,
-                     NMTarget, Resume, Samples, Seed, ShowProgress, Steps, TrustCode, run_out,
-                     training_overrides)
 
 
 def _stages(value: str | None) -> list[str] | None:
@@ -22,13 +39,13 @@ def _stages(value: str | None) -> list[str] | None:
     for p in patterns:
         try:
             parse_nm(p)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - parse_nm's own errors and int() failures alike become one usage error
             raise UsageError(f"--stages: {getattr(e, 'message', e)}", "write e.g. --stages 7:8,3:4,2:4") from None
     return patterns
 
 
 def finetune(
-    model: Annotated[Optional[str], typer.Argument(
+    model: Annotated[str | None, typer.Argument(
         metavar="[MODEL]", show_default=False,
         help="The student's starting point (default: a copy of the teacher). Any model reference (folder, "
              "file.py:Class, preset); its target tensors must match the teacher's.")] = None,
@@ -40,18 +57,18 @@ def finetune(
     data: Data = "kanjivg",
     recipe: Annotated[str, typer.Option(
         "--recipe", "-r", help="sparsedm (SR-STE + distillation), sr-ste, ste, asp, one-shot, or a YAML path.")] = "sparsedm",
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Output folder (default: runs/MODEL-RECIPE-NofM).", show_default=False)] = None,
     steps: Steps = None,
     lr: LearningRate = None,
     batch_size: BatchSize = None,
-    lambda_w: Annotated[Optional[float], typer.Option("--lambda-w", help="SR-STE decay λ_W of pruned weights.")] = None,
-    lambda_1: Annotated[Optional[float], typer.Option("--lambda-1", help="Weight of the teacher term ‖F_s − F_t‖².")] = None,
-    lambda_2: Annotated[Optional[float], typer.Option("--lambda-2", help="Weight of the ε term ‖ε − F_s‖².")] = None,
-    stages: Annotated[Optional[str], typer.Option(
+    lambda_w: Annotated[float | None, typer.Option("--lambda-w", help="SR-STE decay λ_W of pruned weights.")] = None,
+    lambda_1: Annotated[float | None, typer.Option("--lambda-1", help="Weight of the teacher term ‖F_s − F_t‖².")] = None,
+    lambda_2: Annotated[float | None, typer.Option("--lambda-2", help="Weight of the ε term ‖ε − F_s‖².")] = None,
+    stages: Annotated[str | None, typer.Option(
         "--stages", metavar="N:M,...", help="Progressive patterns that tighten, e.g. 7:8,3:4,2:4; the steps are "
         "split evenly.")] = None,
-    stage_teacher: Annotated[Optional[str], typer.Option(
+    stage_teacher: Annotated[str | None, typer.Option(
         "--stage-teacher", help="With --stages: dense (the teacher throughout) or previous (each stage learns from "
         "the one before).")] = None,
     seed: Seed = None,

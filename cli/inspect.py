@@ -7,10 +7,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from surgeon.cli.common import Exclude, Include, JsonOutput, ModelRef, NMPattern, TrustCode
 from surgeon.formats.loading import load_model
 from surgeon.masking.inspection import Report, report
-
-from surgeon.cli.common import Exclude, Include, JsonOutput, ModelRef, NMPattern, TrustCode
 
 _NM_CELL = {True: "yes", False: "no", None: "n/a"}
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,8 +14,8 @@ def reproduce(
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FOLDER", help="Study folder; re-running resumes it.")] = Path("runs/reproduce"),
     n: Annotated[int, typer.Option("--n", help="Samples scored per model (FID/KID).")] = 256,
     sample_steps: Annotated[int, typer.Option("--sample-steps", help="DDIM sampling steps for scoring.")] = 20,
-    extractor: Annotated[Optional[str], typer.Option("--extractor", help="Feature extractor, as for surgeon eval.")] = None,
-    only: Annotated[Optional[list[str]], typer.Option("--only", metavar="RUN", help="Run only these runs (repeatable), e.g. dense, rigl-s0.9-p0.05.")] = None,
+    extractor: Annotated[str | None, typer.Option("--extractor", help="Feature extractor, as for surgeon eval.")] = None,
+    only: Annotated[list[str] | None, typer.Option("--only", metavar="RUN", help="Run only these runs (repeatable), e.g. dense, rigl-s0.9-p0.05.")] = None,
     force: Force = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:

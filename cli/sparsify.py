@@ -2,29 +2,48 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from surgeon.recipe import load_recipe
 
-from surgeon.cli.common import (BatchSize, Data, EMADecay, Exclude, Force, GradAccum, Include, LearningRate, Limit, MixedPrecision,
-                     ModelRef, Resume, Samples, Seed, ShowProgress, Steps, TrustCode, run_out, training_overrides)
+from surgeon.cli.common import (
+    BatchSize,
+    Data,
+    EMADecay,
+    Exclude,
+    Force,
+    GradAccum,
+    Include,
+    LearningRate,
+    Limit,
+    MixedPrecision,
+    ModelRef,
+    Resume,
+    Samples,
+    Seed,
+    ShowProgress,
+    Steps,
+    TrustCode,
+    run_out,
+    training_overrides,
+)
+from surgeon.recipe import load_recipe
 
 
 def sparsify(
     model: ModelRef,
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Shipped recipe (static, rigl, magran, dense) or a YAML path.")] = "rigl",
     data: Data = "kanjivg",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: the resumed run's folder, else runs/MODEL-RECIPE-sS).", show_default=False)] = None,
-    s: Annotated[Optional[float], typer.Option("--s", "--sparsity", help="Global sparsity S in [0, 1).")] = None,
-    p: Annotated[Optional[float], typer.Option("--p", help="Prune-and-regrow fraction per mask update.")] = None,
-    delta_t: Annotated[Optional[int], typer.Option("--delta-t", help="Steps between mask updates (ΔT_e).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: the resumed run's folder, else runs/MODEL-RECIPE-sS).", show_default=False)] = None,
+    s: Annotated[float | None, typer.Option("--s", "--sparsity", help="Global sparsity S in [0, 1).")] = None,
+    p: Annotated[float | None, typer.Option("--p", help="Prune-and-regrow fraction per mask update.")] = None,
+    delta_t: Annotated[int | None, typer.Option("--delta-t", help="Steps between mask updates (ΔT_e).")] = None,
     steps: Steps = None,
     lr: LearningRate = None,
     batch_size: BatchSize = None,
     seed: Seed = None,
-    distribution: Annotated[Optional[str], typer.Option("--distribution", help="Layer budget: erk, er or uniform.")] = None,
-    init: Annotated[Optional[str], typer.Option("--init", help="scratch (re-initialize, the paper's setting) or pretrained.")] = None,
+    distribution: Annotated[str | None, typer.Option("--distribution", help="Layer budget: erk, er or uniform.")] = None,
+    init: Annotated[str | None, typer.Option("--init", help="scratch (re-initialize, the paper's setting) or pretrained.")] = None,
     mixed_precision: MixedPrecision = None,
     grad_accum: GradAccum = None,
     ema: EMADecay = None,

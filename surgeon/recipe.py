@@ -10,10 +10,11 @@ import math
 import os
 import re
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -132,7 +133,7 @@ class Recipe:
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
 
-    def override(self, **changes: Any) -> "Recipe":
+    def override(self, **changes: Any) -> Recipe:
         """A copy with fields replaced; keys are ``field`` or ``section.field`` (None values are ignored)."""
         d = self.to_dict()
         for key, value in changes.items():
@@ -148,7 +149,7 @@ class Recipe:
         return Recipe.from_dict(d)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "recipe") -> "Recipe":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "recipe") -> Recipe:
         return _build(cls, d, source)
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from surgeon.masking.surgery import sites
 from surgeon.models import presets
 from surgeon.recipe import DYNAMIC, Recipe, load_recipe
-from surgeon.training.run import prepare
-from surgeon.masking.surgery import sites
 from surgeon.tasks.images import ImageTask
+from surgeon.training.run import prepare
 
 
 class _Images(torch.utils.data.Dataset):

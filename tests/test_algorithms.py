@@ -17,8 +17,8 @@ from torch import nn
 import surgeon.training.loop as train_mod
 from surgeon.algorithms import ALGORITHMS, MagRan, RigL
 from surgeon.masking.plan import plan
-from surgeon.recipe import load_recipe
 from surgeon.masking.surgery import get_plan, inject, sites
+from surgeon.recipe import load_recipe
 from surgeon.training.loop import train
 
 

@@ -12,10 +12,10 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from surgeon.errors import SurgeonError
-from surgeon.models import ChiroDiffNet
 from surgeon.masking.plan import plan
 from surgeon.masking.surgery import inject, sites
 from surgeon.masking.targets import find_targets
+from surgeon.models import ChiroDiffNet
 from surgeon.tasks.base import Task
 from surgeon.tasks.sequences import SequenceTask
 
@@ -146,7 +146,7 @@ def test_fifty_adamw_steps_lower_the_loss():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(0)
     losses = []
-    for step in range(50):
+    for _ in range(50):
         idx = torch.randint(0, len(data), (16,), generator=gen)
         inputs, eps, weight = task.noisy_batch(_batch([data[i] for i in idx]), gen)
         loss = Task.mse(task.predict(model, inputs), eps, weight)

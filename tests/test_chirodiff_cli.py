@@ -19,8 +19,7 @@ from typer.testing import CliRunner
 import surgeon
 from surgeon.algorithms.dst import MagRan
 from surgeon.cli.app import app
-from surgeon.data import cache
-from surgeon.data import kanjivg
+from surgeon.data import cache, kanjivg
 from surgeon.masking.surgery import get_plan, sites
 
 STEPS, DELTA_T = 6, 2  # updates after steps 2, 4 and 6 (stop fraction 1.0)

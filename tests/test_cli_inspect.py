@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 import surgeon
 from surgeon.cli.app import app
-from surgeon.models.presets import build
 from surgeon.masking.inspection import report
+from surgeon.models.presets import build
 
 runner = CliRunner()
 

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 import surgeon
 import surgeon.training.loop as train_mod
-from surgeon.training.checkpoint import save_checkpoint
 from surgeon.cli.app import app
-from surgeon.recipe import load_recipe
 from surgeon.masking.surgery import sites
+from surgeon.recipe import load_recipe
+from surgeon.training.checkpoint import save_checkpoint
 
 
 @pytest.fixture(autouse=True)

@@ -6,9 +6,9 @@ import copy
 import torch
 
 import surgeon
-from surgeon.training.objectives import DistillLoss, EpsilonLoss
 from surgeon.models.presets import build
 from surgeon.tasks.images import ImageTask
+from surgeon.training.objectives import DistillLoss, EpsilonLoss
 
 
 def _setup():

@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 import surgeon
 from surgeon import SurgeonError
 from surgeon.cli.app import app
-from surgeon.io.container import digests, read_metadata
 from surgeon.formats.csr_layers import CSRConv1x1, CSRLinear, CSRRecurrent, to_csr
 from surgeon.formats.semi_structured import compress, decompress
+from surgeon.io.container import digests, read_metadata
+from surgeon.masking.surgery import sites
 from surgeon.models.presets import build
 from surgeon.sparsity.patterns import nm_mask
-from surgeon.masking.surgery import sites
 
 runner = CliRunner()
 

@@ -14,15 +14,15 @@ from typer.testing import CliRunner
 
 import surgeon
 import surgeon.training.loop as train_mod
-from surgeon.training import checkpoint as ckpt
-from surgeon.models import presets
 from surgeon.cli.app import app
-from surgeon.training.objectives import DistillLoss
 from surgeon.errors import SurgeonError
-from surgeon.recipe import load_recipe
-from surgeon.training.run import finetune
 from surgeon.masking.surgery import sites
+from surgeon.models import presets
+from surgeon.recipe import load_recipe
 from surgeon.tasks.base import Task
+from surgeon.training import checkpoint as ckpt
+from surgeon.training.objectives import DistillLoss
+from surgeon.training.run import finetune
 
 
 @pytest.fixture(autouse=True)

@@ -18,18 +18,18 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import surgeon
-from surgeon.io.container import read_metadata
 import surgeon.formats.loading as loading_mod
 import surgeon.training.loop as train_mod
 from surgeon.cli.app import app
 from surgeon.data import cache, resolve_image_data
 from surgeon.data.images import ImageFolder, class_folders
 from surgeon.errors import SurgeonError
-from surgeon.training.run import prepare, sparsify
+from surgeon.io.container import read_metadata
 from surgeon.masking.surgery import get_plan, sites
 from surgeon.tasks import make_task
 from surgeon.tasks.images import ImageTask
 from surgeon.training.loop import BatchSampler, train
+from surgeon.training.run import prepare, sparsify
 
 
 @pytest.fixture(autouse=True)

@@ -16,8 +16,8 @@ import surgeon
 from surgeon import SurgeonError
 from surgeon.io.bitpack import pack_mask, unpack_mask
 from surgeon.io.container import digests, read_metadata
-from surgeon.models.presets import build
 from surgeon.masking.surgery import get_plan, sites
+from surgeon.models.presets import build
 
 
 class BiGRUNet(nn.Module):
@@ -30,7 +30,7 @@ class BiGRUNet(nn.Module):
         self.head = nn.Linear(2 * hidden, features)
 
     @classmethod
-    def from_config(cls, config: dict) -> "BiGRUNet":
+    def from_config(cls, config: dict) -> BiGRUNet:
         return cls(**config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

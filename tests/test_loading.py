@@ -9,8 +9,8 @@ import torch
 
 import surgeon
 from surgeon import SurgeonError, load_model
-from surgeon.models.presets import build
 from surgeon.masking.surgery import sites
+from surgeon.models.presets import build
 
 NET_PY = textwrap.dedent("""
     import torch

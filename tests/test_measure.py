@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 import surgeon
-from surgeon.masking.measure import measure
 from surgeon.evaluation.tables import format_flops
+from surgeon.masking.measure import measure
 
 
 def _model():

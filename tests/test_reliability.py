@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from helpers_train import SyntheticImageTask, masks_of, one_thread, small_recipe, tiny_model  # noqa: F401
+from safetensors import safe_open
 from test_cli_sparsify import write_images
 from typer.testing import CliRunner
 
 import surgeon
 from surgeon import SurgeonError
-from surgeon.training import checkpoint as ckpt
 from surgeon.cli.app import app
 from surgeon.recipe import Recipe, load_recipe
+from surgeon.training import checkpoint as ckpt
 from surgeon.training.loop import train
 
 

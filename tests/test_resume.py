@@ -12,13 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_train import (REPO, SyntheticImageTask, masks_of, one_thread, small_recipe, state_of,  # noqa: F401
-                           subprocess_env, tiny_model)
+from helpers_train import (  # noqa: F401
+    REPO,
+    SyntheticImageTask,
+    masks_of,
+    one_thread,
+    small_recipe,
+    state_of,
+    subprocess_env,
+    tiny_model,
+)
 from typer.testing import CliRunner
 
 import surgeon
-from surgeon.training import checkpoint as ckpt
 from surgeon.cli.app import app
+from surgeon.training import checkpoint as ckpt
 from surgeon.training.loop import train
 
 SURGEON = REPO / ".venv" / "bin" / "surgeon"

@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers_train import SyntheticImageTask, one_thread, small_recipe  # noqa: F401
 
-from surgeon.models import presets
 from surgeon.errors import SurgeonError
-from surgeon.training.run import prepare, reinitialize, sparsify
+from surgeon.models import presets
 from surgeon.training.loop import train
+from surgeon.training.run import prepare, reinitialize, sparsify
 
 
 def _untouched(call) -> None:

@@ -118,7 +118,7 @@ def test_presets_targets_match_oracle(name, build_preset):
         mname for mname, m in model.named_modules()
         if isinstance(m, (nn.Embedding, nn.GroupNorm, nn.LayerNorm))
     }
-    for fqn, t in found.items():
+    for t in found.values():
         assert t.module_name not in excluded_modules
         assert t.tensor_name == "weight"
     if name == "tiny-dit":

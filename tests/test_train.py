@@ -9,10 +9,10 @@ import torch
 from helpers_train import SyntheticImageTask, masks_of, one_thread, small_recipe, state_of, tiny_model  # noqa: F401
 from torch import nn
 
-from surgeon.training import checkpoint as ckpt
 from surgeon.errors import SurgeonError
-from surgeon.masking.surgery import get_plan, sites
 from surgeon.masking.measure import measure
+from surgeon.masking.surgery import get_plan, sites
+from surgeon.training import checkpoint as ckpt
 from surgeon.training.loop import BatchSampler, heldout_loss, make_optimizer, train, zero_optimizer_state
 
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 
 from surgeon import seeding
+from surgeon.algorithms.base import Algorithm
+from surgeon.masking.surgery import Site, sites
 from surgeon.sparsity.patterns import topk_mask
 from surgeon.sparsity.schedules import drop_fraction, is_update_step
-from surgeon.masking.surgery import Site, sites
-from surgeon.algorithms.base import Algorithm
 
 
 class MagRan(Algorithm):
@@ -101,7 +101,7 @@ class RigL(MagRan):
     def after_backward(self, step: int) -> None:
         if not self.updating:
             return
-        for fqn, site in self.sites.items():
+        for site in self.sites.values():
             g = site.parametrization.dense_grad
             if g is None:  # the layer took no part in this step's forward
                 g = torch.zeros_like(site.original, dtype=torch.float32)

@@ -7,10 +7,10 @@ NMFixed (ASP): the magnitude N:M mask is drawn once by ``prepare`` and stays fix
 """
 from __future__ import annotations
 
+from surgeon.algorithms.base import Algorithm
+from surgeon.masking.surgery import Site, sites
 from surgeon.sparsity.patterns import nm_skip_reason
 from surgeon.sparsity.schedules import stage_at
-from surgeon.masking.surgery import Site, sites
-from surgeon.algorithms.base import Algorithm
 
 
 def set_pattern(site: Site, n: int, m: int) -> bool:

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from surgeon.data.splits import canonical_split
 from surgeon.data.cache import cache_dir, cache_key, load_cached, save_cached
 from surgeon.data.render import default_line_width, render_sequence
+from surgeon.data.splits import canonical_split
 from surgeon.data.svgpath import parse_paths
 from surgeon.errors import SurgeonError
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -91,8 +91,8 @@ def open_model(ref: str | os.PathLike | nn.Module, trust_code: bool = False) -> 
     model = load_model(str(path) if path.exists() else str(ref), trust_code=trust_code)
     recipe, vae = {}, None
     if path.is_dir() and (path / "model.safetensors").is_file():
-        from surgeon.io.container import read_metadata
         from surgeon.formats.loading import find_autoencoder
+        from surgeon.io.container import read_metadata
 
         meta = read_metadata(path)
         recipe = meta.get("recipe") or {}
@@ -151,12 +151,12 @@ def evaluate(models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module, 
     and plots (must be empty or absent unless ``force``). ``limit``: use only the first N examples of each split
     (quick checks; the reference then holds at most N held-out examples).
     """
-    from surgeon.tasks.base import EpsilonLoss
+    from surgeon.evaluation.heldout import heldout_loss
     from surgeon.masking.measure import measure_task
     from surgeon.progress import WorkProgress
     from surgeon.recipe import Recipe
     from surgeon.tasks import apply_diffusion_settings, make_task
-    from surgeon.evaluation.heldout import heldout_loss
+    from surgeon.tasks.base import EpsilonLoss
 
     if isinstance(models, (str, os.PathLike, nn.Module)):
         models = [models]
@@ -218,9 +218,9 @@ def evaluate(models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module, 
 
 def write_outputs(result: Evaluation, grids, out_dir: Path) -> None:
     """samples.png (grids side by side), one grid per model, FID plots for several models, results.json."""
-    from surgeon.io.atomic import atomic_path
     from surgeon.data.render import render_grid
     from surgeon.evaluation.plots import grids_side_by_side, metric_vs
+    from surgeon.io.atomic import atomic_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pictures = []

@@ -8,9 +8,9 @@ the extractor recomputes them. FID and KID are torch-fidelity's own formulas on 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -1,11 +1,10 @@
 """Result tables shared by the CLI, ``make demo`` and ``surgeon reproduce``: rich tables and markdown."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
-
 
 
 def format_flops(x: float | None) -> str:

@@ -8,22 +8,18 @@ resolves the model, checks the request and calls the writer.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
-from surgeon.io.classes import trusting_code
-from surgeon.io.container import read_metadata
 from surgeon.errors import SurgeonError, check_path
-from surgeon.formats import csr
-from surgeon.formats import dense
-from surgeon.formats import packed
-from surgeon.formats import semi_structured
+from surgeon.formats import csr, dense, packed, semi_structured
 from surgeon.formats.common import DTYPES, Options, Row, nbytes, target_kinds
-from surgeon.io.container import read_tensors
+from surgeon.io.classes import trusting_code
+from surgeon.io.container import read_metadata, read_tensors
 from surgeon.masking.surgery import sites
 
 

@@ -1,8 +1,9 @@
 """What every export format shares: options, dtypes, the per-layer table rows, and dense weights from a file."""
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn

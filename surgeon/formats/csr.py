@@ -15,20 +15,39 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from surgeon.errors import SurgeonError
+from surgeon.formats.common import (
+    Options,
+    Row,
+    build_plain,
+    damaged,
+    dense_state,
+    dtype_name,
+    masks_of,
+    nbytes,
+    target_kinds,
+)
+from surgeon.formats.csr_layers import (
+    CSRConv1x1,
+    CSRLinear,
+    CSRRecurrent,
+    csr_parts,
+    from_parts,
+    is_plain_1x1,
+    is_plain_recurrent,
+    to_csr,
+)
+from surgeon.formats.packed import header_fields, plain_state, write_model
 from surgeon.io.bitpack import pack_mask
 from surgeon.io.container import read_tensors
-from surgeon.errors import SurgeonError
-from surgeon.formats.packed import header_fields, plain_state, write_model
 from surgeon.masking.surgery import fold
-from surgeon.formats.common import Options, Row, build_plain, damaged, dense_state, dtype_name, masks_of, nbytes, target_kinds
-from surgeon.formats.csr_layers import (CSRConv1x1, CSRLinear, CSRRecurrent, csr_parts, from_parts, is_plain_1x1,
-                         is_plain_recurrent, to_csr)
 
 LAYOUT = "csr"
 MAX_DENSITY = 0.5  # denser weights are never faster as CSR, so auto does not spend time measuring them
@@ -138,7 +157,7 @@ def choose(model: nn.Module, candidates: dict[str, str], opts: Options) -> dict[
                 continue
             dense, args = model.get_submodule(fqn), inputs[fqn]
             sparse = csr_module(dense, kind)
-            t = _best_seconds({"dense": lambda: dense(*args), "csr": lambda: sparse(*args)})
+            t = _best_seconds({"dense": lambda d=dense, a=args: d(*a), "csr": lambda s=sparse, a=args: s(*a)})
             faster = t["csr"] <= FASTER * t["dense"]
             decided[fqn] = {"kind": kind, "dense_ms": round(t["dense"] * 1e3, 4), "csr_ms": round(t["csr"] * 1e3, 4),
                             "why": None if faster else "not faster as CSR"}

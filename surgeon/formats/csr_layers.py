@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 
 @contextmanager

@@ -10,19 +10,19 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
 
+from surgeon.errors import SurgeonError
+from surgeon.formats.common import Options, Row, build_plain, nbytes, target_kinds
+from surgeon.formats.packed import header_fields, plain_state, write_model
 from surgeon.io.atomic import atomic_folder, check_output
 from surgeon.io.classes import is_diffusers_class, read_json
 from surgeon.io.container import read_tensors
-from surgeon.errors import SurgeonError
-from surgeon.formats.packed import header_fields, plain_state, write_model
 from surgeon.masking.surgery import fold
-from surgeon.formats.common import Options, Row, build_plain, nbytes, target_kinds
 
 LAYOUT = "dense"
 DENOISER_PARTS = ("unet", "transformer")

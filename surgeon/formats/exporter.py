@@ -8,20 +8,21 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
-from surgeon.io.atomic import check_output
-from surgeon.io.container import read_metadata
 from surgeon.errors import SurgeonError, UsageError, check_arg, check_path
 from surgeon.formats import FORMATS
 from surgeon.formats.common import Options, Row, dtype_name, parse_dtype
 from surgeon.formats.dense import denoiser_part
 from surgeon.formats.inputs import denoising_step
 from surgeon.formats.loading import load_model
+from surgeon.io.atomic import check_output
+from surgeon.io.container import read_metadata
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """One denoising step of a model with its own input shapes: what the CSR export measures and the benchmarks time."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from torch import nn
 
-from surgeon.models import presets
-from surgeon.io.atomic import missing_target_error
-from surgeon.io.classes import diffusers_class, import_file, read_json, trusting_code
 from surgeon.errors import SurgeonError, brief, check_arg
 from surgeon.formats import load
+from surgeon.io.atomic import missing_target_error
+from surgeon.io.classes import diffusers_class, import_file, read_json, trusting_code
+from surgeon.models import presets
 
 # the only weights a model folder may hold; loading never unpickles
 _WEIGHTS = "diffusion_pytorch_model*.safetensors*"
@@ -79,7 +79,7 @@ def _load_file_class(ref: str, file: str, name: str) -> nn.Module:
         # built with no arguments, so save() can record "no init arguments" and load() can build it again
         model._surgeon_init = {}
         return model
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the user's constructor may raise anything
         raise SurgeonError(
             f"cannot construct {name}() from {file}: {type(e).__name__}: {brief(e)}",
             "the class must build with no arguments; otherwise build it in Python and use surgeon's API",
@@ -100,7 +100,7 @@ def _load_hub(ref: str) -> nn.Module:
 
     try:
         local = snapshot_download(ref, allow_patterns=_HUB_PATTERNS)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the hub client raises many types
         raise SurgeonError(f"cannot load model {ref} from the Hugging Face Hub: {brief(e)}", hint) from None
     return _load_folder(Path(local))
 

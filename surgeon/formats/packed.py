@@ -14,17 +14,18 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from surgeon.errors import SurgeonError, check_module, check_path
 from surgeon.io.atomic import atomic_folder, atomic_path, check_output
 from surgeon.io.bitpack import pack_mask, packed_shape, unpack_mask
 from surgeon.io.classes import build_from_record, class_path, config_record, read_json, trusting_code
 from surgeon.io.container import WEIGHTS, read_metadata, read_tensors, write_file
-from surgeon.errors import SurgeonError, check_module, check_path
 from surgeon.masking.plan import LayerPlan, Plan
 from surgeon.masking.surgery import get_plan, inject, sites
 

@@ -14,20 +14,30 @@ Linear weight, and every 1×1 convolution through a channel matmul, for torch's 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
+from surgeon.errors import SurgeonError, brief
+from surgeon.formats.common import (
+    Options,
+    Row,
+    build_plain,
+    damaged,
+    dense_state,
+    dtype_name,
+    masks_of,
+    nbytes,
+    target_kinds,
+)
+from surgeon.formats.packed import header_fields, plain_state, write_model
 from surgeon.io.bitpack import pack_mask
 from surgeon.io.container import read_tensors
-from surgeon.errors import SurgeonError, brief
-from surgeon.formats.packed import header_fields, plain_state, write_model
-from surgeon.sparsity.patterns import nm_groups, nm_mask, nm_skip_reason, nm_ungroup
 from surgeon.masking.surgery import fold
-from surgeon.formats.common import Options, Row, build_plain, damaged, dense_state, dtype_name, masks_of, nbytes, target_kinds
+from surgeon.sparsity.patterns import nm_groups, nm_mask, nm_skip_reason, nm_ungroup
 
 LAYOUT = "semi-structured"
 NOT_24_HINT = "fine-tune it to 2:4 first (surgeon finetune --nm 2:4), or pass --prune for one-shot magnitude 2:4"
@@ -72,7 +82,7 @@ def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
     fold(model)
     storage, notes, not_24, pruned = {}, {}, [], []
     with torch.no_grad():
-        for fqn, (kind, shape) in kinds.items():
+        for fqn, (_, shape) in kinds.items():
             w = model.get_parameter(fqn)
             reason = nm_skip_reason(shape, 4)
             if reason:

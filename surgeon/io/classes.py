@@ -16,11 +16,11 @@ import importlib
 import importlib.util
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -81,7 +81,7 @@ def import_file(path: Path):
     sys.modules[name] = module  # dataclasses and pickling-free introspection look the module up here
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the user's file may raise anything
         del sys.modules[name]
         raise SurgeonError(f"cannot import {path}: {type(e).__name__}: {brief(e)}", "fix the error in that file") from None
     return module
@@ -167,6 +167,6 @@ def build_from_record(config: Mapping[str, Any], where: Path | str) -> nn.Module
         return cls.from_config(init) if hasattr(cls, "from_config") else cls(**init)
     except SurgeonError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a constructor may raise anything
         raise SurgeonError(f"cannot build {cls.__name__} from {where}: {type(e).__name__}: {brief(e)}",
                            _LOAD_INTO_HINT) from None

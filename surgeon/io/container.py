@@ -12,16 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from surgeon.version import __version__
-from surgeon.io.atomic import missing_target_error
 from surgeon.errors import SurgeonError, brief
+from surgeon.io.atomic import missing_target_error
+from surgeon.version import __version__
 
 MARKER = "surgeon"
 # 1: packed folders; 2: adds the export layouts (an older surgeon refuses those with "upgrade surgeon")
@@ -113,7 +114,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with safe_open(str(file), "pt") as f:
             raw = f.metadata() or {}
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - safetensors raises untyped errors on corrupt headers
         raise SurgeonError(f"{file} is truncated or corrupt ({brief(e)})", "save the model again") from None
     if raw.get("format") != MARKER:
         raise SurgeonError(f"{file} was not written by surgeon", "load plain checkpoints with surgeon.load_model")
@@ -138,7 +139,7 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(file), "pt") as f:
             recorded = (f.metadata() or {}).get(DIGESTS)
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - safetensors raises untyped errors on corrupt data
         raise SurgeonError(f"{file} is truncated or corrupt ({brief(e)})", "save the model again") from None
     verify_digests(tensors, recorded, file)
     return tensors

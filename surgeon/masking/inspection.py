@@ -6,8 +6,8 @@ group of M along the reduction dimension (the grouping of :func:`surgeon.sparsit
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import torch
 from torch import nn

@@ -17,8 +17,9 @@ FLOPs count multiply and add separately (one multiply-accumulate = 2 FLOPs), as 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -5,15 +5,15 @@ Plans are plain data: inspectable, JSON round-trippable, stored in every saved m
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping
 
 from torch import nn
 
 from surgeon.errors import SurgeonError, check_module
+from surgeon.masking.targets import find_targets
 from surgeon.sparsity.distributions import check_sparsity, layer_densities
 from surgeon.sparsity.patterns import nm_skip_reason, parse_nm
-from surgeon.masking.targets import find_targets
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Plan:
     def kept(self) -> int:
         return sum(lp.kept for lp in self.layers.values())
 
-    def fixed_nm(self) -> "Plan":
+    def fixed_nm(self) -> Plan:
         """The N:M layers as fixed masks of density N/M (ASP): masks given once, never recomputed."""
         layers = {f: LayerPlan(lp.kind, lp.shape, density=lp.nm[0] / lp.nm[1]) if lp.nm else lp
                   for f, lp in self.layers.items()}
@@ -72,7 +72,7 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "Plan":
+    def from_dict(cls, d: Mapping) -> Plan:
         try:
             layers = {
                 k: LayerPlan(v["kind"], tuple(v["shape"]), v.get("density"), tuple(v["nm"]) if v.get("nm") else None)

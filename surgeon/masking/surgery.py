@@ -7,8 +7,8 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torch import nn

@@ -26,7 +26,7 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from surgeon.errors import SurgeonError
 
@@ -78,7 +78,7 @@ class ChiroDiffNet(nn.Module):
         self.head = nn.Linear(hidden + time_features, features)
 
     @classmethod
-    def from_config(cls, config: dict) -> "ChiroDiffNet":
+    def from_config(cls, config: dict) -> ChiroDiffNet:
         try:
             return cls(**config)
         except TypeError as e:

@@ -10,7 +10,7 @@ leaves the budget, and the solve repeats, exactly as the reference RigL implemen
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from surgeon.errors import SurgeonError
 

@@ -37,8 +37,8 @@ def recipes(steps: int = STEPS) -> list:
 
 def run(out: Path = OUT, steps: int = STEPS, n: int = N, progress: bool = True) -> None:
     from surgeon.evaluation.evaluate import evaluate
-    from surgeon.training.run import sparsify
     from surgeon.evaluation.tables import comparison_table, wide_console
+    from surgeon.training.run import sparsify
 
     console = wide_console()
     console.print(f"[bold]surgeon demo[/]: UNet2DModel (preset unet-kanji, 32×32) on KanjiVG glyphs, {steps} steps "

@@ -8,7 +8,6 @@ import numpy as np
 
 from surgeon.evaluation.tables import format_flops, format_kid, markdown_table
 
-
 MAIN_P, LOW_P = 0.5, 0.05  # the paper's main drop fraction, and the one it recommends
 
 

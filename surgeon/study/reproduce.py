@@ -16,9 +16,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from surgeon.errors import SurgeonError, UsageError
 from surgeon.study.report import LOW_P, MAIN_P

@@ -114,7 +114,7 @@ class EpsilonLoss:
     def __call__(self, model: nn.Module, inputs: dict, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         return self.task.mse(self.task.predict(model, inputs), target, weight)
 
-    def to(self, device) -> "EpsilonLoss":
+    def to(self, device) -> EpsilonLoss:
         return self
 
     def state_dict(self) -> dict:

@@ -6,7 +6,7 @@ and compared like data. Noise schedule from the seed paper (appendix B.3): T = 1
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler

@@ -18,9 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from surgeon.errors import SurgeonError, brief
 from surgeon.io.atomic import atomic_path
 from surgeon.io.container import DIGESTS, digests, verify_digests
-from surgeon.errors import SurgeonError, brief
 
 FORMAT = "surgeon.checkpoint/1"
 _NAME = re.compile(r"^step-(\d+)\.safetensors$")

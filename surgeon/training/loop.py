@@ -19,19 +19,18 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from surgeon.training import checkpoint as ckpt
 from surgeon.algorithms import ALGORITHMS
-from surgeon.io.atomic import atomic_path
 from surgeon.data.sampler import BatchSampler
-from surgeon.evaluation.heldout import heldout_loss
-from surgeon.tasks.base import EpsilonLoss
-from surgeon.training.ema import EMA
-from surgeon.masking.measure import measure
 from surgeon.errors import Interrupted, SurgeonError, brief
+from surgeon.evaluation.heldout import heldout_loss
+from surgeon.io.atomic import atomic_path
+from surgeon.masking.measure import measure
 from surgeon.progress import TrainProgress
 from surgeon.recipe import Recipe
 from surgeon.seeding import derive_seed, generator, own_rng
-from surgeon.tasks.base import Task, to_device
+from surgeon.tasks.base import EpsilonLoss, Task, to_device
+from surgeon.training import checkpoint as ckpt
+from surgeon.training.ema import EMA
 
 
 @dataclass

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from surgeon.io.atomic import atomic_path
 from surgeon.errors import SurgeonError
+from surgeon.io.atomic import atomic_path
 from surgeon.tasks.base import EpsilonLoss, Task
 from surgeon.training.teacher import content_digest, freeze
 
@@ -44,7 +44,7 @@ class DistillLoss(EpsilonLoss):
             teacher_pred = self.task.predict(self.teacher, inputs)
         return self.lambda_1 * self.task.mse(pred, teacher_pred, weight) + self.lambda_2 * self.task.mse(pred, target, weight)
 
-    def to(self, device) -> "DistillLoss":
+    def to(self, device) -> DistillLoss:
         self.device = device
         self.teacher.to(device)
         return self

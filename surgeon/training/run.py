@@ -22,21 +22,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 import torch
 from accelerate import Accelerator
 from torch import nn
 
+from surgeon.errors import SurgeonError
 from surgeon.formats import loading
 from surgeon.io.atomic import atomic_path, replaceable
-from surgeon.training.objectives import DistillLoss, EpsilonLoss
-from surgeon.errors import SurgeonError
-from surgeon.masking.plan import plan as make_plan
-from surgeon.recipe import NM, Recipe, dump_recipe
 from surgeon.masking.inspection import nm_coverage
+from surgeon.masking.plan import plan as make_plan
+from surgeon.masking.surgery import inject, sites
+from surgeon.recipe import NM, Recipe, dump_recipe
 from surgeon.seeding import seeded
 from surgeon.sparsity.patterns import nm_mask
-from surgeon.masking.surgery import inject, sites
 from surgeon.tasks import Task, apply_diffusion_settings, make_task
+from surgeon.training.objectives import DistillLoss, EpsilonLoss
 
 
 @dataclass
@@ -133,9 +134,8 @@ def _rmdir_if_empty(folder: Path) -> None:
 
 def open_run(out: str | os.PathLike, recipe: Recipe, force: bool = False, resume=None) -> Accelerator:
     """Check the output folder (every process, before any process writes) and start Accelerate."""
-    from surgeon.training.loop import make_accelerator
-
     from surgeon.training.checkpoint import check_resumable
+    from surgeon.training.loop import make_accelerator
 
     out = Path(out)
     check_out_dir(out, force, resume)
