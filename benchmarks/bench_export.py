@@ -16,6 +16,7 @@ the CSR export (``--layers auto``, measured choice, and ``--layers all``) and of
 interleaved repeats: medians, and the fastest runs (steadier on a shared machine, where others only add time). GPU rows (2:4 on sparse tensor cores, fp16, DiT hidden 1024) run only where CUDA is
 available; otherwise they print "not measured".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,17 @@ def dit(hidden_heads: int = 12, layers: int = 4) -> torch.nn.Module:
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
-    return DiTTransformer2DModel(num_attention_heads=hidden_heads, attention_head_dim=64, in_channels=4,
-                                 out_channels=4, num_layers=layers, sample_size=16, patch_size=2,
-                                 num_embeds_ada_norm=10, norm_type="ada_norm_zero")
+    return DiTTransformer2DModel(
+        num_attention_heads=hidden_heads,
+        attention_head_dim=64,
+        in_channels=4,
+        out_channels=4,
+        num_layers=layers,
+        sample_size=16,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_type="ada_norm_zero",
+    )
 
 
 def chirodiff() -> torch.nn.Module:
@@ -54,12 +63,23 @@ def byte_table(tmp: Path) -> list[tuple]:
     for label, nm in (("S=0.9", False), ("2:4", True)):
         model = masked(dit(), nm)
         for dtype in ("fp32", "fp16", "bf16"):
-            formats = ["dense", "packed"] + (["semi-structured"] if nm else []) + (["csr"] if dtype == "fp32" and not nm else [])
+            formats = (
+                ["dense", "packed"]
+                + (["semi-structured"] if nm else [])
+                + (["csr"] if dtype == "fp32" and not nm else [])
+            )
             sizes = {}
             for fmt in formats:
                 out = tmp / f"{label}-{dtype}-{fmt}.safetensors"
-                r = surgeon.export(model, out, format=fmt, dtype=dtype, layers="all" if fmt == "csr" else "auto",
-                                   progress=False, force=True)
+                r = surgeon.export(
+                    model,
+                    out,
+                    format=fmt,
+                    dtype=dtype,
+                    layers="all" if fmt == "csr" else "auto",
+                    progress=False,
+                    force=True,
+                )
                 sizes[fmt] = r.file_bytes
             for fmt in formats[1:]:
                 rows.append((f"dit {label} {dtype}", fmt, sizes[fmt] / sizes["dense"], sizes[fmt], sizes["dense"]))
@@ -70,8 +90,11 @@ def step_times(name: str, build, tmp: Path, repeats: int) -> list[tuple]:
     model = masked(build(), nm=False)
     step = denoising_step(model, batch=4)
     paths, chosen = {}, 0
-    for label, kwargs in (("dense", {"format": "dense"}), ("csr auto", {"format": "csr"}),
-                          ("csr all", {"format": "csr", "layers": "all"})):
+    for label, kwargs in (
+        ("dense", {"format": "dense"}),
+        ("csr auto", {"format": "csr"}),
+        ("csr all", {"format": "csr", "layers": "all"}),
+    ):
         paths[label] = tmp / f"{name}-{label.replace(' ', '-')}.safetensors"
         r = surgeon.export(model, paths[label], progress=False, force=True, **kwargs)
         if label == "csr auto":
@@ -81,21 +104,39 @@ def step_times(name: str, build, tmp: Path, repeats: int) -> list[tuple]:
     loaded = {label: surgeon.load(p).eval() for label, p in paths.items()}
     loaded["dense again"] = surgeon.load(paths["dense"]).eval()  # A/A control: what the machine's noise alone does
     with torch.no_grad():
-        times = interleaved({k: (lambda m=m: step(m)) for k, m in loaded.items()}, repeats=repeats, warmup=2,
-                            sync=lambda: None)
+        times = interleaved(
+            {k: (lambda m=m: step(m)) for k, m in loaded.items()}, repeats=repeats, warmup=2, sync=lambda: None
+        )
     t, best = medians(times), {k: min(v) for k, v in times.items()}
     # the spread of the dense step itself says how much a ratio can move on this machine right now
     q = statistics.quantiles(times["dense"], n=4)
     spread = f"dense quartiles {q[0] * 1e3:.0f}-{q[2] * 1e3:.0f} ms"
-    rows = [(f"{name} step, csr auto / dense", t["csr auto"] / t["dense"],
-             f"{t['csr auto'] * 1e3:.1f} / {t['dense'] * 1e3:.1f} ms; converted {chosen} of {total} target weights"
-             + (" (the same modules as dense)" if chosen == 0 else "")
-             + (f", {faster_alone} faster alone but not in the whole step" if faster_alone else "") + f"; {spread}")]
-    rows.append((f"{name} step, csr all / dense", t["csr all"] / t["dense"],
-                 f"{t['csr all'] * 1e3:.1f} / {t['dense'] * 1e3:.1f} ms"))
+    rows = [
+        (
+            f"{name} step, csr auto / dense",
+            t["csr auto"] / t["dense"],
+            f"{t['csr auto'] * 1e3:.1f} / {t['dense'] * 1e3:.1f} ms; converted {chosen} of {total} target weights"
+            + (" (the same modules as dense)" if chosen == 0 else "")
+            + (f", {faster_alone} faster alone but not in the whole step" if faster_alone else "")
+            + f"; {spread}",
+        )
+    ]
+    rows.append(
+        (
+            f"{name} step, csr all / dense",
+            t["csr all"] / t["dense"],
+            f"{t['csr all'] * 1e3:.1f} / {t['dense'] * 1e3:.1f} ms",
+        )
+    )
     rows.append((f"{name} step, dense again / dense (A/A)", t["dense again"] / t["dense"], "same model twice: noise"))
-    rows += [(f"{name} step, {k} / dense, fastest runs", best[k] / best["dense"],
-              f"{best[k] * 1e3:.1f} / {best['dense'] * 1e3:.1f} ms") for k in ("csr auto", "csr all", "dense again")]
+    rows += [
+        (
+            f"{name} step, {k} / dense, fastest runs",
+            best[k] / best["dense"],
+            f"{best[k] * 1e3:.1f} / {best['dense'] * 1e3:.1f} ms",
+        )
+        for k in ("csr auto", "csr all", "dense again")
+    ]
     return rows
 
 
@@ -115,8 +156,13 @@ def gpu_rows(repeats: int) -> list[tuple]:
         fns = {k: (lambda m=m: m(x, timestep=t, class_labels=y)) for k, m in (("dense", dense), ("2:4", semi))}
         with torch.no_grad():
             times = medians(interleaved(fns, repeats=repeats, warmup=3, sync=torch.cuda.synchronize))
-    return [("dit(hidden 1024) 2:4 step / dense step, fp16, CUDA", times["2:4"] / times["dense"],
-             f"{times['2:4'] * 1e3:.2f} / {times['dense'] * 1e3:.2f} ms")]
+    return [
+        (
+            "dit(hidden 1024) 2:4 step / dense step, fp16, CUDA",
+            times["2:4"] / times["dense"],
+            f"{times['2:4'] * 1e3:.2f} / {times['dense'] * 1e3:.2f} ms",
+        )
+    ]
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ teacher, the extra forward adds roughly a third of a dense step; the ratio is re
 
     python benchmarks/bench_finetune.py [--batch 16] [--repeats 20] [--threads 1] [--device cpu]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,18 +71,25 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = args.device
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    setups = {"dense": Setup(None, args.batch, device), "ste": Setup("sr-ste", args.batch, device),
-              "ste + teacher": Setup("sparsedm", args.batch, device)}
+    setups = {
+        "dense": Setup(None, args.batch, device),
+        "ste": Setup("sr-ste", args.batch, device),
+        "ste + teacher": Setup("sparsedm", args.batch, device),
+    }
     nm = sites(setups["ste"].model)
     n_params = sum(p.numel() for p in setups["dense"].model.parameters())
     times = interleaved({k: s.step for k, s in setups.items()}, args.repeats, args.warmup, sync)
     med = {k: statistics.median(v) for k, v in times.items()}
     pairs = {k: statistics.median(a / d for a, d in zip(times[k], times["dense"])) for k in ("ste", "ste + teacher")}
 
-    print(f"\nsurgeon N:M fine-tuning benchmark: unet-kanji ({n_params / 1e6:.2f}M params; {len(nm)} tensors at 2:4, "
-          f"SR-STE λ_W = 2e-4)")
-    print(f"batch {args.batch}, 32x32x1, device {device}, torch threads {torch.get_num_threads()}, "
-          f"{args.repeats} interleaved repeats after {args.warmup} warm-up, medians\n")
+    print(
+        f"\nsurgeon N:M fine-tuning benchmark: unet-kanji ({n_params / 1e6:.2f}M params; {len(nm)} tensors at 2:4, "
+        f"SR-STE λ_W = 2e-4)"
+    )
+    print(
+        f"batch {args.batch}, 32x32x1, device {device}, torch threads {torch.get_num_threads()}, "
+        f"{args.repeats} interleaved repeats after {args.warmup} warm-up, medians\n"
+    )
     ratio = med["ste"] / med["dense"]
     rows = [
         ("dense training step", f"{med['dense'] * 1e3:9.2f} ms", ""),

@@ -14,6 +14,7 @@ alike, after a warm-up, reporting the median:
 The masks cost one multiply per masked weight in the forward and one in the backward, whatever the batch, so the
 fwd+bwd ratio falls towards 1 as the batch (or the resolution) grows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,14 @@ def storage_ratios(dense: torch.nn.Module, tmp: Path) -> list[tuple[str, float, 
         surgeon.inject(model, surgeon.plan(model, sparsity=s))
         surgeon.save(model, tmp / f"s{s}", force=True)
         packed = (tmp / f"s{s}" / "model.safetensors").stat().st_size
-        rows.append((f"file bytes, S={s}", packed / dense_bytes, f"<= {target}", f"{packed / 2**20:.1f} / {dense_bytes / 2**20:.1f} MiB"))
+        rows.append(
+            (
+                f"file bytes, S={s}",
+                packed / dense_bytes,
+                f"<= {target}",
+                f"{packed / 2**20:.1f} / {dense_bytes / 2**20:.1f} MiB",
+            )
+        )
     return rows
 
 
@@ -64,27 +72,54 @@ def io_ratios(dense: torch.nn.Module, tmp: Path, repeats: int) -> list[tuple[str
     masked = copy.deepcopy(dense)
     surgeon.inject(masked, surgeon.plan(masked, sparsity=0.9))
     state = dense.state_dict()
-    save_t = medians(interleaved({
-        "plain": lambda: save_file(state, tmp / "plain.safetensors"),
-        "surgeon": lambda: surgeon.save(masked, tmp / "packed", force=True),
-    }, repeats, warmup=1, sync=lambda: None))
+    save_t = medians(
+        interleaved(
+            {
+                "plain": lambda: save_file(state, tmp / "plain.safetensors"),
+                "surgeon": lambda: surgeon.save(masked, tmp / "packed", force=True),
+            },
+            repeats,
+            warmup=1,
+            sync=lambda: None,
+        )
+    )
 
     targets = [build() for _ in range(2)]  # fresh plain models: load_into refuses a model that already has masks
+
     def surgeon_load():
         surgeon.remove(targets[0])
         surgeon.load_into(targets[0], tmp / "packed")
 
-    load_t = medians(interleaved({
-        "plain": lambda: targets[1].load_state_dict(load_file(tmp / "plain.safetensors")),
-        "surgeon": surgeon_load,
-    }, repeats, warmup=1, sync=lambda: None))
+    load_t = medians(
+        interleaved(
+            {
+                "plain": lambda: targets[1].load_state_dict(load_file(tmp / "plain.safetensors")),
+                "surgeon": surgeon_load,
+            },
+            repeats,
+            warmup=1,
+            sync=lambda: None,
+        )
+    )
     return [
-        ("save time, S=0.9", save_t["surgeon"] / save_t["plain"], "", f"{save_t['surgeon'] * 1e3:.0f} / {save_t['plain'] * 1e3:.0f} ms"),
-        ("load time, S=0.9", load_t["surgeon"] / load_t["plain"], "", f"{load_t['surgeon'] * 1e3:.0f} / {load_t['plain'] * 1e3:.0f} ms"),
+        (
+            "save time, S=0.9",
+            save_t["surgeon"] / save_t["plain"],
+            "",
+            f"{save_t['surgeon'] * 1e3:.0f} / {save_t['plain'] * 1e3:.0f} ms",
+        ),
+        (
+            "load time, S=0.9",
+            load_t["surgeon"] / load_t["plain"],
+            "",
+            f"{load_t['surgeon'] * 1e3:.0f} / {load_t['plain'] * 1e3:.0f} ms",
+        ),
     ]
 
 
-def train_step_ratio(dense: torch.nn.Module, batch: int, repeats: int, device: str) -> list[tuple[str, float, str, str]]:
+def train_step_ratio(
+    dense: torch.nn.Module, batch: int, repeats: int, device: str
+) -> list[tuple[str, float, str, str]]:
     masked = copy.deepcopy(dense)
     surgeon.inject(masked, surgeon.plan(masked, sparsity=0.5))
     dense, masked = dense.to(device).train(), masked.to(device).train()
@@ -96,12 +131,19 @@ def train_step_ratio(dense: torch.nn.Module, batch: int, repeats: int, device: s
         def run():
             model(x, t).sample.pow(2).mean().backward()
             model.zero_grad(set_to_none=True)
+
         return run
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     secs = medians(interleaved({"dense": step(dense), "masked": step(masked)}, repeats, warmup=2, sync=sync))
-    return [("fwd+bwd time, S=0.5", secs["masked"] / secs["dense"], "<= 1.05",
-             f"{secs['masked'] * 1e3:.0f} / {secs['dense'] * 1e3:.0f} ms, batch {batch}")]
+    return [
+        (
+            "fwd+bwd time, S=0.5",
+            secs["masked"] / secs["dense"],
+            "<= 1.05",
+            f"{secs['masked'] * 1e3:.0f} / {secs['dense'] * 1e3:.0f} ms, batch {batch}",
+        )
+    ]
 
 
 def main() -> None:
@@ -117,8 +159,11 @@ def main() -> None:
 
     dense = build()
     n = sum(p.numel() for p in dense.parameters())
-    print(f"UNet2DModel {n / 1e6:.1f}M params, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"device {args.device}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"UNet2DModel {n / 1e6:.1f}M params, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device {args.device}, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         rows = storage_ratios(dense, tmp) + io_ratios(dense, tmp, args.repeats)

@@ -14,6 +14,7 @@ load from other processes on a shared machine hits them alike; medians are repor
     the drop/grow and the optimizer-state zeroing; MagRan's has no capture. Target ≤ 1 %.
 --profile prints torch.profiler tables of one dense and one masked step (where the difference comes from).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,9 @@ class Setup:
         self.objective = EpsilonLoss(self.task)
         self.optimizer, _ = make_optimizer(self.model, recipe)
         g = torch.Generator().manual_seed(0)
-        x0 = torch.rand(batch, self.task.image_channels, self.task.image_size, self.task.image_size, generator=g) * 2 - 1
+        x0 = (
+            torch.rand(batch, self.task.image_channels, self.task.image_size, self.task.image_size, generator=g) * 2 - 1
+        )
         inputs, target, weight = self.task.noisy_batch(x0, g)
         self.inputs = {k: v.to(device) for k, v in inputs.items()}
         self.target = target.to(device)
@@ -121,9 +124,14 @@ def main() -> None:
 
     device = args.device
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    recipe = load_recipe("rigl").override(**{
-        "training.batch_size": args.batch, "dst.delta_t": DELTA_T, "dst.p_decay": "constant", "dst.stop_fraction": 1.0,
-    })
+    recipe = load_recipe("rigl").override(
+        **{
+            "training.batch_size": args.batch,
+            "dst.delta_t": DELTA_T,
+            "dst.p_decay": "constant",
+            "dst.stop_fraction": 1.0,
+        }
+    )
     acc = Accelerator(cpu=device == "cpu")
     dense = Setup(recipe, masked=False, batch=args.batch, device=device)
     masked = Setup(recipe, masked=True, batch=args.batch, device=device)
@@ -138,22 +146,29 @@ def main() -> None:
     n_masked = sum(s.mask.numel() for s in masked_sites.values())
     n_kept = sum(int(s.mask.sum()) for s in masked_sites.values())
 
-    times = interleaved({"dense": dense.step, "masked": masked.step, "rigl": rigl, "magran": magran},
-                        args.repeats, args.warmup, sync)
+    times = interleaved(
+        {"dense": dense.step, "masked": masked.step, "rigl": rigl, "magran": magran}, args.repeats, args.warmup, sync
+    )
     med = {k: statistics.median(v) for k, v in times.items()}
     pair_ratios = [m / d for m, d in zip(times["masked"], times["dense"])]
     ratio = med["masked"] / med["dense"]
-    upd = {"rigl": statistics.median(rigl.update_seconds[args.warmup:]),
-           "magran": statistics.median(magran.update_seconds[args.warmup:])}
+    upd = {
+        "rigl": statistics.median(rigl.update_seconds[args.warmup :]),
+        "magran": statistics.median(magran.update_seconds[args.warmup :]),
+    }
     extra = {k: med[k] - med["masked"] for k in ("rigl", "magran")}
     amortized = {k: extra[k] / (DELTA_T * med["masked"]) for k in extra}
 
     ms = lambda s: f"{s * 1e3:9.2f} ms"  # noqa: E731
     verdict = lambda ok: "ok" if ok else "ABOVE TARGET"  # noqa: E731
-    print(f"\nsurgeon training benchmark: unet-kanji ({n_params / 1e6:.2f}M params; {len(masked_sites)} masked tensors, "
-          f"{n_kept:,}/{n_masked:,} kept = S {1 - n_kept / n_masked:.3f} over masked, rigl recipe ERK S=0.5)")
-    print(f"batch {args.batch}, 32x32x1, device {device}, torch threads {torch.get_num_threads()}, "
-          f"{args.repeats} interleaved repeats after {args.warmup} warm-up, medians\n")
+    print(
+        f"\nsurgeon training benchmark: unet-kanji ({n_params / 1e6:.2f}M params; {len(masked_sites)} masked tensors, "
+        f"{n_kept:,}/{n_masked:,} kept = S {1 - n_kept / n_masked:.3f} over masked, rigl recipe ERK S=0.5)"
+    )
+    print(
+        f"batch {args.batch}, 32x32x1, device {device}, torch threads {torch.get_num_threads()}, "
+        f"{args.repeats} interleaved repeats after {args.warmup} warm-up, medians\n"
+    )
     rows = [
         ("dense training step", ms(med["dense"]), ""),
         ("masked training step", ms(med["masked"]), ""),
@@ -164,10 +179,16 @@ def main() -> None:
         ("    dense-gradient capture etc.", ms(extra["rigl"] - upd["rigl"]), ""),
         ("MagRan update step", ms(med["magran"]), ""),
         ("    drop/grow + state zeroing", ms(upd["magran"]), ""),
-        (f"(b) RigL update, amortized at ΔT_e={DELTA_T}", f"{100 * amortized['rigl']:11.3f}%",
-         f"≤ 1 %   {verdict(amortized['rigl'] <= 0.01)}"),
-        (f"(b) MagRan update, amortized at ΔT_e={DELTA_T}", f"{100 * amortized['magran']:11.3f}%",
-         f"≤ 1 %   {verdict(amortized['magran'] <= 0.01)}"),
+        (
+            f"(b) RigL update, amortized at ΔT_e={DELTA_T}",
+            f"{100 * amortized['rigl']:11.3f}%",
+            f"≤ 1 %   {verdict(amortized['rigl'] <= 0.01)}",
+        ),
+        (
+            f"(b) MagRan update, amortized at ΔT_e={DELTA_T}",
+            f"{100 * amortized['magran']:11.3f}%",
+            f"≤ 1 %   {verdict(amortized['magran'] <= 0.01)}",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  {'value':>12}  target")

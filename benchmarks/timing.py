@@ -1,4 +1,5 @@
 """Side-by-side timing shared by the benchmark scripts."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,9 @@ import time
 from collections.abc import Callable
 
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, sync: Callable[[], None]) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], None]], repeats: int, warmup: int, sync: Callable[[], None]
+) -> dict[str, list[float]]:
     """Seconds of each fn per repeat, run round-robin (alternating order) so slow phases of a shared machine and
     position in the round hit all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in fns}

@@ -1,4 +1,5 @@
 """The ``surgeon`` command. Each command lives in its own module and is registered below with one line."""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -32,7 +33,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
 ) -> None:
     """Model surgery for diffusion models."""
 

@@ -6,6 +6,7 @@ Ctrl-C exits 130. Any other exception prints one line and exits 1;
 ``SURGEON_DEBUG=1`` adds the full traceback. The formatter sits in the command group, so every command registered
 on the app gets it without decorating anything.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,28 +35,53 @@ def _nm_value(value: str | None) -> str | None:
     return value
 
 
-ModelRef = Annotated[str, typer.Argument(
-    metavar="REF", show_default=False,
-    help="Model: a diffusers model or pipeline folder, a folder or .safetensors file written by surgeon, "
-         "path/to/file.py:Class, "
-         "a preset (tiny-unet, unet-kanji, ...) or a hub id.",
-)]
-Include = Annotated[list[str] | None, typer.Option(
-    "--include", metavar="GLOB", help="Only tensors whose FQN or module name matches this glob (or re:REGEX). Repeatable.",
-)]
-Exclude = Annotated[list[str] | None, typer.Option(
-    "--exclude", metavar="GLOB", help="Skip tensors whose FQN or module name matches this glob (or re:REGEX). Repeatable.",
-)]
+ModelRef = Annotated[
+    str,
+    typer.Argument(
+        metavar="REF",
+        show_default=False,
+        help="Model: a diffusers model or pipeline folder, a folder or .safetensors file written by surgeon, "
+        "path/to/file.py:Class, "
+        "a preset (tiny-unet, unet-kanji, ...) or a hub id.",
+    ),
+]
+Include = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--include",
+        metavar="GLOB",
+        help="Only tensors whose FQN or module name matches this glob (or re:REGEX). Repeatable.",
+    ),
+]
+Exclude = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        metavar="GLOB",
+        help="Skip tensors whose FQN or module name matches this glob (or re:REGEX). Repeatable.",
+    ),
+]
 NMPattern = Annotated[str, typer.Option("--nm", metavar="N:M", callback=_nm_value, help="N:M pattern, e.g. 2:4.")]
-NMTarget = Annotated[str | None, typer.Option(
-    "--nm", metavar="N:M", callback=_nm_value, help="N:M pattern to reach, e.g. 2:4 (default: the recipe's).",
-    show_default=False)]
+NMTarget = Annotated[
+    str | None,
+    typer.Option(
+        "--nm",
+        metavar="N:M",
+        callback=_nm_value,
+        help="N:M pattern to reach, e.g. 2:4 (default: the recipe's).",
+        show_default=False,
+    ),
+]
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
 OutDir = Annotated[Path, typer.Option("--out", "-o", metavar="FOLDER", help="Output folder.", show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output folder if it exists.")]
-TrustCode = Annotated[bool, typer.Option(
-    "--trust-code", help="Let a model folder import the Python file or module its config names (runs that code).",
-)]
+TrustCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="Let a model folder import the Python file or module its config names (runs that code).",
+    ),
+]
 
 
 # training options that sparsify and finetune share
@@ -66,7 +92,9 @@ BatchSize = Annotated[int | None, typer.Option("--batch-size", "-b", help="Globa
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed for masks, data order and noise.")]
 MixedPrecision = Annotated[str | None, typer.Option("--mixed-precision", help="no, fp16 or bf16 (Accelerate).")]
 GradAccum = Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")]
-EMADecay = Annotated[float | None, typer.Option("--ema", help="EMA decay of the weights (e.g. 0.999); EMA follows the masks.")]
+EMADecay = Annotated[
+    float | None, typer.Option("--ema", help="EMA decay of the weights (e.g. 0.999); EMA follows the masks.")
+]
 Limit = Annotated[int | None, typer.Option("--limit", help="Use only the first N training examples.")]
 Resume = Annotated[Path | None, typer.Option("--resume", help="Checkpoint file or run folder to continue from.")]
 Samples = Annotated[bool, typer.Option("--samples/--no-samples", help="Write a PNG grid of samples at the end.")]
@@ -75,9 +103,17 @@ ShowProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Sh
 
 def training_overrides(steps, lr, batch_size, seed, mixed_precision, grad_accum, ema, include, exclude) -> dict:
     """The shared options as recipe overrides (None leaves the recipe's value)."""
-    return {"training.steps": steps, "optimizer.lr": lr, "training.batch_size": batch_size, "training.seed": seed,
-            "training.mixed_precision": mixed_precision, "training.grad_accum": grad_accum,
-            "training.ema_decay": ema, "include": include or None, "exclude": exclude or None}
+    return {
+        "training.steps": steps,
+        "optimizer.lr": lr,
+        "training.batch_size": batch_size,
+        "training.seed": seed,
+        "training.mixed_precision": mixed_precision,
+        "training.grad_accum": grad_accum,
+        "training.ema_decay": ema,
+        "include": include or None,
+        "exclude": exclude or None,
+    }
 
 
 def run_out(out: Path | None, resume: Path | None, model: str, recipe: str, tag: str = "") -> Path:
@@ -134,8 +170,9 @@ class SurgeonGroup(TyperGroup):
         except (TyperException, typer.Exit, typer.Abort):  # exits, and Typer's own signals: Typer reports them
             raise
         except KeyboardInterrupt as err:  # Ctrl-C outside a training loop (which stops at a step boundary itself)
-            interrupted = Interrupted("interrupted", "run the command again; a training run continues from its "
-                                      "last checkpoint with --resume")
+            interrupted = Interrupted(
+                "interrupted", "run the command again; a training run continues from its last checkpoint with --resume"
+            )
             raise typer.Exit(print_error(interrupted)) from err
         except Exception as err:  # noqa: BLE001 - the one place where every error becomes an exit code
             raise typer.Exit(print_error(err)) from None

@@ -1,5 +1,6 @@
 """The ``surgeon`` console script. Only the standard library is imported before the Ctrl-C guard is in place:
 torch and the CLI take seconds to import, and an interrupt then must end in one line, not a traceback."""
+
 from __future__ import annotations
 
 import sys

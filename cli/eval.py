@@ -1,4 +1,5 @@
 """``surgeon eval MODEL... --data DATA``: FID/KID, held-out loss, parameters and FLOPs of one or more models."""
+
 from __future__ import annotations
 
 import json
@@ -11,18 +12,32 @@ from surgeon.cli.common import Force, JsonOutput, TrustCode
 
 
 def eval_models(
-    models: Annotated[list[str], typer.Argument(
-        metavar="MODEL...", show_default=False,
-        help="Models to compare: run folders of surgeon sparsify/finetune, folders saved by surgeon, diffusers "
-             "model folders or presets.")],
-    data: Annotated[str, typer.Option("--data", "-d", help="'kanjivg' (built in) or a folder with a validation/ split.")] = "kanjivg",
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="MODEL...",
+            show_default=False,
+            help="Models to compare: run folders of surgeon sparsify/finetune, folders saved by surgeon, diffusers "
+            "model folders or presets.",
+        ),
+    ],
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="'kanjivg' (built in) or a folder with a validation/ split.")
+    ] = "kanjivg",
     n: Annotated[int, typer.Option("--n", help="Samples generated per model.")] = 2048,
     metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated: fid, kid.")] = "fid,kid",
     sample_steps: Annotated[int, typer.Option("--sample-steps", help="DDIM sampling steps.")] = 50,
-    extractor: Annotated[str | None, typer.Option(
-        "--extractor", help="inception-v3-compat (needs its weights on disk) or efficientnet-lite0 (offline; its FID "
-                            "is not comparable with Inception FID). Default: Inception if available.")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="FOLDER", help="Folder for sample grids, plots and results.json.")] = Path("runs/eval"),
+    extractor: Annotated[
+        str | None,
+        typer.Option(
+            "--extractor",
+            help="inception-v3-compat (needs its weights on disk) or efficientnet-lite0 (offline; its FID "
+            "is not comparable with Inception FID). Default: Inception if available.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="FOLDER", help="Folder for sample grids, plots and results.json.")
+    ] = Path("runs/eval"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling noise.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per sampling batch.")] = 64,
     force: Force = False,
@@ -35,9 +50,21 @@ def eval_models(
     from surgeon.evaluation.tables import eval_table, wide_console
 
     console = wide_console()
-    result = evaluate(models, data=data, n=n, metrics=metrics, sample_steps=sample_steps, extractor=extractor, out=out,
-                      force=force, seed=seed, batch_size=batch_size, progress=progress and not json_output,
-                      console=None if json_output else console, trust_code=trust_code)
+    result = evaluate(
+        models,
+        data=data,
+        n=n,
+        metrics=metrics,
+        sample_steps=sample_steps,
+        extractor=extractor,
+        out=out,
+        force=force,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress and not json_output,
+        console=None if json_output else console,
+        trust_code=trust_code,
+    )
     if json_output:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -1,4 +1,5 @@
 """``surgeon finetune [MODEL] --nm 2:4 --teacher DENSE --data DATA``: SparseDM N:M fine-tuning under Accelerate."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,32 +46,60 @@ def _stages(value: str | None) -> list[str] | None:
 
 
 def finetune(
-    model: Annotated[str | None, typer.Argument(
-        metavar="[MODEL]", show_default=False,
-        help="The student's starting point (default: a copy of the teacher). Any model reference (folder, "
-             "file.py:Class, preset); its target tensors must match the teacher's.")] = None,
-    teacher: Annotated[str, typer.Option(
-        "--teacher", "-t", show_default=False,
-        help="The trained dense model: any model reference, or one .safetensors file (architecture from its "
-             "metadata, a config.json beside it, or MODEL).")] = ...,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[MODEL]",
+            show_default=False,
+            help="The student's starting point (default: a copy of the teacher). Any model reference (folder, "
+            "file.py:Class, preset); its target tensors must match the teacher's.",
+        ),
+    ] = None,
+    teacher: Annotated[
+        str,
+        typer.Option(
+            "--teacher",
+            "-t",
+            show_default=False,
+            help="The trained dense model: any model reference, or one .safetensors file (architecture from its "
+            "metadata, a config.json beside it, or MODEL).",
+        ),
+    ] = ...,
     nm: NMTarget = None,
     data: Data = "kanjivg",
-    recipe: Annotated[str, typer.Option(
-        "--recipe", "-r", help="sparsedm (SR-STE + distillation), sr-ste, ste, asp, one-shot, or a YAML path.")] = "sparsedm",
-    out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="Output folder (default: runs/MODEL-RECIPE-NofM).", show_default=False)] = None,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            "--recipe", "-r", help="sparsedm (SR-STE + distillation), sr-ste, ste, asp, one-shot, or a YAML path."
+        ),
+    ] = "sparsedm",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder (default: runs/MODEL-RECIPE-NofM).", show_default=False),
+    ] = None,
     steps: Steps = None,
     lr: LearningRate = None,
     batch_size: BatchSize = None,
     lambda_w: Annotated[float | None, typer.Option("--lambda-w", help="SR-STE decay λ_W of pruned weights.")] = None,
-    lambda_1: Annotated[float | None, typer.Option("--lambda-1", help="Weight of the teacher term ‖F_s − F_t‖².")] = None,
+    lambda_1: Annotated[
+        float | None, typer.Option("--lambda-1", help="Weight of the teacher term ‖F_s − F_t‖².")
+    ] = None,
     lambda_2: Annotated[float | None, typer.Option("--lambda-2", help="Weight of the ε term ‖ε − F_s‖².")] = None,
-    stages: Annotated[str | None, typer.Option(
-        "--stages", metavar="N:M,...", help="Progressive patterns that tighten, e.g. 7:8,3:4,2:4; the steps are "
-        "split evenly.")] = None,
-    stage_teacher: Annotated[str | None, typer.Option(
-        "--stage-teacher", help="With --stages: dense (the teacher throughout) or previous (each stage learns from "
-        "the one before).")] = None,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            "--stages",
+            metavar="N:M,...",
+            help="Progressive patterns that tighten, e.g. 7:8,3:4,2:4; the steps are split evenly.",
+        ),
+    ] = None,
+    stage_teacher: Annotated[
+        str | None,
+        typer.Option(
+            "--stage-teacher",
+            help="With --stages: dense (the teacher throughout) or previous (each stage learns from the one before).",
+        ),
+    ] = None,
     seed: Seed = None,
     mixed_precision: MixedPrecision = None,
     grad_accum: GradAccum = None,
@@ -89,9 +118,14 @@ def finetune(
     from surgeon.training.run import finetune as run
 
     r = load_recipe(recipe)
-    changes = {"nm": nm, "lambda_w": lambda_w, "distill.lambda_1": lambda_1, "distill.lambda_2": lambda_2,
-               "distill.teacher": stage_teacher,
-               **training_overrides(steps, lr, batch_size, seed, mixed_precision, grad_accum, ema, include, exclude)}
+    changes = {
+        "nm": nm,
+        "lambda_w": lambda_w,
+        "distill.lambda_1": lambda_1,
+        "distill.lambda_2": lambda_2,
+        "distill.teacher": stage_teacher,
+        **training_overrides(steps, lr, batch_size, seed, mixed_precision, grad_accum, ema, include, exclude),
+    }
     patterns = _stages(stages)
     if patterns is not None:
         changes["stages"] = split_stages(patterns, steps if steps is not None else r.training.steps)
@@ -99,8 +133,19 @@ def finetune(
     r = r.override(**changes)
     tag = f"-{r.nm.replace(':', 'of')}" if r.nm else ""  # no N:M pattern: run.finetune says why
     out = run_out(out, resume, model or teacher, recipe, tag)
-    summary = run(teacher, data, out, r, model=model, limit=limit, force=force, resume=resume, progress=progress,
-                  samples=samples, trust_code=trust_code)
+    summary = run(
+        teacher,
+        data,
+        out,
+        r,
+        model=model,
+        limit=limit,
+        force=force,
+        resume=resume,
+        progress=progress,
+        samples=samples,
+        trust_code=trust_code,
+    )
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -114,7 +159,10 @@ def print_nm(nm: dict) -> None:
     from rich.console import Console
 
     console = Console()
-    console.print(f"{nm['pattern']}: {nm['nm_valid']} of {nm['layers']} target layers are N:M-valid "
-                  f"({nm['nm_valid_fraction']:.0%}); {len(nm['left_dense'])} left dense", highlight=False)
+    console.print(
+        f"{nm['pattern']}: {nm['nm_valid']} of {nm['layers']} target layers are N:M-valid "
+        f"({nm['nm_valid_fraction']:.0%}); {len(nm['left_dense'])} left dense",
+        highlight=False,
+    )
     for name, reason in nm["left_dense"].items():
         console.print(f"  dense: {name} ({reason})", highlight=False, soft_wrap=True)

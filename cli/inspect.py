@@ -1,4 +1,5 @@
 """``surgeon inspect REF``: what every target weight keeps (density, N:M validity, kept params), table or JSON."""
+
 from __future__ import annotations
 
 import json
@@ -56,6 +57,13 @@ def _table(ref: str, rep: Report) -> Table:
     table.add_column(f"{pattern}", no_wrap=True)
     table.add_column("kept", justify="right", no_wrap=True)
     for r in rep.rows:
-        table.add_row(r.name, r.kind, "x".join(map(str, r.shape)), r.masked or "-", f"{r.density:.4f}",
-                      _NM_CELL[r.nm_valid], f"{r.kept:,}")
+        table.add_row(
+            r.name,
+            r.kind,
+            "x".join(map(str, r.shape)),
+            r.masked or "-",
+            f"{r.density:.4f}",
+            _NM_CELL[r.nm_valid],
+            f"{r.kept:,}",
+        )
     return table

@@ -1,4 +1,5 @@
 """``surgeon reproduce``: the sparse-to-sparse study on KanjiVG (images and ChiroDiff strokes) in one command."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,12 +11,21 @@ from surgeon.cli.common import Force
 
 
 def reproduce(
-    budget_minutes: Annotated[float, typer.Option("--budget-minutes", help="Wall-clock budget; it decides the training steps.")] = 60,
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="FOLDER", help="Study folder; re-running resumes it.")] = Path("runs/reproduce"),
+    budget_minutes: Annotated[
+        float, typer.Option("--budget-minutes", help="Wall-clock budget; it decides the training steps.")
+    ] = 60,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="FOLDER", help="Study folder; re-running resumes it.")
+    ] = Path("runs/reproduce"),
     n: Annotated[int, typer.Option("--n", help="Samples scored per model (FID/KID).")] = 256,
     sample_steps: Annotated[int, typer.Option("--sample-steps", help="DDIM sampling steps for scoring.")] = 20,
-    extractor: Annotated[str | None, typer.Option("--extractor", help="Feature extractor, as for surgeon eval.")] = None,
-    only: Annotated[list[str] | None, typer.Option("--only", metavar="RUN", help="Run only these runs (repeatable), e.g. dense, rigl-s0.9-p0.05.")] = None,
+    extractor: Annotated[
+        str | None, typer.Option("--extractor", help="Feature extractor, as for surgeon eval.")
+    ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", metavar="RUN", help="Run only these runs (repeatable), e.g. dense, rigl-s0.9-p0.05."),
+    ] = None,
     force: Force = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
@@ -26,7 +36,16 @@ def reproduce(
     from surgeon.study.reproduce import reproduce as run
 
     console = Console()
-    report = run(budget_minutes, out, n=n, sample_steps=sample_steps, force=force, progress=progress,
-                 console=console, extractor=extractor, only=only)
+    report = run(
+        budget_minutes,
+        out,
+        n=n,
+        sample_steps=sample_steps,
+        force=force,
+        progress=progress,
+        console=console,
+        extractor=extractor,
+        only=only,
+    )
     console.print(report.read_text(), soft_wrap=True, markup=False, highlight=False)
     console.print(f"report: {report}")

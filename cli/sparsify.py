@@ -1,4 +1,5 @@
 """``surgeon sparsify MODEL --recipe rigl --s 0.5 --data DATA``: sparse-to-sparse training under Accelerate."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,9 +33,19 @@ from surgeon.recipe import load_recipe
 
 def sparsify(
     model: ModelRef,
-    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Shipped recipe (static, rigl, magran, dense) or a YAML path.")] = "rigl",
+    recipe: Annotated[
+        str, typer.Option("--recipe", "-r", help="Shipped recipe (static, rigl, magran, dense) or a YAML path.")
+    ] = "rigl",
     data: Data = "kanjivg",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: the resumed run's folder, else runs/MODEL-RECIPE-sS).", show_default=False)] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder (default: the resumed run's folder, else runs/MODEL-RECIPE-sS).",
+            show_default=False,
+        ),
+    ] = None,
     s: Annotated[float | None, typer.Option("--s", "--sparsity", help="Global sparsity S in [0, 1).")] = None,
     p: Annotated[float | None, typer.Option("--p", help="Prune-and-regrow fraction per mask update.")] = None,
     delta_t: Annotated[int | None, typer.Option("--delta-t", help="Steps between mask updates (ΔT_e).")] = None,
@@ -42,8 +53,12 @@ def sparsify(
     lr: LearningRate = None,
     batch_size: BatchSize = None,
     seed: Seed = None,
-    distribution: Annotated[str | None, typer.Option("--distribution", help="Layer budget: erk, er or uniform.")] = None,
-    init: Annotated[str | None, typer.Option("--init", help="scratch (re-initialize, the paper's setting) or pretrained.")] = None,
+    distribution: Annotated[
+        str | None, typer.Option("--distribution", help="Layer budget: erk, er or uniform.")
+    ] = None,
+    init: Annotated[
+        str | None, typer.Option("--init", help="scratch (re-initialize, the paper's setting) or pretrained.")
+    ] = None,
     mixed_precision: MixedPrecision = None,
     grad_accum: GradAccum = None,
     ema: EMADecay = None,
@@ -64,8 +79,18 @@ def sparsify(
         **training_overrides(steps, lr, batch_size, seed, mixed_precision, grad_accum, ema, include, exclude),
     )
     out = run_out(out, resume, model, recipe, f"-s{r.sparsity:g}" if r.sparsity else "")
-    summary = run(model, r, data, out, limit=limit, force=force, resume=resume, progress=progress, samples=samples,
-                  trust_code=trust_code)
+    summary = run(
+        model,
+        r,
+        data,
+        out,
+        limit=limit,
+        force=force,
+        resume=resume,
+        progress=progress,
+        samples=samples,
+        trust_code=trust_code,
+    )
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -3,6 +3,7 @@
 surgeon rewrites the module in place: after inject() it is the same object, its masked weights are
 parametrized, and any training loop you already have keeps working. Run: python examples/python_api.py
 """
+
 import torch
 
 import surgeon

@@ -11,6 +11,7 @@ From the command line (the class must build with no arguments):
 
 or run this file to do the same through the Python API on a few hundred characters.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,14 @@ if __name__ == "__main__":
     from surgeon.recipe import load_recipe
     from surgeon.training.run import sparsify
 
-    recipe = load_recipe("rigl").override(**{
-        "sparsity": 0.5, "training.steps": 100, "training.batch_size": 32, "optimizer.lr": 1e-3, "dst.delta_t": 25,
-    })
+    recipe = load_recipe("rigl").override(
+        **{
+            "sparsity": 0.5,
+            "training.steps": 100,
+            "training.batch_size": 32,
+            "optimizer.lr": 1e-3,
+            "dst.delta_t": 25,
+        }
+    )
     summary = sparsify(f"{__file__}:StrokeLSTM", recipe, "kanjivg", "runs/example-stroke-lstm", limit=512, force=True)
     print(summary)

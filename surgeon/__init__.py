@@ -9,6 +9,7 @@ Load a model, plan what each weight keeps, inject mask parametrizations in place
 Importing surgeon is light: the public functions (and torch behind them) load on first use, so the ``surgeon``
 command can take Ctrl-C from its first instant, and importing surgeon never imports diffusers.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -3,6 +3,7 @@
 A SurgeonError carries a one-line message (what was wrong) and a hint (what to do). The CLI prints both and
 exits 1; library callers catch it like any exception.
 """
+
 from __future__ import annotations
 
 
@@ -40,8 +41,9 @@ def check_arg(value, types: type | tuple[type, ...], name: str, expected: str, h
     if isinstance(value, types) and not (numeric and isinstance(value, bool)):
         return
     shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-    raise ArgumentError(f"{name} must be {expected}, got {type(value).__name__} {shown}",
-                        hint or f"pass {expected} as {name}")
+    raise ArgumentError(
+        f"{name} must be {expected}, got {type(value).__name__} {shown}", hint or f"pass {expected} as {name}"
+    )
 
 
 MODULE_HINT = "pass the module itself, e.g. surgeon.load_model('tiny-unet'), not its name"

@@ -1,4 +1,5 @@
 """Rich progress bars for long work: training shows loss, measured sparsity and it/s."""
+
 from __future__ import annotations
 
 from rich.console import Console
@@ -18,7 +19,9 @@ class TrainProgress:
             console=Console(stderr=True),
             disable=not enabled,
         )
-        self.task = self.progress.add_task(label, total=total, completed=start, loss=float("nan"), sparsity=0.0, speed_text="")
+        self.task = self.progress.add_task(
+            label, total=total, completed=start, loss=float("nan"), sparsity=0.0, speed_text=""
+        )
 
     def __enter__(self):
         self.progress.__enter__()
@@ -34,8 +37,9 @@ class TrainProgress:
 
     def update(self, step: int, loss: float, sparsity: float) -> None:
         speed = self.progress.tasks[0].speed
-        self.progress.update(self.task, completed=step, loss=loss, sparsity=sparsity,
-                             speed_text=f"{speed:.2f} it/s" if speed else "")
+        self.progress.update(
+            self.task, completed=step, loss=loss, sparsity=sparsity, speed_text=f"{speed:.2f} it/s" if speed else ""
+        )
 
 
 class WorkProgress:
@@ -43,8 +47,14 @@ class WorkProgress:
 
     def __init__(self, label: str, total: int, enabled: bool = True):
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled, transient=True,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+            transient=True,
         )
         self.task = self.progress.add_task(label, total=total)
 

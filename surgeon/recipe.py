@@ -3,6 +3,7 @@
 A recipe is found by shipped name (``recipes/<name>.yaml``, packaged as ``surgeon.recipes``) or by path. CLI flags
 override single fields after loading, through :func:`Recipe.override`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -194,7 +195,9 @@ def _coerce(value: Any, tp: Any, where: str, source: str):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(source, f"'{where}' must be a number, got {value!r}")
         if not math.isfinite(value):  # .nan and .inf are valid YAML floats; no setting means either
-            _fail(source, f"'{where}' must be a finite number, got {value!r}", "give a plain number such as 0.5 or 1e-4")
+            _fail(
+                source, f"'{where}' must be a finite number, got {value!r}", "give a plain number such as 0.5 or 1e-4"
+            )
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -231,9 +234,16 @@ MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; surgeon derives per-step seeds f
 
 # which algorithms read each optional field; setting it for another algorithm is an error
 _READ_BY = {
-    "sparsity": UNSTRUCTURED, "distribution": UNSTRUCTURED, "power_scale": UNSTRUCTURED, "dst": DYNAMIC,
-    "nm": NM, "lambda_w": ("nm_ste",), "stages": ("nm_ste",),
-    "dense_first": UNSTRUCTURED + NM, "dense_last": UNSTRUCTURED + NM, "include": UNSTRUCTURED + NM,
+    "sparsity": UNSTRUCTURED,
+    "distribution": UNSTRUCTURED,
+    "power_scale": UNSTRUCTURED,
+    "dst": DYNAMIC,
+    "nm": NM,
+    "lambda_w": ("nm_ste",),
+    "stages": ("nm_ste",),
+    "dense_first": UNSTRUCTURED + NM,
+    "dense_last": UNSTRUCTURED + NM,
+    "include": UNSTRUCTURED + NM,
     "exclude": UNSTRUCTURED + NM,
 }
 _DEFAULTS = {"sparsity": 0.5, "distribution": "erk", "power_scale": 1.0, "lambda_w": 0.0}
@@ -265,8 +275,10 @@ def _check(r: Recipe) -> None:
         bad(f"unknown algorithm {r.algorithm!r}", f"choose one of: {', '.join(ALGORITHMS)}")
     for name, readers in _READ_BY.items():
         if _is_set(getattr(r, name)) and r.algorithm not in readers:
-            bad(f"algorithm {r.algorithm} does not use '{name}'",
-                f"remove it from the recipe; it applies to: {', '.join(readers)}")
+            bad(
+                f"algorithm {r.algorithm} does not use '{name}'",
+                f"remove it from the recipe; it applies to: {', '.join(readers)}",
+            )
     if r.algorithm in NM:
         if not r.nm:
             bad(f"algorithm {r.algorithm} needs an N:M pattern", "set nm: '2:4' or pass --nm 2:4")
@@ -290,8 +302,10 @@ def _check(r: Recipe) -> None:
     if r.distill is not None:
         d = r.distill
         if d.lambda_1 < 0 or d.lambda_2 < 0 or d.lambda_1 + d.lambda_2 == 0:
-            bad(f"distill weights lambda_1={d.lambda_1}, lambda_2={d.lambda_2}: both ≥ 0, not both 0",
-                "use e.g. lambda_1: 1.0, lambda_2: 1.0 (SparseDM)")
+            bad(
+                f"distill weights lambda_1={d.lambda_1}, lambda_2={d.lambda_2}: both ≥ 0, not both 0",
+                "use e.g. lambda_1: 1.0, lambda_2: 1.0 (SparseDM)",
+            )
         if d.teacher not in TEACHERS:
             bad(f"unknown teacher {d.teacher!r}", "choose dense (the model fine-tuning started from) or previous")
         if d.teacher == "previous" and not r.stages:
@@ -358,23 +372,33 @@ def _check_stages(r: Recipe) -> None:
             raise SurgeonError(f"stage {s.nm} has {s.steps} steps; every stage needs ≥ 1", "give each stage some steps")
     for (a, sa), (b, sb) in zip(zip(patterns, r.stages), zip(patterns[1:], r.stages[1:])):
         if b[0] * a[1] >= a[0] * b[1]:  # N_b/M_b >= N_a/M_a, compared exactly
-            raise SurgeonError(f"stages must tighten, but {sb.nm} keeps as much as or more than {sa.nm} before it", hint)
+            raise SurgeonError(
+                f"stages must tighten, but {sb.nm} keeps as much as or more than {sa.nm} before it", hint
+            )
     if parse_nm(r.nm) != patterns[-1]:
-        raise SurgeonError(f"the last stage ({r.stages[-1].nm}) must be the recipe's nm ({r.nm})",
-                           "end the stages with the target pattern")
+        raise SurgeonError(
+            f"the last stage ({r.stages[-1].nm}) must be the recipe's nm ({r.nm})",
+            "end the stages with the target pattern",
+        )
     total = sum(s.steps for s in r.stages)
     if total != r.training.steps:
-        raise SurgeonError(f"stages add up to {total} steps but training.steps is {r.training.steps}",
-                           "make them agree; --stages with --steps splits the steps evenly")
+        raise SurgeonError(
+            f"stages add up to {total} steps but training.steps is {r.training.steps}",
+            "make them agree; --stages with --steps splits the steps evenly",
+        )
 
 
 def split_stages(patterns: list[str], steps: int) -> list[dict]:
     """``--stages 7:8,3:4,2:4`` with ``--steps``: equal stages, the remainder going to the last."""
     if not patterns or steps < len(patterns):
-        raise SurgeonError(f"cannot split {steps} steps into {len(patterns)} stages", "pass more --steps or fewer stages")
+        raise SurgeonError(
+            f"cannot split {steps} steps into {len(patterns)} stages", "pass more --steps or fewer stages"
+        )
     each = steps // len(patterns)
-    return [{"nm": p, "steps": each + (steps - each * len(patterns) if i == len(patterns) - 1 else 0)}
-            for i, p in enumerate(patterns)]
+    return [
+        {"nm": p, "steps": each + (steps - each * len(patterns) if i == len(patterns) - 1 else 0)}
+        for i, p in enumerate(patterns)
+    ]
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -384,7 +408,8 @@ class _RecipeLoader(yaml.SafeLoader):
 _RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 for _digit in "0123456789":
     _RecipeLoader.yaml_implicit_resolvers.setdefault(_digit, []).insert(
-        0, ("tag:yaml.org,2002:str", re.compile(r"^[0-9]+:[0-9]+$")))
+        0, ("tag:yaml.org,2002:str", re.compile(r"^[0-9]+:[0-9]+$"))
+    )
 
 
 def shipped() -> list[str]:

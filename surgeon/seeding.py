@@ -5,6 +5,7 @@ constructors initializing weights, dropout inside a model's forward), the work r
 restores the caller's global RNG state when it ends, so importing and calling surgeon never reseeds a user's
 program behind its back.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

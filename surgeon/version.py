@@ -1,4 +1,5 @@
 """The installed distribution's version, recorded in every file surgeon writes."""
+
 from importlib.metadata import PackageNotFoundError, version
 
 try:

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny seeded models and deterministic inputs. No network, CPU only."""
+
 from __future__ import annotations
 
 import pytest

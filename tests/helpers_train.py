@@ -1,4 +1,5 @@
 """Shared helpers for the training tests: a synthetic image task (no KanjiVG, no files) and small recipes."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -106,7 +107,13 @@ def subprocess_env() -> dict[str, str]:
     import os
 
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                "PYTHONPATH": str(REPO / "tests") + os.pathsep + env.get("PYTHONPATH", ""),
-                "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(REPO / "tests") + os.pathsep + env.get("PYTHONPATH", ""),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env

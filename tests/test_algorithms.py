@@ -4,6 +4,7 @@ Loop-level tests run the real ``surgeon.training.loop.train`` loop with a probe 
 what is checked is what the loop actually does at every mask update (optimizer and EMA fix-ups included).
 Hook-level tests drive RigL/MagRan directly on a tiny Linear layer whose weights and gradients are set by hand.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,13 +57,22 @@ class Probe:
             def after_optimizer_step(self, step):
                 before = {f: s.mask.clone() for f, s in self.sites.items()}
                 weights = {f: s.original.detach().clone() for f, s in self.sites.items()}
-                moments = {f: {k: v.clone() for k, v in probe.optimizer.state[s.original].items() if torch.is_tensor(v)}
-                           for f, s in self.sites.items()}
+                moments = {
+                    f: {k: v.clone() for k, v in probe.optimizer.state[s.original].items() if torch.is_tensor(v)}
+                    for f, s in self.sites.items()
+                }
                 resets = super().after_optimizer_step(step)
                 if resets:
-                    probe.updates.append({"step": step, "before": before, "weights": weights, "moments": moments,
-                                          "after": {f: s.mask.clone() for f, s in self.sites.items()},
-                                          "resets": {f: r.clone() for f, r in resets.items()}})
+                    probe.updates.append(
+                        {
+                            "step": step,
+                            "before": before,
+                            "weights": weights,
+                            "moments": moments,
+                            "after": {f: s.mask.clone() for f, s in self.sites.items()},
+                            "resets": {f: r.clone() for f, r in resets.items()},
+                        }
+                    )
                 return resets
 
         monkeypatch.setattr(train_mod, "make_optimizer", make_optimizer)
@@ -155,8 +165,9 @@ def _layer(out_f: int, in_f: int, mask: torch.Tensor) -> tuple[nn.Module, object
 
 
 def _dst_recipe(algorithm: str, p: float, seed: int = 0):
-    return load_recipe(algorithm).override(**{"dst.delta_t": 1, "dst.p": p, "dst.p_decay": "constant",
-                                              "dst.stop_fraction": 1.0, "training.seed": seed})
+    return load_recipe(algorithm).override(
+        **{"dst.delta_t": 1, "dst.p": p, "dst.p_decay": "constant", "dst.stop_fraction": 1.0, "training.seed": seed}
+    )
 
 
 def _as_set(t: torch.Tensor) -> set[int]:
@@ -205,14 +216,10 @@ def test_rigl_grows_top_dense_gradient_from_a_real_backward():
 
 def test_rigl_on_hand_written_weights_and_gradient():
     # W (3x4), active where nonzero. |w| order among active: 0.1 < 0.2 < 0.5 < 0.7 < 0.9 < 3.0 < ...
-    w = torch.tensor([[0.5, 0.0, -0.1, 0.0],
-                      [0.0, 3.0, 0.0, -0.7],
-                      [0.2, 0.0, 0.9, 0.0]])
+    w = torch.tensor([[0.5, 0.0, -0.1, 0.0], [0.0, 3.0, 0.0, -0.7], [0.2, 0.0, 0.9, 0.0]])
     mask = w != 0
     # dense gradient: the largest |g| sit at pruned (0,1), (2,3) and at the just-dropped (0,2)
-    grad = torch.tensor([[0.01, -5.0, 4.0, 0.02],
-                         [0.03, 0.04, 0.05, 0.06],
-                         [0.07, 0.08, 0.09, 3.0]])
+    grad = torch.tensor([[0.01, -5.0, 4.0, 0.02], [0.03, 0.04, 0.05, 0.06], [0.07, 0.08, 0.09, 3.0]])
     model, site = _layer(3, 4, mask)
     with torch.no_grad():
         site.original.copy_(w)
@@ -224,19 +231,19 @@ def test_rigl_on_hand_written_weights_and_gradient():
     algo.after_optimizer_step(2)
     # drop the 3 smallest |w|: -0.1 (0,2), 0.2 (2,0), 0.5 (0,0); grow the 3 largest |g| outside the kept
     # {(1,1), (1,3), (2,2)}: -5.0 (0,1), 4.0 (0,2) (dropped and grown back: keeps -0.1), 3.0 (2,3)
-    expected = torch.tensor([[False, True, True, False],
-                             [False, True, False, True],
-                             [False, False, True, True]])
+    expected = torch.tensor([[False, True, True, False], [False, True, False, True], [False, False, True, True]])
     assert torch.equal(site.mask, expected)
-    assert torch.equal(site.original.detach(), torch.tensor([[0.0, 0.0, -0.1, 0.0],
-                                                             [0.0, 3.0, 0.0, -0.7],
-                                                             [0.0, 0.0, 0.9, 0.0]]))
+    assert torch.equal(
+        site.original.detach(), torch.tensor([[0.0, 0.0, -0.1, 0.0], [0.0, 3.0, 0.0, -0.7], [0.0, 0.0, 0.9, 0.0]])
+    )
     kept, dropped, grown = reference_update(w, mask, grad.abs(), 3)
     assert _as_set(site.mask) == kept | grown
 
 
 def _chi2_sf(x: float, df: int) -> float:
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(x / 2, dtype=torch.float64)))
+    return float(
+        torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(x / 2, dtype=torch.float64))
+    )
 
 
 def test_magran_grows_uniformly_among_inactive_positions():
@@ -337,9 +344,7 @@ def test_a_position_dropped_and_grown_back_keeps_its_value_and_optimizer_state()
     """The reference RigL rule: only truly new connections start at 0 with fresh optimizer state."""
     from surgeon.training.loop import zero_optimizer_state
 
-    w = torch.tensor([[0.5, 0.0, -0.1, 0.0],
-                      [0.0, 3.0, 0.0, -0.7],
-                      [0.2, 0.0, 0.9, 0.0]])
+    w = torch.tensor([[0.5, 0.0, -0.1, 0.0], [0.0, 3.0, 0.0, -0.7], [0.2, 0.0, 0.9, 0.0]])
     mask = w != 0
     model, site = _layer(3, 4, mask)
     with torch.no_grad():
@@ -355,9 +360,9 @@ def test_a_position_dropped_and_grown_back_keeps_its_value_and_optimizer_state()
     algo = RigL(_dst_recipe("rigl", p=0.5), total_steps=10)  # k = 6: drop 3, grow 3
     algo.setup(model, Accelerator(cpu=True))
     algo.begin_step(2)
-    site.parametrization.dense_grad = torch.tensor([[0.01, -5.0, 4.0, 0.02],
-                                                    [0.03, 0.04, 0.05, 0.06],
-                                                    [0.07, 0.08, 0.09, 3.0]])
+    site.parametrization.dense_grad = torch.tensor(
+        [[0.01, -5.0, 4.0, 0.02], [0.03, 0.04, 0.05, 0.06], [0.07, 0.08, 0.09, 3.0]]
+    )
     algo.after_backward(2)
     resets = algo.after_optimizer_step(2)
     for fqn, positions in resets.items():

@@ -5,6 +5,7 @@ the right exit status (2: malformed command line, 1: bad input), no traceback, a
 under the working folder are the same before and after. CLI cases run in-process (typer's CliRunner) and fail
 before any heavy work: the sweep takes seconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -96,8 +97,9 @@ def root(tmp_path_factory) -> Path:
     evil = torch.nn.Module()
     evil.conv = torch.nn.Conv2d(1, 1, 3)
     surgeon.save(evil, root / "evil-model")
-    (root / "evil-model" / "config.json").write_text(json.dumps({"_surgeon_class": f"{root / 'evil.py'}:Net",
-                                                                 "_surgeon_init": {}}))
+    (root / "evil-model" / "config.json").write_text(
+        json.dumps({"_surgeon_class": f"{root / 'evil.py'}:Net", "_surgeon_init": {}})
+    )
     # diffusers folders: pickled weights only; a config that is not JSON
     surgeon.load_model("tiny-unet").save_pretrained(root / "pickled", safe_serialization=False)
     (root / "broken-config").mkdir()
@@ -115,11 +117,15 @@ def root(tmp_path_factory) -> Path:
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else (-1, 0)
-            for p in root.rglob("*") if "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else (-1, 0)
+        for p in root.rglob("*")
+        if "__pycache__" not in p.parts
+    }
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Cli:
@@ -156,18 +162,40 @@ CLI_CASES = {
     "inspect/truncated-file": Cli("inspect truncated.safetensors", "is not a safetensors file"),
     # sparsify: the recipe and flags, refused before any model loads
     "sparsify/unknown-recipe": Cli(f"sparsify tiny-unet --recipe lottery {FAST}", "unknown recipe 'lottery'"),
-    "sparsify/recipe-missing": Cli(f"sparsify tiny-unet --recipe gone.yaml {FAST}", "recipe file gone.yaml does not exist"),
+    "sparsify/recipe-missing": Cli(
+        f"sparsify tiny-unet --recipe gone.yaml {FAST}", "recipe file gone.yaml does not exist"
+    ),
     "sparsify/recipe-syntax": Cli(f"sparsify tiny-unet --recipe bad-syntax.yaml {FAST}", "is not valid YAML"),
-    "sparsify/recipe-unknown-key": Cli(f"sparsify tiny-unet --recipe unknown-key.yaml {FAST}", "unknown key 'sparsityy'"),
-    "sparsify/recipe-nan": Cli(f"sparsify tiny-unet --recipe nan-power.yaml {FAST}", "'power_scale' must be a finite number"),
-    "sparsify/recipe-inf-lr": Cli(f"sparsify tiny-unet --recipe inf-lr.yaml {FAST}", "'optimizer.lr' must be a finite number"),
-    "sparsify/recipe-betas": Cli(f"sparsify tiny-unet --recipe betas.yaml {FAST}", "betas [1.0, 0.9] must both lie in [0, 1)"),
-    "sparsify/recipe-weight-decay": Cli(f"sparsify tiny-unet --recipe weight-decay.yaml {FAST}", "weight_decay must be ≥ 0"),
-    "sparsify/recipe-timesteps": Cli(f"sparsify tiny-unet --recipe timesteps.yaml {FAST}", "diffusion.timesteps must be ≥ 1"),
-    "sparsify/recipe-schedule": Cli(f"sparsify tiny-unet --recipe schedule.yaml {FAST}", "unknown beta_schedule 'cubic'"),
-    "sparsify/recipe-not-mapping": Cli(f"sparsify tiny-unet --recipe not-a-mapping.yaml {FAST}", "must be a YAML mapping"),
-    "sparsify/recipe-algorithm": Cli(f"sparsify tiny-unet --recipe algorithm.yaml {FAST}", "unknown algorithm 'lottery'"),
-    "sparsify/recipe-steps-string": Cli(f"sparsify tiny-unet --recipe steps-string.yaml {FAST}", "'training.steps' must be an integer"),
+    "sparsify/recipe-unknown-key": Cli(
+        f"sparsify tiny-unet --recipe unknown-key.yaml {FAST}", "unknown key 'sparsityy'"
+    ),
+    "sparsify/recipe-nan": Cli(
+        f"sparsify tiny-unet --recipe nan-power.yaml {FAST}", "'power_scale' must be a finite number"
+    ),
+    "sparsify/recipe-inf-lr": Cli(
+        f"sparsify tiny-unet --recipe inf-lr.yaml {FAST}", "'optimizer.lr' must be a finite number"
+    ),
+    "sparsify/recipe-betas": Cli(
+        f"sparsify tiny-unet --recipe betas.yaml {FAST}", "betas [1.0, 0.9] must both lie in [0, 1)"
+    ),
+    "sparsify/recipe-weight-decay": Cli(
+        f"sparsify tiny-unet --recipe weight-decay.yaml {FAST}", "weight_decay must be ≥ 0"
+    ),
+    "sparsify/recipe-timesteps": Cli(
+        f"sparsify tiny-unet --recipe timesteps.yaml {FAST}", "diffusion.timesteps must be ≥ 1"
+    ),
+    "sparsify/recipe-schedule": Cli(
+        f"sparsify tiny-unet --recipe schedule.yaml {FAST}", "unknown beta_schedule 'cubic'"
+    ),
+    "sparsify/recipe-not-mapping": Cli(
+        f"sparsify tiny-unet --recipe not-a-mapping.yaml {FAST}", "must be a YAML mapping"
+    ),
+    "sparsify/recipe-algorithm": Cli(
+        f"sparsify tiny-unet --recipe algorithm.yaml {FAST}", "unknown algorithm 'lottery'"
+    ),
+    "sparsify/recipe-steps-string": Cli(
+        f"sparsify tiny-unet --recipe steps-string.yaml {FAST}", "'training.steps' must be an integer"
+    ),
     "sparsify/s-one": Cli(f"sparsify tiny-unet --s 1.0 {FAST}", "sparsity 1.0 is outside [0, 1)"),
     "sparsify/s-negative": Cli(f"sparsify tiny-unet --s -0.1 {FAST}", "is outside [0, 1)"),
     "sparsify/s-nan": Cli(f"sparsify tiny-unet --s nan {FAST}", "'sparsity' must be a finite number"),
@@ -179,11 +207,17 @@ CLI_CASES = {
     "sparsify/lr-inf": Cli(f"sparsify tiny-unet --lr inf {FAST}", "'optimizer.lr' must be a finite number"),
     "sparsify/lr-negative": Cli(f"sparsify tiny-unet --lr -1 {FAST}", "learning rate must be > 0"),
     "sparsify/batch-zero": Cli(f"sparsify tiny-unet --batch-size 0 {FAST}", "training.batch_size must be ≥ 1"),
-    "sparsify/seed-65-bits": Cli(f"sparsify tiny-unet --seed 36893488147419103232 {FAST}", "seed 36893488147419103232 is outside"),
+    "sparsify/seed-65-bits": Cli(
+        f"sparsify tiny-unet --seed 36893488147419103232 {FAST}", "seed 36893488147419103232 is outside"
+    ),
     "sparsify/seed-negative": Cli(f"sparsify tiny-unet --seed -1 {FAST}", "seed -1 is outside"),
-    "sparsify/distribution": Cli(f"sparsify tiny-unet --distribution gaussian {FAST}", "unknown distribution 'gaussian'"),
+    "sparsify/distribution": Cli(
+        f"sparsify tiny-unet --distribution gaussian {FAST}", "unknown distribution 'gaussian'"
+    ),
     "sparsify/init": Cli(f"sparsify tiny-unet --init random {FAST}", "unknown init 'random'"),
-    "sparsify/mixed-precision": Cli(f"sparsify tiny-unet --mixed-precision fp8 {FAST}", "unknown mixed_precision 'fp8'"),
+    "sparsify/mixed-precision": Cli(
+        f"sparsify tiny-unet --mixed-precision fp8 {FAST}", "unknown mixed_precision 'fp8'"
+    ),
     "sparsify/grad-accum-zero": Cli(f"sparsify tiny-unet --grad-accum 0 {FAST}", "training.grad_accum must be ≥ 1"),
     "sparsify/ema-one": Cli(f"sparsify tiny-unet --ema 1.0 {FAST}", "ema_decay 1.0 is outside (0, 1)"),
     "sparsify/ema-zero": Cli(f"sparsify tiny-unet --ema 0 {FAST}", "ema_decay 0.0 is outside (0, 1)"),
@@ -195,28 +229,42 @@ CLI_CASES = {
     "sparsify/out-not-empty": Cli(f"sparsify tiny-unet --out saved {FAST}", "output folder saved exists"),
     "sparsify/resume-missing": Cli(f"sparsify tiny-unet --resume gone {FAST}", "checkpoint gone does not exist"),
     "sparsify/resume-no-checkpoint": Cli(f"sparsify tiny-unet --resume empty {FAST}", "no checkpoint found in empty"),
-    "sparsify/resume-a-model": Cli(f"sparsify tiny-unet --resume saved/model.safetensors {FAST}", "is not a surgeon training checkpoint"),
-    "sparsify/resume-other-algorithm": Cli(f"sparsify tiny-unet --recipe magran --resume run {FAST}", "made by algorithm 'rigl', not 'magran'"),
+    "sparsify/resume-a-model": Cli(
+        f"sparsify tiny-unet --resume saved/model.safetensors {FAST}", "is not a surgeon training checkpoint"
+    ),
+    "sparsify/resume-other-algorithm": Cli(
+        f"sparsify tiny-unet --recipe magran --resume run {FAST}", "made by algorithm 'rigl', not 'magran'"
+    ),
     "sparsify/resume-past-steps": Cli(f"sparsify tiny-unet --steps 1 --resume run {FAST}", "past the run's 1 steps"),
     "sparsify/resume-truncated": Cli(f"sparsify tiny-unet --resume torn-run {FAST}", "cannot read checkpoint"),
-    "sparsify/resume-into-another-run": Cli(f"sparsify tiny-unet --resume run --out saved {FAST}", "holds another run than the one resumed"),
+    "sparsify/resume-into-another-run": Cli(
+        f"sparsify tiny-unet --resume run --out saved {FAST}", "holds another run than the one resumed"
+    ),
     # sparsify: the model and data
     "sparsify/model-mistyped": Cli(f"sparsify runs/nothere {FAST}", "no such folder: runs/nothere"),
     "sparsify/model-runs-code": Cli(f"sparsify evil-model {FAST}", "names code to run"),
     "sparsify/model-damaged": Cli(f"sparsify damaged {FAST}", "damaged file:"),
-    "sparsify/data-missing": Cli("sparsify tiny-unet --data nowhere --no-progress", "no data set or folder named 'nowhere'"),
+    "sparsify/data-missing": Cli(
+        "sparsify tiny-unet --data nowhere --no-progress", "no data set or folder named 'nowhere'"
+    ),
     "sparsify/data-is-a-file": Cli("sparsify tiny-unet --data file.txt --no-progress", "file.txt is not a folder"),
     "sparsify/image-channels": Cli(f"sparsify tiny-unet1d {FAST}", "images can have 1 or 3 channels, got 4"),
     "sparsify/data-empty": Cli("sparsify tiny-unet --data empty --no-progress", "empty"),
     "sparsify/no-targets": Cli(f"sparsify tiny-unet --include nothing* {FAST}", "no target layers found"),
-    "sparsify/forward-fails": Cli(f"sparsify wrong_input.py:Linear3 --steps 1 --batch-size 2 --out o {FAST}",
-                                  "the model failed on its first training batch (x_t [2, 1, 16, 16], t [2])"),
-    "sparsify/wrong-output-shape": Cli(f"sparsify wrong_shape.py:HalfWidth --steps 1 --batch-size 2 --out o {FAST}",
-                                       "the model's output has shape [2, 1, 16, 8]"),
+    "sparsify/forward-fails": Cli(
+        f"sparsify wrong_input.py:Linear3 --steps 1 --batch-size 2 --out o {FAST}",
+        "the model failed on its first training batch (x_t [2, 1, 16, 16], t [2])",
+    ),
+    "sparsify/wrong-output-shape": Cli(
+        f"sparsify wrong_shape.py:HalfWidth --steps 1 --batch-size 2 --out o {FAST}",
+        "the model's output has shape [2, 1, 16, 8]",
+    ),
     # finetune
     "finetune/no-teacher": Cli(f"finetune {FAST}", "Missing option '--teacher'", 2),
     "finetune/nm-n-above-m": Cli(f"finetune --teacher tiny-unet --nm 5:4 {FAST}", "invalid N:M pattern '5:4'", 2),
-    "finetune/unstructured-recipe": Cli(f"finetune --teacher tiny-unet --recipe rigl {FAST}", "finetune runs N:M recipes"),
+    "finetune/unstructured-recipe": Cli(
+        f"finetune --teacher tiny-unet --recipe rigl {FAST}", "finetune runs N:M recipes"
+    ),
     "finetune/teacher-mistyped": Cli(f"finetune --teacher runs/nothere {FAST}", "no such folder: runs/nothere"),
     "finetune/teacher-runs-code": Cli(f"finetune --teacher evil-model {FAST}", "names code to run"),
     "finetune/lambda-negative": Cli(f"finetune --teacher tiny-unet --lambda-1 -1 {FAST}", "distill weights"),
@@ -224,10 +272,12 @@ CLI_CASES = {
     "finetune/lr-nan": Cli(f"finetune --teacher tiny-unet --lr nan {FAST}", "'optimizer.lr' must be a finite number"),
     "finetune/out-not-empty": Cli(f"finetune --teacher tiny-unet --out saved {FAST}", "output folder saved exists"),
     "finetune/student-mismatch": Cli(f"finetune tiny-dit --teacher tiny-unet {FAST}", "MODEL and TEACHER differ"),
-    "finetune/resume-into-another-run": Cli(f"finetune --teacher tiny-unet --resume run --out saved {FAST}",
-                                            "holds another run than the one resumed"),
-    "finetune/resume-other-algorithm": Cli(f"finetune --teacher tiny-unet --resume run {FAST}",
-                                           "made by algorithm 'rigl', not 'nm_ste'"),
+    "finetune/resume-into-another-run": Cli(
+        f"finetune --teacher tiny-unet --resume run --out saved {FAST}", "holds another run than the one resumed"
+    ),
+    "finetune/resume-other-algorithm": Cli(
+        f"finetune --teacher tiny-unet --resume run {FAST}", "made by algorithm 'rigl', not 'nm_ste'"
+    ),
     # export
     "export/no-out": Cli("export tiny-unet", "Missing option '--out'", 2),
     "export/unknown-format": Cli("export tiny-unet --out o --format onnx", "unknown export format 'onnx'", 2),
@@ -235,7 +285,9 @@ CLI_CASES = {
     "export/truncated": Cli("export truncated.safetensors --out o", "is not a safetensors file"),
     "export/csr-half": Cli("export tiny-unet --out o --format csr --dtype fp16", "the csr format cannot hold fp16"),
     "export/layers": Cli("export tiny-unet --out o --format csr --layers some", "unknown --layers 'some'", 2),
-    "export/pipeline-not-dense": Cli("export tiny-unet --out o --format packed --pipeline", "--pipeline is for --format dense", 2),
+    "export/pipeline-not-dense": Cli(
+        "export tiny-unet --out o --format packed --pipeline", "--pipeline is for --format dense", 2
+    ),
     "export/out-inside-model": Cli("export saved --out saved/export", "is inside the model"),
     "export/out-exists": Cli("export tiny-unet --out saved", "saved exists"),
     "export/runs-code": Cli("export evil-model --out o", "names code to run"),
@@ -245,7 +297,9 @@ CLI_CASES = {
     "eval/no-model": Cli("eval", "Missing argument", 2),
     "eval/metric": Cli("eval tiny-unet --metrics fid,lpips --data images --out o", "lpips"),
     "eval/n-zero": Cli("eval tiny-unet --n 0 --data images --out o", "--n 0: FID/KID need(s) at least 2 samples", 2),
-    "eval/sample-steps-zero": Cli("eval tiny-unet --sample-steps 0 --data images --out o", "--sample-steps 0 must be at least 1", 2),
+    "eval/sample-steps-zero": Cli(
+        "eval tiny-unet --sample-steps 0 --data images --out o", "--sample-steps 0 must be at least 1", 2
+    ),
     "eval/extractor": Cli("eval tiny-unet --extractor clip --data images --out o", "clip"),
     "eval/out-not-empty": Cli("eval tiny-unet --data images --out saved", "saved exists"),
     "eval/model-mistyped": Cli("eval runs/nothere --data images --out o", "no such folder: runs/nothere"),
@@ -282,6 +336,7 @@ def test_cli_bad_input(case: Cli, root, monkeypatch):
 
 # ---- the Python API -------------------------------------------------------------------------------------------------
 
+
 def _model():
     return surgeon.load_model("tiny-unet")
 
@@ -292,24 +347,38 @@ API_CASES: dict[str, tuple[Callable[[Path], object], str]] = {
     "plan/sparsity-nan": (lambda r: surgeon.plan(_model(), sparsity=float("nan")), "sparsity nan is outside"),
     "plan/power-scale-nan": (lambda r: surgeon.plan(_model(), sparsity=0.5, power_scale=float("nan")), "power_scale"),
     "plan/distribution": (lambda r: surgeon.plan(_model(), sparsity=0.5, distribution="gauss"), "unknown distribution"),
-    "plan/override-unknown": (lambda r: surgeon.plan(_model(), sparsity=0.5, overrides={"x": 1.0}), "unknown layer 'x'"),
+    "plan/override-unknown": (
+        lambda r: surgeon.plan(_model(), sparsity=0.5, overrides={"x": 1.0}),
+        "unknown layer 'x'",
+    ),
     "inject/plan-is-a-string": (lambda r: surgeon.inject(_model(), "plan"), "plan must be a surgeon.masking.plan.Plan"),
-    "inject/unknown-init": (lambda r: surgeon.inject(_model(), surgeon.plan(_model(), sparsity=0.5), init="lucky"),
-                            "unknown mask init 'lucky'"),
+    "inject/unknown-init": (
+        lambda r: surgeon.inject(_model(), surgeon.plan(_model(), sparsity=0.5), init="lucky"),
+        "unknown mask init 'lucky'",
+    ),
     "save/model-is-a-string": (lambda r: surgeon.save("tiny-unet", r / "o"), "model must be a torch.nn.Module"),
     "save/exists": (lambda r: surgeon.save(_model(), r / "saved"), "saved exists"),
     "save/under-a-file": (lambda r: surgeon.save(_model(), r / "file.txt" / "o"), "file.txt is a file"),
     "load/missing": (lambda r: surgeon.load(r / "nowhere"), "nowhere"),
     "load/damaged": (lambda r: surgeon.load(r / "damaged"), "damaged file:"),
     "load/runs-code": (lambda r: surgeon.load(r / "evil-model"), "names code to run"),
-    "load_into/wrong-model": (lambda r: surgeon.load_into(surgeon.load_model("tiny-dit"), r / "saved"), "does not match"),
+    "load_into/wrong-model": (
+        lambda r: surgeon.load_into(surgeon.load_model("tiny-dit"), r / "saved"),
+        "does not match",
+    ),
     "load_model/int": (lambda r: surgeon.load_model(3), "ref must be a model reference"),
     "recipe/unknown": (lambda r: surgeon.recipe.load_recipe("lottery"), "unknown recipe 'lottery'"),
-    "recipe/override-nan": (lambda r: surgeon.recipe.load_recipe("rigl").override(**{"optimizer.lr": float("nan")}),
-                            "must be a finite number"),
+    "recipe/override-nan": (
+        lambda r: surgeon.recipe.load_recipe("rigl").override(**{"optimizer.lr": float("nan")}),
+        "must be a finite number",
+    ),
     "export/unknown-format": (lambda r: surgeon.export(_model(), r / "o", format="onnx"), "unknown export format"),
-    "sparsify/bad-data": (lambda r: surgeon.training.run.sparsify("tiny-unet", surgeon.recipe.load_recipe("rigl"), "nowhere",
-                                                        r / "o", progress=False), "no data set or folder named 'nowhere'"),
+    "sparsify/bad-data": (
+        lambda r: surgeon.training.run.sparsify(
+            "tiny-unet", surgeon.recipe.load_recipe("rigl"), "nowhere", r / "o", progress=False
+        ),
+        "no data set or folder named 'nowhere'",
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """ChiroDiffNet and SequenceTask on small synthetic strokes (lines and circles), independent of surgeon.data."""
+
 from __future__ import annotations
 
 import copy

@@ -4,6 +4,7 @@ bad models and a missing ``kanjivg`` package end in one ``error:`` + ``hint:`` w
 
 Every test points SURGEON_CACHE at a temporary folder (shared by this module, so strokes are parsed once).
 """
+
 from __future__ import annotations
 
 import json
@@ -85,9 +86,16 @@ def update_log(monkeypatch):
     def spy(self, step):
         resets = real(self, step)
         if resets:
-            log.append({"step": step, "kept": {f: int(s.mask.sum()) for f, s in self.sites.items()},
-                        "pruned_max": {f: float(s.effective().detach()[~s.mask].abs().max()) for f, s in self.sites.items()},
-                        "masks": {f: s.mask.clone() for f, s in self.sites.items()}})
+            log.append(
+                {
+                    "step": step,
+                    "kept": {f: int(s.mask.sum()) for f, s in self.sites.items()},
+                    "pruned_max": {
+                        f: float(s.effective().detach()[~s.mask].abs().max()) for f, s in self.sites.items()
+                    },
+                    "masks": {f: s.mask.clone() for f, s in self.sites.items()},
+                }
+            )
         return resets
 
     monkeypatch.setattr(MagRan, "after_optimizer_step", spy)
@@ -126,8 +134,26 @@ def check_exactly_sparse(out, update_log, expect_grus: int) -> nn.Module:
 
 def test_tiny_chirodiff_rigl_keeps_every_gru_weight_exactly_sparse(tmp_path, recipe, update_log):
     out = tmp_path / "run"
-    r = invoke("tiny-chirodiff", "--data", "kanjivg", "--recipe", recipe, "--s", 0.5, "--steps", STEPS,
-               "--limit", 64, "-b", 8, "--delta-t", DELTA_T, "--out", out, "--no-progress")
+    r = invoke(
+        "tiny-chirodiff",
+        "--data",
+        "kanjivg",
+        "--recipe",
+        recipe,
+        "--s",
+        0.5,
+        "--steps",
+        STEPS,
+        "--limit",
+        64,
+        "-b",
+        8,
+        "--delta-t",
+        DELTA_T,
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     loaded = check_exactly_sparse(out, update_log, expect_grus=8)  # 2 layers x 2 directions x (ih, hh)
     assert type(loaded).__name__ == "ChiroDiffNet"
@@ -175,26 +201,59 @@ def user_file(tmp_path):
 
 def test_user_module_with_chirodiffs_forward_trains_through_the_cli(tmp_path, recipe, user_file, update_log):
     out = tmp_path / "run"
-    r = invoke(f"{user_file}:StrokeGRU", "--data", "kanjivg", "--recipe", recipe, "--steps", STEPS,
-               "--limit", 32, "-b", 8, "--out", out, "--no-progress")
+    r = invoke(
+        f"{user_file}:StrokeGRU",
+        "--data",
+        "kanjivg",
+        "--recipe",
+        recipe,
+        "--steps",
+        STEPS,
+        "--limit",
+        32,
+        "-b",
+        8,
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     loaded = check_exactly_sparse(out, update_log, expect_grus=8)  # nn.GRU: l0, l1, l0_reverse, l1_reverse
     assert type(loaded).__name__ == "StrokeGRU"
     assert {f for f in gru_weights(loaded) if f.endswith("_reverse")} == {
-        "rnn.weight_ih_l0_reverse", "rnn.weight_hh_l0_reverse", "rnn.weight_ih_l1_reverse", "rnn.weight_hh_l1_reverse"}
+        "rnn.weight_ih_l0_reverse",
+        "rnn.weight_hh_l0_reverse",
+        "rnn.weight_ih_l1_reverse",
+        "rnn.weight_hh_l1_reverse",
+    }
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(rec["loss"])) for rec in records if "loss" in rec)
 
 
-@pytest.mark.parametrize("ref, words", [
-    ("{dir}/absent.py:StrokeGRU", ["absent.py does not exist", "path/to/file.py:Class"]),
-    ("{file}:NoSuchNet", ["has no class NoSuchNet"]),
-    ("{file}:Plain", ["cannot tell what Plain denoises", "forward(x_t, t, mask)"]),
-])
+@pytest.mark.parametrize(
+    "ref, words",
+    [
+        ("{dir}/absent.py:StrokeGRU", ["absent.py does not exist", "path/to/file.py:Class"]),
+        ("{file}:NoSuchNet", ["has no class NoSuchNet"]),
+        ("{file}:Plain", ["cannot tell what Plain denoises", "forward(x_t, t, mask)"]),
+    ],
+)
 def test_bad_user_modules(tmp_path, recipe, user_file, ref, words):
     out = tmp_path / "run"
-    r = invoke(ref.format(dir=tmp_path, file=user_file), "--data", "kanjivg", "--recipe", recipe, "--steps", 2,
-               "--limit", 8, "--out", out, "--no-progress")
+    r = invoke(
+        ref.format(dir=tmp_path, file=user_file),
+        "--data",
+        "kanjivg",
+        "--recipe",
+        recipe,
+        "--steps",
+        2,
+        "--limit",
+        8,
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert_one_error(r, *words)
     assert not out.exists()
 
@@ -203,7 +262,19 @@ def test_missing_kanjivg_package(tmp_path, recipe, monkeypatch):
     monkeypatch.setattr(kanjivg, "find_distribution", lambda: None)
     monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "empty-cache"))
     out = tmp_path / "run"
-    r = invoke("tiny-chirodiff", "--data", "kanjivg", "--recipe", recipe, "--steps", 2, "--limit", 8, "--out", out,
-               "--no-progress")
+    r = invoke(
+        "tiny-chirodiff",
+        "--data",
+        "kanjivg",
+        "--recipe",
+        recipe,
+        "--steps",
+        2,
+        "--limit",
+        8,
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert_one_error(r, "kanjivg", "pip install kanjivg")
     assert not out.exists()

@@ -1,4 +1,5 @@
 """``surgeon eval``: one table of FID/KID, loss, parameters and FLOPs; bad inputs end in one error + hint."""
+
 from __future__ import annotations
 
 import json
@@ -41,18 +42,21 @@ def assert_one_error(result, *words, code=None):
     assert len(errors) == 1, result.stderr
     assert lines[errors[0] + 1].startswith("hint: "), result.stderr
     for w in words:
-        assert w in "\n".join(lines[errors[0]:]), result.stderr
+        assert w in "\n".join(lines[errors[0] :]), result.stderr
     if code is not None:
         assert result.exit_code == code
 
 
-@pytest.mark.parametrize("args, words, code", [
-    (["--n", "0"], ["--n 0", "at least 2"], 2),
-    (["--metrics", "fid,inception-score"], ["unknown metric 'inception-score'"], 1),
-    (["--extractor", "clip"], ["unknown feature extractor 'clip'", "efficientnet-lite0"], 1),
-    (["--extractor", "inception-v3-compat"], ["not available offline", "--extractor efficientnet-lite0"], 1),
-    (["--sample-steps", "0"], ["--sample-steps 0"], 2),
-])
+@pytest.mark.parametrize(
+    "args, words, code",
+    [
+        (["--n", "0"], ["--n 0", "at least 2"], 2),
+        (["--metrics", "fid,inception-score"], ["unknown metric 'inception-score'"], 1),
+        (["--extractor", "clip"], ["unknown feature extractor 'clip'", "efficientnet-lite0"], 1),
+        (["--extractor", "inception-v3-compat"], ["not available offline", "--extractor efficientnet-lite0"], 1),
+        (["--sample-steps", "0"], ["--sample-steps 0"], 2),
+    ],
+)
 def test_bad_inputs(tmp_path, data, args, words, code):
     out = tmp_path / "out"
     r = invoke("tiny-unet", "--data", data, "--out", out, *args)
@@ -73,9 +77,16 @@ def test_samples_that_cannot_be_rendered(tmp_path, data):
     from diffusers import UNet2DModel
 
     folder = tmp_path / "latent-unet"
-    UNet2DModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                norm_num_groups=4).save_pretrained(folder)
+    UNet2DModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    ).save_pretrained(folder)
     out = tmp_path / "out"
     r = invoke(folder, "--data", data, "--out", out, "--n", 4, "--no-progress")
     assert_one_error(r, "4 channels and cannot be rendered")
@@ -90,8 +101,20 @@ def test_two_models_one_table_with_the_extractor_named(tmp_path, data):
     surgeon.inject(sparse, surgeon.plan(sparse, sparsity=0.5))
     surgeon.save(sparse, tmp_path / "sparse")
     out = tmp_path / "out"
-    r = invoke("tiny-unet", tmp_path / "sparse", "--data", data, "--out", out, "--n", 6, "--sample-steps", 2,
-               "--no-progress", "--json")
+    r = invoke(
+        "tiny-unet",
+        tmp_path / "sparse",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--n",
+        6,
+        "--sample-steps",
+        2,
+        "--no-progress",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["extractor"]["name"] == "efficientnet-lite0"

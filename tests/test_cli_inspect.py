@@ -1,4 +1,5 @@
 """`surgeon inspect` and the report behind it; the CLI's exit codes and its one error formatter."""
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ def sparse_folder(tmp_path):
 
 
 # --- report ------------------------------------------------------------------------------------------------------
+
 
 def test_report_on_a_plain_model_measures_dense_weights():
     model = build("tiny-unet")
@@ -84,6 +86,7 @@ def test_report_covers_every_gru_weight():
 
 # --- the command -------------------------------------------------------------------------------------------------
 
+
 def test_inspect_prints_a_table_and_totals():
     result = invoke("inspect", "tiny-unet")
     assert result.exit_code == 0, result.output
@@ -102,12 +105,15 @@ def test_inspect_json_is_machine_readable_only(sparse_folder):
     assert data["totals"]["kept"] == p.kept
     assert data["totals"]["target_params"] == p.total
     assert {r["name"] for r in data["rows"]} == set(p.layers)
-    assert {r["name"] for r in data["rows"] if r["masked"] == "mask"} == {f for f, lp in p.layers.items() if not lp.is_dense}
+    assert {r["name"] for r in data["rows"] if r["masked"] == "mask"} == {
+        f for f, lp in p.layers.items() if not lp.is_dense
+    }
 
 
 def test_inspect_include_and_exclude_select_rows():
-    data = json.loads(invoke("inspect", "tiny-unet", "--json", "--include", "down_blocks.*",
-                             "--exclude", "*attentions*").stdout)
+    data = json.loads(
+        invoke("inspect", "tiny-unet", "--json", "--include", "down_blocks.*", "--exclude", "*attentions*").stdout
+    )
     names = [r["name"] for r in data["rows"]]
     assert names and all(n.startswith("down_blocks.") and "attentions" not in n for n in names)
 
@@ -159,7 +165,9 @@ def test_console_entry_point_exit_code():
     """The installed entry point, in a real process: stderr, exit code, nothing on stdout."""
     proc = subprocess.run(
         [sys.executable, "-c", "from surgeon.cli.app import main; main()", "inspect", "no-such-model"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines()[0].startswith("error: cannot load model no-such-model")

@@ -1,5 +1,6 @@
 """``surgeon sparsify``: bad inputs end in one ``error:`` + ``hint:`` pair with nothing half-written; a tiny run
 writes every artifact and its saved model restores the trained masks exactly."""
+
 from __future__ import annotations
 
 import json
@@ -97,10 +98,13 @@ def test_data_folder_without_images(tmp_path, content):
     assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("ref, words", [
-    ("no such model", "not a folder, file.py:Class, preset or hub id"),
-    ("missing/model.py:Net", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "ref, words",
+    [
+        ("no such model", "not a folder, file.py:Class, preset or hub id"),
+        ("missing/model.py:Net", "does not exist"),
+    ],
+)
 def test_model_that_is_neither_folder_id_nor_file_class(tmp_path, images, ref, words):
     out = tmp_path / "out"
     r = invoke(ref, "--data", images, "--out", out, "--steps", 2)
@@ -113,15 +117,31 @@ def test_resume_from_a_checkpoint_of_another_model(tmp_path, images):
     opt = torch.optim.AdamW(other.parameters())
     other(torch.ones(1, 3)).sum().backward()
     opt.step()
-    ckpt = save_checkpoint(tmp_path / "other" / "checkpoints" / "step-0000002.safetensors", 2, other, opt,
-                           ["0.weight", "0.bias"], {})
+    ckpt = save_checkpoint(
+        tmp_path / "other" / "checkpoints" / "step-0000002.safetensors", 2, other, opt, ["0.weight", "0.bias"], {}
+    )
     out = tmp_path / "out"
-    r = invoke("tiny-unet", "--data", images, "--out", out, "--steps", 4, "--batch-size", 4, "--resume", ckpt,
-               "--no-progress", "--no-samples")
+    r = invoke(
+        "tiny-unet",
+        "--data",
+        images,
+        "--out",
+        out,
+        "--steps",
+        4,
+        "--batch-size",
+        4,
+        "--resume",
+        ckpt,
+        "--no-progress",
+        "--no-samples",
+    )
     assert_one_error(r, "belongs to another model")
     assert_nothing_written(out)
     # a run folder as --resume is resolved to its latest checkpoint, with the same refusal
-    r = invoke("tiny-unet", "--data", images, "--out", out, "--steps", 4, "--resume", tmp_path / "other", "--no-progress")
+    r = invoke(
+        "tiny-unet", "--data", images, "--out", out, "--steps", 4, "--resume", tmp_path / "other", "--no-progress"
+    )
     assert_one_error(r, "belongs to another model")
     assert_nothing_written(out)
 
@@ -152,8 +172,24 @@ def test_tiny_end_to_end_run_writes_everything_and_restores_masks(tmp_path, imag
 
     monkeypatch.setattr(train_mod, "train", capture)
     out = tmp_path / "run"
-    r = invoke("tiny-unet", "--recipe", "rigl", "--data", images, "--out", out, "--steps", 4, "--batch-size", 4,
-               "--delta-t", 2, "--p", 0.2, "--no-progress")
+    r = invoke(
+        "tiny-unet",
+        "--recipe",
+        "rigl",
+        "--data",
+        images,
+        "--out",
+        out,
+        "--steps",
+        4,
+        "--batch-size",
+        4,
+        "--delta-t",
+        2,
+        "--p",
+        0.2,
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     for name in ("model", "recipe.yaml", "metrics.jsonl", "samples.png", "summary.json"):
         assert (out / name).exists(), name
@@ -161,7 +197,12 @@ def test_tiny_end_to_end_run_writes_everything_and_restores_masks(tmp_path, imag
 
     recipe = load_recipe(out / "recipe.yaml")
     assert (recipe.algorithm, recipe.training.steps, recipe.training.batch_size, recipe.dst.delta_t, recipe.dst.p) == (
-        "rigl", 4, 4, 2, 0.2)
+        "rigl",
+        4,
+        4,
+        2,
+        0.2,
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["algorithm"] == "rigl"
     assert summary["sparsity"] == pytest.approx(0.5, abs=1e-3)

@@ -1,4 +1,5 @@
 """SparseDM's objective: λ1·‖F_s − F_t‖² + λ2·‖ε − F_s‖² on the same (x_t, t), teacher frozen in eval mode."""
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,10 @@ def test_distill_loss_is_the_weighted_sum_of_its_two_terms():
     got = DistillLoss(task, teacher, lambda_1=0.3, lambda_2=0.7)(student, inputs, eps, weight)
     torch.testing.assert_close(got, expected)
     # λ1 = 0 leaves the plain ε-objective; an N:M student differs from its dense teacher, so λ1 matters
-    torch.testing.assert_close(DistillLoss(task, teacher, 0.0, 1.0)(student, inputs, eps, weight),
-                               EpsilonLoss(task)(student, inputs, eps, weight))
+    torch.testing.assert_close(
+        DistillLoss(task, teacher, 0.0, 1.0)(student, inputs, eps, weight),
+        EpsilonLoss(task)(student, inputs, eps, weight),
+    )
     assert float(((s - t) ** 2).mean()) > 0
 
 

@@ -1,4 +1,5 @@
 """Layer budgets (docs/methods.md, "Methods"): uniform, ER, ERK with saturation and re-solve, overrides, argument checks."""
+
 from __future__ import annotations
 
 import json

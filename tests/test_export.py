@@ -1,5 +1,6 @@
 """surgeon export: every format loads back to the masked model's outputs, stock diffusers reads the dense export,
 the 2:4 and CSR encodings are what docs/formats.md says, the input is never changed, and bad requests write nothing."""
+
 from __future__ import annotations
 
 import copy
@@ -79,9 +80,18 @@ def one_line(err) -> str:
 
 # --- every format round-trips ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["tiny-unet", "tiny-dit", "gru"])
-@pytest.mark.parametrize("fmt, out", [("dense", "dense"), ("dense", "one.safetensors"), ("packed", "packed"),
-                                      ("semi-structured", "semi"), ("csr", "csr.safetensors")])
+@pytest.mark.parametrize(
+    "fmt, out",
+    [
+        ("dense", "dense"),
+        ("dense", "one.safetensors"),
+        ("packed", "packed"),
+        ("semi-structured", "semi"),
+        ("csr", "csr.safetensors"),
+    ],
+)
 def test_export_then_load_gives_the_masked_models_outputs(tmp_path, name, fmt, out):
     model = masked(name, nm=fmt == "semi-structured")
     expected, before = forward(name, model), state(model)
@@ -125,7 +135,9 @@ def test_half_precision_exports_are_within_cast_tolerance(tmp_path, fmt, dtype):
 def test_formats_are_told_apart_by_metadata_not_names(tmp_path):
     model = masked("tiny-unet", nm=True)
     for fmt in ("dense", "packed", "semi-structured", "csr"):
-        surgeon.export(model, tmp_path / fmt / "model.safetensors", format=fmt, layers="all" if fmt == "csr" else "auto")
+        surgeon.export(
+            model, tmp_path / fmt / "model.safetensors", format=fmt, layers="all" if fmt == "csr" else "auto"
+        )
         assert read_metadata(tmp_path / fmt / "model.safetensors")["layout"] == fmt
     (tmp_path / "csr" / "model.safetensors").rename(tmp_path / "csr" / "packed.safetensors")
     assert any(isinstance(m, CSRConv1x1) for m in surgeon.load(tmp_path / "csr" / "packed.safetensors").modules())
@@ -133,8 +145,11 @@ def test_formats_are_told_apart_by_metadata_not_names(tmp_path):
 
 # --- stock diffusers reads the dense export -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, cls", [("tiny-unet", "UNet2DModel"), ("tiny-unet-cond", "UNet2DConditionModel"),
-                                       ("tiny-dit", "DiTTransformer2DModel")])
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [("tiny-unet", "UNet2DModel"), ("tiny-unet-cond", "UNet2DConditionModel"), ("tiny-dit", "DiTTransformer2DModel")],
+)
 def test_dense_export_loads_in_stock_diffusers(tmp_path, name, cls):
     import diffusers
 
@@ -150,18 +165,46 @@ def test_dense_pipeline_export_loads_and_runs_in_stock_diffusers(tmp_path):
     from diffusers import DDIMScheduler, DiffusionPipeline, LDMPipeline, UNet2DModel, VQModel
 
     torch.manual_seed(0)
-    vq = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                 up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                 norm_num_groups=4, sample_size=16, latent_channels=3, num_vq_embeddings=16, vq_embed_dim=3)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    vq = VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+        latent_channels=3,
+        num_vq_embeddings=16,
+        vq_embed_dim=3,
+    )
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        norm_num_groups=4,
+    )
     LDMPipeline(vqvae=vq, unet=unet, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "pipe")
     model = surgeon.load_model(tmp_path / "pipe")
     surgeon.inject(model, surgeon.plan(model, sparsity=0.7), init="random")
     surgeon.save(model, tmp_path / "run" / "model", extra_metadata={"pipeline": str(tmp_path / "pipe")})
 
-    r = runner.invoke(app, ["export", str(tmp_path / "run" / "model"), "--format", "dense", "--pipeline",
-                            "--out", str(tmp_path / "deploy")])
+    r = runner.invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "run" / "model"),
+            "--format",
+            "dense",
+            "--pipeline",
+            "--out",
+            str(tmp_path / "deploy"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "deploy", use_safetensors=True)
     folded = surgeon.fold(copy.deepcopy(model)).state_dict()
@@ -189,13 +232,16 @@ def test_single_file_dense_export_is_self_describing(tmp_path):
 
 # --- the encodings ------------------------------------------------------------------------------------------------
 
+
 def test_semi_structured_positions_decode_to_the_known_mask():
-    w = torch.tensor([[0.0, 1.5, 0.0, 2.0, 3.0, 0.0, 0.0, 4.0],
-                      [0.0, 0.0, 0.0, 0.0, 0.0, -1.0, 5.0, 0.0]])
+    w = torch.tensor([[0.0, 1.5, 0.0, 2.0, 3.0, 0.0, 0.0, 4.0], [0.0, 0.0, 0.0, 0.0, 0.0, -1.0, 5.0, 0.0]])
     values, meta = compress(w)
     # row 0: groups keep (1, 3) and (0, 3); row 1: (0, 1) for the empty group, (1, 2); first position in low bits
     assert values.tolist() == [[1.5, 2.0, 3.0, 4.0], [0.0, 0.0, -1.0, 5.0]]
-    assert meta.dtype == torch.uint8 and meta.tolist() == [[1 | 3 << 2 | 0 << 4 | 3 << 6], [0 | 1 << 2 | 1 << 4 | 2 << 6]]
+    assert meta.dtype == torch.uint8 and meta.tolist() == [
+        [1 | 3 << 2 | 0 << 4 | 3 << 6],
+        [0 | 1 << 2 | 1 << 4 | 2 << 6],
+    ]
     assert torch.equal(decompress(values, meta, w.shape), w)
 
 
@@ -264,10 +310,16 @@ def test_csr_auto_measures_and_records_its_choice(tmp_path):
 
 # --- copies, inspect, bad input -----------------------------------------------------------------------------------
 
+
 def test_inspect_reads_every_format(tmp_path):
     model = masked("tiny-unet", nm=True)
-    for fmt, out in (("dense", "d"), ("dense", "d.safetensors"), ("packed", "p"), ("semi-structured", "s"),
-                     ("csr", "c")):
+    for fmt, out in (
+        ("dense", "d"),
+        ("dense", "d.safetensors"),
+        ("packed", "p"),
+        ("semi-structured", "s"),
+        ("csr", "c"),
+    ):
         surgeon.export(model, tmp_path / out, format=fmt, layers="all" if fmt == "csr" else "auto")
         r = runner.invoke(app, ["inspect", str(tmp_path / out), "--json"])
         assert r.exit_code == 0, (fmt, r.output)
@@ -330,8 +382,10 @@ def test_damaged_semi_structured_and_csr_files_are_one_line_errors(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = masked("tiny-dit", nm=True)
-    for fmt, part, damage in (("semi-structured", ".meta", lambda t: t.zero_()),  # positions (0, 0): not ascending
-                              ("csr", ".col", lambda t: t.fill_(10_000))):  # a column outside the matrix
+    for fmt, part, damage in (
+        ("semi-structured", ".meta", lambda t: t.zero_()),  # positions (0, 0): not ascending
+        ("csr", ".col", lambda t: t.fill_(10_000)),
+    ):  # a column outside the matrix
         path = tmp_path / f"{fmt}.safetensors"
         surgeon.export(model, path, format=fmt, layers="all" if fmt == "csr" else "auto")
         with safe_open(str(path), "pt") as f:
@@ -361,8 +415,10 @@ def test_csr_auto_keeps_a_choice_only_if_the_whole_step_is_faster(csr_is_slower)
         has_csr = any(isinstance(x, CSRLinear) for x in m.modules())
         time.sleep(0.004 if has_csr == csr_is_slower else 0.0)
 
-    decided = {"0": {"kind": "linear", "dense_ms": 1.0, "csr_ms": 0.5, "why": None},
-               "1": {"kind": "linear", "dense_ms": 1.0, "csr_ms": 2.0, "why": "not faster as CSR"}}
+    decided = {
+        "0": {"kind": "linear", "dense_ms": 1.0, "csr_ms": 0.5, "why": None},
+        "1": {"kind": "linear", "dense_ms": 1.0, "csr_ms": 2.0, "why": "not faster as CSR"},
+    }
     out = _confirm_whole_step(model, copy.deepcopy(decided), step)
     assert out["1"] == decided["1"]
     assert (out["0"]["why"] is not None) == csr_is_slower

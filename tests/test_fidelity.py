@@ -1,4 +1,5 @@
 """FID/KID on tiny images with a small seeded extractor; cached reference features; plots."""
+
 import numpy as np
 import pytest
 import torch
@@ -99,14 +100,25 @@ def test_plots_are_written_and_not_empty(tmp_path):
     from surgeon.evaluation.plots import grids_side_by_side, loss_curve, metric_vs
 
     log = tmp_path / "metrics.jsonl"
-    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 11))
-                   + json.dumps({"step": 5, "mask_update": {"regrown": 3}}) + "\n")
+    log.write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 11))
+        + json.dumps({"step": 5, "mask_update": {"regrown": 3}})
+        + "\n"
+    )
     paths = [
         loss_curve(log, tmp_path / "loss.png", val_loss=0.2),
-        grids_side_by_side([("a", np.zeros((20, 20), np.uint8)), ("b", np.full((20, 20, 3), 255, np.uint8))],
-                           tmp_path / "grids.png"),
-        metric_vs([{"method": "rigl", "s": 0.5, "fid": 3.0}, {"method": "rigl", "s": 0.9, "fid": 5.0}], "s", "fid",
-                  tmp_path / "fid.png", "S", "FID", dense=2.0),
+        grids_side_by_side(
+            [("a", np.zeros((20, 20), np.uint8)), ("b", np.full((20, 20, 3), 255, np.uint8))], tmp_path / "grids.png"
+        ),
+        metric_vs(
+            [{"method": "rigl", "s": 0.5, "fid": 3.0}, {"method": "rigl", "s": 0.9, "fid": 5.0}],
+            "s",
+            "fid",
+            tmp_path / "fid.png",
+            "S",
+            "FID",
+            dense=2.0,
+        ),
     ]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
@@ -138,7 +150,12 @@ def test_fid_equals_torch_fidelitys_own_formula():
 
     g = torch.Generator().manual_seed(1)
     a = torch.randn(300, 24, generator=g, dtype=torch.float64)
-    b = torch.randn(200, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64) * 0.3 + 0.5
+    b = (
+        torch.randn(200, 24, generator=g, dtype=torch.float64)
+        @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+        * 0.3
+        + 0.5
+    )
     theirs = fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b), verbose=False)
     assert fid(a, b) == pytest.approx(theirs[KEY_METRIC_FID], rel=1e-8)
 
@@ -163,5 +180,7 @@ def test_inception_weights_on_disk_are_used_and_read_without_unpickling(tmp_path
     load_extractor.cache_clear()
     model = load_extractor(EXTRACTORS[INCEPTION])
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert inc.load_state_dict_from_url is not None and inc.load_state_dict_from_url.__name__ == "load_state_dict_from_url"
+    assert (
+        inc.load_state_dict_from_url is not None and inc.load_state_dict_from_url.__name__ == "load_state_dict_from_url"
+    )
     load_extractor.cache_clear()

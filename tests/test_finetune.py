@@ -1,6 +1,7 @@
 """N:M fine-tuning (SparseDM): the teacher stays frozen and outside the student; the objective, STE and SR-STE do
 exactly what the paper writes; every recipe ends N:M-valid and reloads to the same outputs; a stage switch keeps
 weights and AdamW moments; teachers come from folders or bare .safetensors files; bad inputs are one error + hint."""
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,16 @@ def _offline(monkeypatch):
 
 def ft_recipe(name: str = "sparsedm", **changes):
     """A shipped N:M recipe shrunk for tests."""
-    base = {"training.steps": 4, "training.batch_size": 4, "training.checkpoint_every": 10_000,
-            "training.log_every": 1, "training.eval_batches": 1, "training.num_samples": 4,
-            "diffusion.sample_steps": 2, "optimizer.lr": 1e-3}
+    base = {
+        "training.steps": 4,
+        "training.batch_size": 4,
+        "training.checkpoint_every": 10_000,
+        "training.log_every": 1,
+        "training.eval_batches": 1,
+        "training.num_samples": 4,
+        "diffusion.sample_steps": 2,
+        "optimizer.lr": 1e-3,
+    }
     if name == "one-shot":
         base.pop("training.steps")
     return load_recipe(name).override(**{**base, **changes})
@@ -101,8 +109,9 @@ def test_teacher_is_frozen_unchanged_and_never_in_the_optimizer_or_checkpoints(t
     before = state_of(teacher)
     calls, seen = [], {}
     # the student starts as a deep copy of the teacher, hook included: record which module ran
-    teacher.register_forward_pre_hook(lambda m, a, k: calls.append((m, m.training, torch.is_grad_enabled())),
-                                      with_kwargs=True)
+    teacher.register_forward_pre_hook(
+        lambda m, a, k: calls.append((m, m.training, torch.is_grad_enabled())), with_kwargs=True
+    )
     real = train_mod.make_optimizer
 
     def spy(model, recipe):
@@ -137,8 +146,15 @@ def test_teacher_is_frozen_unchanged_and_never_in_the_optimizer_or_checkpoints(t
 def test_every_recipe_ends_nm_valid_and_reloads_to_identical_outputs(tmp_path, name):
     teacher = presets.build("tiny-unet", seed=1)
     student = presets.build("tiny-unet", seed=1)
-    summary = finetune(teacher, SyntheticImageTask(teacher), tmp_path / "run", ft_recipe(name), model=student,
-                       progress=False, samples=False)
+    summary = finetune(
+        teacher,
+        SyntheticImageTask(teacher),
+        tmp_path / "run",
+        ft_recipe(name),
+        model=student,
+        progress=False,
+        samples=False,
+    )
     rep = surgeon.report(student, nm="2:4")
     converted = [r for r in rep.rows if r.masked]
     assert converted and all(r.nm_valid for r in converted)
@@ -158,8 +174,14 @@ def test_every_recipe_ends_nm_valid_and_reloads_to_identical_outputs(tmp_path, n
 
 def test_student_model_must_match_the_teacher(tmp_path):
     with pytest.raises(SurgeonError, match="MODEL and TEACHER differ at") as e:
-        finetune(presets.build("tiny-unet"), SyntheticImageTask(presets.build("tiny-unet")), tmp_path / "run",
-                 ft_recipe(), model=presets.build("tiny-unet-cond"), progress=False)
+        finetune(
+            presets.build("tiny-unet"),
+            SyntheticImageTask(presets.build("tiny-unet")),
+            tmp_path / "run",
+            ft_recipe(),
+            model=presets.build("tiny-unet-cond"),
+            progress=False,
+        )
     assert "copy of the teacher" in e.value.hint and not (tmp_path / "run").exists()
 
 
@@ -173,8 +195,13 @@ def test_finetune_refuses_recipes_that_are_not_nm_fine_tuning(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- progressive stages
-STAGED = {"training.steps": 6, "stages": [{"nm": "3:4", "steps": 2}, {"nm": "2:4", "steps": 4}],
-          "training.checkpoint_every": 2, "training.keep_checkpoints": 5, "training.ema_decay": 0.9}
+STAGED = {
+    "training.steps": 6,
+    "stages": [{"nm": "3:4", "steps": 2}, {"nm": "2:4", "steps": 4}],
+    "training.checkpoint_every": 2,
+    "training.keep_checkpoints": 5,
+    "training.ema_decay": 0.9,
+}
 
 
 def test_a_stage_switch_keeps_weights_adamw_moments_and_ema(tmp_path):
@@ -189,15 +216,23 @@ def test_a_stage_switch_keeps_weights_adamw_moments_and_ema(tmp_path):
     first = ft_recipe("sr-ste", **{**STAGED, "stages": None, "nm": "3:4"})
     finetune(teacher, task, tmp_path / "first", first, progress=False, samples=False, stop_after=2)
     second = ft_recipe("sr-ste", **{**STAGED, "stages": None, "nm": "2:4"})
-    finetune(teacher, task, tmp_path / "second", second, progress=False, samples=False,
-             resume=tmp_path / "first" / "checkpoints" / "step-0000002.safetensors")
+    finetune(
+        teacher,
+        task,
+        tmp_path / "second",
+        second,
+        progress=False,
+        samples=False,
+        resume=tmp_path / "first" / "checkpoints" / "step-0000002.safetensors",
+    )
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "staged" / "checkpoints" / "step-0000002.safetensors"))
     # the moments at the switch are those of the 3:4 stage, nonzero where 2:4 now prunes
     w = "down_blocks.0.resnets.0.conv2.parametrizations.weight.original"
-    moved = a[f"optim.{w}.exp_avg_sq"][surgeon.sparsity.nm_mask(a[f"model.{w}"], 3, 4)
-                                       & ~surgeon.sparsity.nm_mask(a[f"model.{w}"], 2, 4)]
+    moved = a[f"optim.{w}.exp_avg_sq"][
+        surgeon.sparsity.nm_mask(a[f"model.{w}"], 3, 4) & ~surgeon.sparsity.nm_mask(a[f"model.{w}"], 2, 4)
+    ]
     assert moved.numel() > 0 and bool((moved != 0).all())
     end_a = load_file(str(tmp_path / "staged" / "checkpoints" / "step-0000004.safetensors"))
     end_b = load_file(str(tmp_path / "second" / "checkpoints" / "step-0000004.safetensors"))
@@ -244,7 +279,9 @@ def test_a_bare_teacher_file_finds_its_architecture(tmp_path):
     assert torch.equal(forward(surgeon.training.teacher.load_teacher(alone, architecture="tiny-unet")), expected)
     # a file surgeon wrote (its config beside it)
     surgeon.save(model, tmp_path / "saved")
-    assert torch.equal(forward(surgeon.training.teacher.load_teacher(tmp_path / "saved" / "model.safetensors")), expected)
+    assert torch.equal(
+        forward(surgeon.training.teacher.load_teacher(tmp_path / "saved" / "model.safetensors")), expected
+    )
     with pytest.raises(SurgeonError, match="cannot tell which model") as e:
         surgeon.training.teacher.load_teacher(alone)
     assert "pass MODEL" in e.value.hint
@@ -284,8 +321,26 @@ def images(tmp_path):
 def test_cli_finetunes_and_inspect_reports_every_converted_layer_valid(tmp_path, images):
     _, file = _diffusers_folder(tmp_path)
     out = tmp_path / "out"
-    r = invoke("--teacher", file, "--nm", "2:4", "--data", images, "--out", out, "--steps", 3, "-b", 4,
-               "--lambda-w", 1e-3, "--lambda-1", 0.5, "--no-progress", "--no-samples")
+    r = invoke(
+        "--teacher",
+        file,
+        "--nm",
+        "2:4",
+        "--data",
+        images,
+        "--out",
+        out,
+        "--steps",
+        3,
+        "-b",
+        4,
+        "--lambda-w",
+        1e-3,
+        "--lambda-1",
+        0.5,
+        "--no-progress",
+        "--no-samples",
+    )
     assert r.exit_code == 0, r.output
     assert "2:4: 50 of 51 target layers are N:M-valid" in r.output and "dense: conv_in.weight" in r.output
     resolved = load_recipe(out / "recipe.yaml")
@@ -297,14 +352,17 @@ def test_cli_finetunes_and_inspect_reports_every_converted_layer_valid(tmp_path,
     assert all(row["nm_valid"] for row in rows if row["masked"]) and sum(bool(row["masked"]) for row in rows) == 50
 
 
-@pytest.mark.parametrize("args, words, code", [
-    (["--nm", "2:3:4"], "--nm: invalid N:M pattern '2:3:4'", 2),
-    (["--nm", "5:4"], "need 0 < N <= M", 2),
-    (["--nm", "0:4"], "need 0 < N <= M", 2),
-    (["--stages", "2:4,3:4"], "stages must tighten, but 3:4 keeps as much as or more than 2:4", 1),
-    (["--stages", "3:4,2:4", "--nm", "1:4"], "the last stage (2:4) must be the recipe's nm (1:4)", 1),
-    (["--recipe", "asp", "--lambda-w", "0.1"], "nm_fixed does not use 'lambda_w'", 1),
-])
+@pytest.mark.parametrize(
+    "args, words, code",
+    [
+        (["--nm", "2:3:4"], "--nm: invalid N:M pattern '2:3:4'", 2),
+        (["--nm", "5:4"], "need 0 < N <= M", 2),
+        (["--nm", "0:4"], "need 0 < N <= M", 2),
+        (["--stages", "2:4,3:4"], "stages must tighten, but 3:4 keeps as much as or more than 2:4", 1),
+        (["--stages", "3:4,2:4", "--nm", "1:4"], "the last stage (2:4) must be the recipe's nm (1:4)", 1),
+        (["--recipe", "asp", "--lambda-w", "0.1"], "nm_fixed does not use 'lambda_w'", 1),
+    ],
+)
 def test_bad_patterns_and_stages(tmp_path, images, args, words, code):
     out = tmp_path / "out"
     r = invoke("--teacher", "tiny-unet", "--data", images, "--out", out, "--steps", 4, *args)
@@ -324,10 +382,13 @@ def test_bad_teachers(tmp_path, images):
     alone = tmp_path / "alone.safetensors"
     shutil.copy(file, alone)
     assert_one_error(invoke("--teacher", alone, "--data", images, "--out", out), "cannot tell which model")
-    assert_one_error(invoke("tiny-dit", "--teacher", alone, "--data", images, "--out", out),
-                     "does not fit DiTTransformer2DModel")
-    assert_one_error(invoke("tiny-unet-cond", "--teacher", "tiny-unet", "--data", images, "--out", out),
-                     "MODEL and TEACHER differ at")
+    assert_one_error(
+        invoke("tiny-dit", "--teacher", alone, "--data", images, "--out", out), "does not fit DiTTransformer2DModel"
+    )
+    assert_one_error(
+        invoke("tiny-unet-cond", "--teacher", "tiny-unet", "--data", images, "--out", out),
+        "MODEL and TEACHER differ at",
+    )
     assert not out.exists()
 
 
@@ -394,8 +455,9 @@ def test_finetune_works_for_every_kind_of_model(tmp_path, kind):
     else:
         (tmp_path / "strokes.py").write_text(USER_MODULE)
         teacher, data = f"{tmp_path / 'strokes.py'}:StrokeGRU", _stroke_task()
-    summary = finetune(teacher, data, tmp_path / "run", ft_recipe("sparsedm", **{"training.steps": 2}),
-                       progress=False, samples=False)
+    summary = finetune(
+        teacher, data, tmp_path / "run", ft_recipe("sparsedm", **{"training.steps": 2}), progress=False, samples=False
+    )
     nm = summary.nm
     assert nm["converted"] > 0 and nm["nm_valid"] == nm["converted"] and summary.steps == 2
     loaded = surgeon.load(tmp_path / "run" / "model", trust_code=kind == "file-class")  # the file is ours
@@ -412,7 +474,8 @@ def test_finetune_works_for_every_kind_of_model(tmp_path, kind):
 
 def test_the_python_api_takes_a_recipe_name_and_a_pattern(tmp_path):
     teacher = presets.build("tiny-unet", seed=1)
-    summary = surgeon.finetune(teacher, SyntheticImageTask(teacher), tmp_path / "run", "one-shot", nm="1:4",
-                               progress=False, samples=False)
+    summary = surgeon.finetune(
+        teacher, SyntheticImageTask(teacher), tmp_path / "run", "one-shot", nm="1:4", progress=False, samples=False
+    )
     assert summary.recipe == "one-shot" and summary.steps == 0 and summary.nm["pattern"] == "1:4"
     assert summary.sparsity == pytest.approx(0.75, abs=0.01)  # 1 of every 4 kept, conv_in left dense

@@ -1,4 +1,5 @@
 """ImageFolder and resolve_image_data on small generated folders."""
+
 import numpy as np
 import pytest
 import torch

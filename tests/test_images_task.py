@@ -5,6 +5,7 @@ on exactly those labels and samples every class in turn; unconditional models ig
 pipeline folder (``model_index.json`` + ``unet/`` + ``vae/`` or ``vqvae/``) sparsifies only the denoiser: the
 autoencoder stays dense, frozen and unchanged, latents are scaled by its scaling factor, samples are decoded.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,9 +59,17 @@ def cond_unet(num_class_embeds: int | None = 4, seed: int = 0, **changes):
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
-    cfg = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-               down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-               norm_num_groups=4, num_class_embeds=num_class_embeds)
+    cfg = dict(
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=num_class_embeds,
+    )
     cfg.update(changes)
     return UNet2DModel(**cfg)
 
@@ -69,12 +78,21 @@ def tiny_dit(num_classes: int = 2):
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=1, out_channels=1,
-                                 num_layers=1, norm_num_groups=1, sample_size=16, patch_size=4,
-                                 num_embeds_ada_norm=num_classes)
+    return DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=4,
+        in_channels=1,
+        out_channels=1,
+        num_layers=1,
+        norm_num_groups=1,
+        sample_size=16,
+        patch_size=4,
+        num_embeds_ada_norm=num_classes,
+    )
 
 
 # --- class folders ---------------------------------------------------------------------------------------------
+
 
 def test_class_folders_give_sorted_labels_and_nested_images_keep_their_class(tmp_path):
     root = class_folder(tmp_path / "data", {"zebra": 2, "ant": 3})
@@ -118,6 +136,7 @@ def test_flat_validation_next_to_class_folders_is_an_error(tmp_path):
 
 # --- class-conditional ImageTask ------------------------------------------------------------------------------
 
+
 def test_collate_and_noisy_batch_pass_labels_only_to_conditional_models(tmp_path):
     root = class_folder(tmp_path / "data", {"a": 2, "b": 2})
     cond = ImageTask(cond_unet(4), data=str(root))
@@ -129,8 +148,9 @@ def test_collate_and_noisy_batch_pass_labels_only_to_conditional_models(tmp_path
     assert cond.predict(cond_unet(4), inputs).shape == eps.shape
 
     plain = ImageTask(cond_unet(None), data=str(root))
-    inputs2, eps2, _ = plain.noisy_batch(plain.collate([plain.dataset()[i] for i in range(4)]),
-                                         torch.Generator().manual_seed(0))
+    inputs2, eps2, _ = plain.noisy_batch(
+        plain.collate([plain.dataset()[i] for i in range(4)]), torch.Generator().manual_seed(0)
+    )
     assert "class_labels" not in inputs2  # unconditional: labels ignored, same noise as before
     assert torch.equal(eps2, eps) and torch.equal(inputs2["x_t"], inputs["x_t"])
     bare, _, _ = plain.noisy_batch(batch["images"], torch.Generator().manual_seed(0))  # a bare tensor still works
@@ -194,11 +214,14 @@ def test_dit_classes_come_from_num_embeds_ada_norm(tmp_path):
     assert "num_embeds_ada_norm >= 3" in err.value.hint
 
 
-@pytest.mark.parametrize("data, words", [
-    ("flat", "has no class folders"),
-    ("many", "has 5 classes, but the model's class embedding has only 4 (num_class_embeds=4)"),
-    ("kanjivg", "KanjiVG glyphs have no classes"),
-])
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ("flat", "has no class folders"),
+        ("many", "has 5 classes, but the model's class embedding has only 4 (num_class_embeds=4)"),
+        ("kanjivg", "KanjiVG glyphs have no classes"),
+    ],
+)
 def test_data_that_does_not_fit_a_conditional_model(tmp_path, data, words):
     if data == "flat":
         for i in range(3):
@@ -217,8 +240,9 @@ def test_cli_refuses_kanjivg_for_a_class_conditional_model(tmp_path):
     model_dir = tmp_path / "model"
     cond_unet(4).save_pretrained(model_dir)
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["sparsify", str(model_dir), "--data", "kanjivg", "--out", str(out), "--steps", "2",
-                                 "--no-progress"])
+    r = CliRunner().invoke(
+        app, ["sparsify", str(model_dir), "--data", "kanjivg", "--out", str(out), "--steps", "2", "--no-progress"]
+    )
     assert r.exit_code == 1
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 2 and "Traceback" not in r.output, r.output
@@ -234,27 +258,46 @@ def test_class_embeddings_that_take_vectors_are_refused():
 
 # --- latent diffusion: a pipeline folder with a frozen autoencoder --------------------------------------------
 
+
 def build_pipeline(root, kind: str, image_size: int = 16) -> dict[str, torch.Tensor]:
     """model_index.json + unet/ + vae/ (AutoencoderKL) or vqvae/ (VQModel); returns the autoencoder's state."""
     from diffusers import AutoencoderKL, UNet2DModel, VQModel
 
     torch.manual_seed(0)
-    common = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                  norm_num_groups=4, sample_size=image_size)
+    common = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=image_size,
+    )
     if kind == "vae":
         ae, channels, cls = AutoencoderKL(latent_channels=4, **common), 4, "AutoencoderKL"
     else:
         ae, channels, cls = VQModel(latent_channels=3, num_vq_embeddings=16, vq_embed_dim=3, **common), 3, "VQModel"
     factor = 2 ** (len(common["block_out_channels"]) - 1)
-    unet = UNet2DModel(sample_size=image_size // factor, in_channels=channels, out_channels=channels,
-                       block_out_channels=(8, 16), layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    unet = UNet2DModel(
+        sample_size=image_size // factor,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
     ae.save_pretrained(root / kind)
     unet.save_pretrained(root / "unet")
-    index = {"_class_name": "LDMPipeline" if kind == "vqvae" else "DiffusionPipeline", "_diffusers_version": "0.42.1",
-             "unet": ["diffusers", "UNet2DModel"], kind: ["diffusers", cls],
-             "scheduler": ["diffusers", "DDIMScheduler"]}
+    index = {
+        "_class_name": "LDMPipeline" if kind == "vqvae" else "DiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DModel"],
+        kind: ["diffusers", cls],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
     (root / "model_index.json").write_text(json.dumps(index))
     return {k: v.clone() for k, v in ae.state_dict().items()}
 
@@ -313,7 +356,9 @@ def test_latents_are_scaled_by_the_autoencoder_scaling_factor(tmp_path):
 
     build_pipeline(tmp_path / "pipe", "vae")
     ae = AutoencoderKL.from_pretrained(tmp_path / "pipe" / "vae", use_safetensors=True)
-    task = make_task(surgeon.load_model(tmp_path / "pipe"), "unused", vae=loading_mod.find_autoencoder(tmp_path / "pipe"))
+    task = make_task(
+        surgeon.load_model(tmp_path / "pipe"), "unused", vae=loading_mod.find_autoencoder(tmp_path / "pipe")
+    )
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     z = task.encode(images, torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """Packed safetensors: exact round trips, the bit layout, the byte budget, and one-line errors that write nothing."""
+
 from __future__ import annotations
 
 import json
@@ -218,6 +219,7 @@ def test_custom_module_without_config_needs_load_into(tmp_path):
 
 # --- bad input: one line, nothing written ------------------------------------------------------------------------
 
+
 def one_line(err: pytest.ExceptionInfo) -> str:
     assert "\n" not in err.value.message and err.value.hint
     return err.value.message
@@ -255,11 +257,14 @@ def raw_metadata(folder) -> dict[str, str]:
         return f.metadata()
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("tensors", "{not json", "corrupt metadata"),
-    ("tensors", '{"conv_in.weight": {"shape": "8x1x3x3"}}', "corrupt metadata (tensors)"),
-    ("format_version", "3", "format version '3'"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("tensors", "{not json", "corrupt metadata"),
+        ("tensors", '{"conv_in.weight": {"shape": "8x1x3x3"}}', "corrupt metadata (tensors)"),
+        ("format_version", "3", "format version '3'"),
+    ],
+)
 def test_damaged_metadata_is_one_line_error(saved, key, value, message):
     path = saved / "model.safetensors"
     save_file(load_file(path), path, metadata={**raw_metadata(saved), key: value})

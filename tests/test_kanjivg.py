@@ -2,6 +2,7 @@
 
 Every test points SURGEON_CACHE at its own temporary folder and uses ``limit``, so nothing depends on a warm cache.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -74,8 +75,10 @@ def test_character_sequence_normalizes_keeping_aspect_and_marks_stroke_ends():
 
 def test_missing_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kanjivg, "find_distribution", lambda: None)
-    for make in (lambda: resolve_sequence_data("kanjivg", "train", 4, 128),
-                 lambda: resolve_image_data("kanjivg", 16, 1, limit=4)):
+    for make in (
+        lambda: resolve_sequence_data("kanjivg", "train", 4, 128),
+        lambda: resolve_image_data("kanjivg", 16, 1, limit=4),
+    ):
         with pytest.raises(SurgeonError) as err:
             make()
         assert err.value.message == "the KanjiVG data needs the pip package `kanjivg`"

@@ -1,6 +1,7 @@
 """The architecture of docs/architecture.md, held over every import statement of the library and the CLI, the
 ones inside functions included: lower layers never import higher ones, and no two modules import each other
 (directly or around a longer loop)."""
+
 import ast
 from pathlib import Path
 
@@ -80,8 +81,12 @@ def test_every_module_belongs_to_a_layer():
 
 
 def test_imports_run_downward():
-    upward = [f"{m} imports {dep}" for m, deps in GRAPH.items() for dep in deps
-              if unit(dep) != unit(m) and RANK[unit(dep)] > RANK[unit(m)]]
+    upward = [
+        f"{m} imports {dep}"
+        for m, deps in GRAPH.items()
+        for dep in deps
+        if unit(dep) != unit(m) and RANK[unit(dep)] > RANK[unit(m)]
+    ]
     assert upward == []
 
 

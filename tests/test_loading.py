@@ -1,4 +1,5 @@
 """load_model: every kind of reference, and a one-line error for each way a reference can be wrong."""
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,12 @@ def test_diffusers_model_folder(tmp_path):
 def test_pipeline_folder_takes_the_unet(tmp_path):
     unet = build("tiny-unet")
     unet.save_pretrained(tmp_path / "pipe" / "unet")
-    index = {"_class_name": "DDPMPipeline", "_diffusers_version": "0.42.1",
-             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    index = {
+        "_class_name": "DDPMPipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"],
+    }
     (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
     assert same_weights(load_model(str(tmp_path / "pipe")), unet)
 

@@ -1,4 +1,5 @@
 """Mask and NMMask parametrizations (docs/methods.md: the first and N:M invariants, SparseDM straight-through)."""
+
 from __future__ import annotations
 
 import itertools

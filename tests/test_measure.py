@@ -1,4 +1,5 @@
 """measure(): kept parameters, sparsity and FLOPs (Evci et al.) against hand-computed counts."""
+
 import pytest
 import torch
 from torch import nn
@@ -10,8 +11,9 @@ from surgeon.masking.measure import measure
 
 def _model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 16), nn.ReLU(),
-                         nn.Linear(16, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 4)
+    )
 
 
 CONV = 2 * (3 * 3 * 3) * 5 * (6 * 6)  # 2 FLOPs per multiply-accumulate, one per output element and kernel tap

@@ -3,6 +3,7 @@
 RigL averages its dense gradient across processes and MagRan draws the same random numbers on every process
 (docs/methods.md, "Invariants"), so every rank must hold the same masks and the same weights after every update.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import torch
 from helpers_train import PYTHON, subprocess_env
 from safetensors.torch import load_file
 
-SCRIPT = r'''
+SCRIPT = r"""
 import json, sys
 import torch
 from accelerate import Accelerator
@@ -49,7 +50,7 @@ prepare(student, recipe)
 execute(Source(student), task, recipe, f"{out}/sparsedm-run", acc, make_objective(task, recipe, teacher),
         progress=False, samples=False)
 save_state(student, f"{out}/sparsedm-rank{acc.process_index}.safetensors")
-'''
+"""
 
 
 def _free_port() -> int:
@@ -65,9 +66,24 @@ def test_two_cpu_processes_end_with_identical_masks_and_weights(tmp_path):
     env["HF_HOME"] = str(tmp_path / "hf")  # no user accelerate config file can change the launch
     # `accelerate launch --cpu` runs a single process; --multi_gpu is the torchrun launcher, and the script's
     # Accelerator(cpu=True) then runs the two ranks on CPU with gloo (DistributedType.MULTI_CPU)
-    cmd = [str(PYTHON), "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(script), str(tmp_path)]
+    cmd = [
+        str(PYTHON),
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(script),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("rigl", "magran"):

@@ -1,4 +1,5 @@
 """Mask patterns: exact top-k, exact-count random, N:M along the reduction dimension, N:M parsing."""
+
 from __future__ import annotations
 
 import math
@@ -152,8 +153,9 @@ def test_parse_nm_accepts(text, expected):
     assert parse_nm(text) == expected
 
 
-@pytest.mark.parametrize("text", ["2:3:4", "5:4", "0:4", "a:b", "", "2:", ":4", "-2:4", "2.0:4", "2:0", "²:4",
-                                  (2, 4.5), (0, 4), (2,)])
+@pytest.mark.parametrize(
+    "text", ["2:3:4", "5:4", "0:4", "a:b", "", "2:", ":4", "-2:4", "2.0:4", "2:0", "²:4", (2, 4.5), (0, 4), (2,)]
+)
 def test_parse_nm_rejects_with_surgeon_error(text):
     with pytest.raises(SurgeonError):
         parse_nm(text)

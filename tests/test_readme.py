@@ -1,4 +1,5 @@
 """The README's promises: its Python example runs, and the commands it shows exist."""
+
 from __future__ import annotations
 
 import re

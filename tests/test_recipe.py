@@ -1,4 +1,5 @@
 """Recipe schema: shipped recipes carry the paper's settings; unknown keys and wrong types are rejected by name."""
+
 from __future__ import annotations
 
 import pytest
@@ -42,12 +43,15 @@ def test_schema_defaults_match_the_paper():
     assert r.sparsity == 0.5 and r.nm is None and r.lambda_w is None
 
 
-@pytest.mark.parametrize("text, key", [
-    ("algorithm: rigl\nsparsity: 0.5\nlearning_rate: 0.1\n", "learning_rate"),
-    ("algorithm: rigl\ndst: {delta_t: 10, pp: 0.1}\n", "dst.pp"),
-    ("algorithm: rigl\noptimizer: {lr: 1.0e-3, momentum: 0.9}\n", "optimizer.momentum"),
-    ("algorithm: rigl\ntraining: {steps: 5, epochs: 2}\n", "training.epochs"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("algorithm: rigl\nsparsity: 0.5\nlearning_rate: 0.1\n", "learning_rate"),
+        ("algorithm: rigl\ndst: {delta_t: 10, pp: 0.1}\n", "dst.pp"),
+        ("algorithm: rigl\noptimizer: {lr: 1.0e-3, momentum: 0.9}\n", "optimizer.momentum"),
+        ("algorithm: rigl\ntraining: {steps: 5, epochs: 2}\n", "training.epochs"),
+    ],
+)
 def test_unknown_keys_are_rejected_by_name(tmp_path, text, key):
     path = _write(tmp_path, text)
     with pytest.raises(SurgeonError) as e:
@@ -57,32 +61,38 @@ def test_unknown_keys_are_rejected_by_name(tmp_path, text, key):
     assert e.value.hint  # lists the known keys
 
 
-@pytest.mark.parametrize("text, where", [
-    ("sparsity: half\n", "sparsity"),
-    ("dst: {delta_t: 2.5}\n", "dst.delta_t"),
-    ("dst: {delta_t: '10'}\n", "dst.delta_t"),
-    ("dense_first: 'yes'\n", "dense_first"),
-    ("optimizer: {betas: [0.9]}\n", "optimizer.betas"),
-    ("optimizer: 0.1\n", "optimizer"),
-    ("include: conv\n", "include"),
-    ("training: {ema_decay: fast}\n", "training.ema_decay"),
-    ("distribution: 3\n", "distribution"),
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("sparsity: half\n", "sparsity"),
+        ("dst: {delta_t: 2.5}\n", "dst.delta_t"),
+        ("dst: {delta_t: '10'}\n", "dst.delta_t"),
+        ("dense_first: 'yes'\n", "dense_first"),
+        ("optimizer: {betas: [0.9]}\n", "optimizer.betas"),
+        ("optimizer: 0.1\n", "optimizer"),
+        ("include: conv\n", "include"),
+        ("training: {ema_decay: fast}\n", "training.ema_decay"),
+        ("distribution: 3\n", "distribution"),
+    ],
+)
 def test_wrong_types_are_rejected(tmp_path, text, where):
     with pytest.raises(SurgeonError) as e:
         load_recipe(_write(tmp_path, "algorithm: static\n" + text))
     assert f"'{where}'" in e.value.message
 
 
-@pytest.mark.parametrize("text, words", [
-    ("algorithm: sgd\n", "unknown algorithm"),
-    ("algorithm: rigl\nsparsity: 1.0\n", "sparsity"),
-    ("algorithm: rigl\ndst: {delta_t: 0}\n", "delta_t"),
-    ("algorithm: rigl\ndst: {p: 1.5}\n", "p=1.5"),
-    ("algorithm: rigl\ntraining: {mixed_precision: fp8}\n", "mixed_precision"),
-    ("algorithm: nm_ste\n", "N:M"),
-    ("- a\n- b\n", "mapping"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("algorithm: sgd\n", "unknown algorithm"),
+        ("algorithm: rigl\nsparsity: 1.0\n", "sparsity"),
+        ("algorithm: rigl\ndst: {delta_t: 0}\n", "delta_t"),
+        ("algorithm: rigl\ndst: {p: 1.5}\n", "p=1.5"),
+        ("algorithm: rigl\ntraining: {mixed_precision: fp8}\n", "mixed_precision"),
+        ("algorithm: nm_ste\n", "N:M"),
+        ("- a\n- b\n", "mapping"),
+    ],
+)
 def test_invalid_values_are_rejected(tmp_path, text, words):
     with pytest.raises(SurgeonError) as e:
         load_recipe(_write(tmp_path, text))
@@ -104,12 +114,15 @@ def test_override_sections_and_fields():
     assert d.distill is not None and d.distill.lambda_1 == 0.5 and d.distill.lambda_2 == 1.0
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"sparsity": 1.2}, "sparsity"),
-    ({"dst.nope": 1}, "unknown key 'dst.nope'"),
-    ({"training.steps": "many"}, "'training.steps'"),
-    ({"training.steps": -1}, "training.steps"),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"sparsity": 1.2}, "sparsity"),
+        ({"dst.nope": 1}, "unknown key 'dst.nope'"),
+        ({"training.steps": "many"}, "'training.steps'"),
+        ({"training.steps": -1}, "training.steps"),
+    ],
+)
 def test_override_is_validated(changes, words):
     with pytest.raises(SurgeonError) as e:
         load_recipe("rigl").override(**changes)
@@ -155,18 +168,23 @@ def test_nm_recipes_are_the_ablation_rows():
     assert d.lambda_w == 2e-4 and (d.distill.lambda_1, d.distill.lambda_2, d.distill.teacher) == (1.0, 1.0, "dense")
 
 
-@pytest.mark.parametrize("text, words", [
-    ("algorithm: nm_ste\nnm: '2:4'\nsparsity: 0.5\n", "nm_ste does not use 'sparsity'"),
-    ("algorithm: nm_ste\nnm: '2:4'\ndistribution: er\n", "does not use 'distribution'"),
-    ("algorithm: nm_fixed\nnm: '2:4'\nlambda_w: 0.001\n", "nm_fixed does not use 'lambda_w'"),
-    ("algorithm: rigl\nlambda_w: 0.001\n", "rigl does not use 'lambda_w'"),
-    ("algorithm: static\ndst: {delta_t: 10}\n", "static does not use 'dst'"),
-    ("algorithm: rigl\nnm: '2:4'\n", "rigl does not use 'nm'"),
-    ("algorithm: dense\nsparsity: 0.5\n", "dense does not use 'sparsity'"),
-    ("algorithm: dense\nexclude: [conv_in]\n", "dense does not use 'exclude'"),
-    ("algorithm: nm_fixed\nnm: '2:4'\nstages: [{nm: '3:4', steps: 5}, {nm: '2:4', steps: 5}]\n",
-     "nm_fixed does not use 'stages'"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("algorithm: nm_ste\nnm: '2:4'\nsparsity: 0.5\n", "nm_ste does not use 'sparsity'"),
+        ("algorithm: nm_ste\nnm: '2:4'\ndistribution: er\n", "does not use 'distribution'"),
+        ("algorithm: nm_fixed\nnm: '2:4'\nlambda_w: 0.001\n", "nm_fixed does not use 'lambda_w'"),
+        ("algorithm: rigl\nlambda_w: 0.001\n", "rigl does not use 'lambda_w'"),
+        ("algorithm: static\ndst: {delta_t: 10}\n", "static does not use 'dst'"),
+        ("algorithm: rigl\nnm: '2:4'\n", "rigl does not use 'nm'"),
+        ("algorithm: dense\nsparsity: 0.5\n", "dense does not use 'sparsity'"),
+        ("algorithm: dense\nexclude: [conv_in]\n", "dense does not use 'exclude'"),
+        (
+            "algorithm: nm_fixed\nnm: '2:4'\nstages: [{nm: '3:4', steps: 5}, {nm: '2:4', steps: 5}]\n",
+            "nm_fixed does not use 'stages'",
+        ),
+    ],
+)
 def test_a_field_the_algorithm_would_not_read_is_rejected(tmp_path, text, words):
     with pytest.raises(SurgeonError) as e:
         load_recipe(_write(tmp_path, text))
@@ -174,32 +192,44 @@ def test_a_field_the_algorithm_would_not_read_is_rejected(tmp_path, text, words)
 
 
 def test_unquoted_nm_patterns_are_patterns_not_base_60_numbers(tmp_path):
-    r = load_recipe(_write(tmp_path, "algorithm: nm_ste\nnm: 2:4\ntraining: {steps: 30}\n"
-                                     "stages: [{nm: 7:8, steps: 10}, {nm: 3:4, steps: 10}, {nm: 2:4, steps: 10}]\n"))
+    r = load_recipe(
+        _write(
+            tmp_path,
+            "algorithm: nm_ste\nnm: 2:4\ntraining: {steps: 30}\n"
+            "stages: [{nm: 7:8, steps: 10}, {nm: 3:4, steps: 10}, {nm: 2:4, steps: 10}]\n",
+        )
+    )
     assert r.nm == "2:4" and [s.nm for s in r.stages] == ["7:8", "3:4", "2:4"]
     assert r.stage_steps == [((7, 8), 10), ((3, 4), 10), ((2, 4), 10)]
     assert load_recipe(_write(tmp_path, dump_recipe(r), "again.yaml")) == r  # and they survive a dump
 
 
-@pytest.mark.parametrize("stages, nm, steps, words", [
-    ([("2:4", 5), ("3:4", 5)], "3:4", 10, "stages must tighten, but 3:4"),
-    ([("2:4", 5), ("4:8", 5)], "4:8", 10, "stages must tighten"),  # the same density is not tighter
-    ([("3:4", 5), ("2:4", 5)], "2:4", 12, "stages add up to 10 steps but training.steps is 12"),
-    ([("3:4", 5), ("2:4", 5)], "1:4", 10, "the last stage (2:4) must be the recipe's nm (1:4)"),
-    ([("3:4", 0), ("2:4", 10)], "2:4", 10, "every stage needs"),
-    ([("3:4", 5), ("2:3:4", 5)], "2:4", 10, "invalid N:M pattern"),
-])
+@pytest.mark.parametrize(
+    "stages, nm, steps, words",
+    [
+        ([("2:4", 5), ("3:4", 5)], "3:4", 10, "stages must tighten, but 3:4"),
+        ([("2:4", 5), ("4:8", 5)], "4:8", 10, "stages must tighten"),  # the same density is not tighter
+        ([("3:4", 5), ("2:4", 5)], "2:4", 12, "stages add up to 10 steps but training.steps is 12"),
+        ([("3:4", 5), ("2:4", 5)], "1:4", 10, "the last stage (2:4) must be the recipe's nm (1:4)"),
+        ([("3:4", 0), ("2:4", 10)], "2:4", 10, "every stage needs"),
+        ([("3:4", 5), ("2:3:4", 5)], "2:4", 10, "invalid N:M pattern"),
+    ],
+)
 def test_stages_that_do_not_tighten_or_add_up_are_rejected(stages, nm, steps, words):
     with pytest.raises(SurgeonError) as e:
-        load_recipe("sparsedm").override(**{"nm": nm, "training.steps": steps,
-                                            "stages": [{"nm": p, "steps": n} for p, n in stages]})
+        load_recipe("sparsedm").override(
+            **{"nm": nm, "training.steps": steps, "stages": [{"nm": p, "steps": n} for p, n in stages]}
+        )
     assert words in e.value.message
 
 
 def test_teacher_previous_needs_stages_and_split_stages_fills_the_steps():
     with pytest.raises(SurgeonError, match="teacher: previous needs progressive stages"):
         load_recipe("sparsedm").override(**{"distill.teacher": "previous"})
-    assert split_stages(["7:8", "3:4", "2:4"], 10) == [{"nm": "7:8", "steps": 3}, {"nm": "3:4", "steps": 3},
-                                                       {"nm": "2:4", "steps": 4}]
+    assert split_stages(["7:8", "3:4", "2:4"], 10) == [
+        {"nm": "7:8", "steps": 3},
+        {"nm": "3:4", "steps": 3},
+        {"nm": "2:4", "steps": 4},
+    ]
     with pytest.raises(SurgeonError, match="cannot split 2 steps into 3 stages"):
         split_stages(["7:8", "3:4", "2:4"], 2)

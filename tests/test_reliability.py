@@ -1,5 +1,6 @@
 """Reliability: every float is finite and in range, runs that diverge stop, resumes are exact and refuse
 mismatches, interrupts and bad settings end in one line. Each test reproduces a defect found by an adversarial pass."""
+
 from __future__ import annotations
 
 import json
@@ -39,26 +40,29 @@ def test_recipe_power_scale_nan_or_inf_is_rejected_naming_the_key(tmp_path, text
         load_recipe(path)
 
 
-@pytest.mark.parametrize("key, value, words", [
-    ("optimizer.lr", float("nan"), "'optimizer.lr' must be a finite number"),
-    ("optimizer.lr", float("inf"), "'optimizer.lr' must be a finite number"),
-    ("optimizer.weight_decay", -0.1, "weight_decay must be ≥ 0"),
-    ("optimizer.betas", [0.9, 1.0], "betas"),
-    ("optimizer.betas", [-0.1, 0.99], "betas"),
-    ("optimizer.eps", 0.0, "eps must be > 0"),
-    ("diffusion.timesteps", 0, "diffusion.timesteps must be ≥ 1"),
-    ("diffusion.beta_schedule", "cubic", "unknown beta_schedule 'cubic'"),
-    ("diffusion.beta_start", 0.0, "diffusion.beta_start must be in (0, 1)"),
-    ("diffusion.beta_end", 1.5, "diffusion.beta_end must be in (0, 1)"),
-    ("diffusion.sample_steps", 2000, "sample_steps must be in [1, timesteps=1000]"),
-    ("training.seed", 2**64, "seed"),
-    ("training.seed", -1, "seed"),
-    ("training.eval_batches", 0, "eval_batches must be ≥ 1"),
-    ("training.num_samples", -1, "num_samples must be ≥ 0"),
-    ("lambda_w", -1.0, "lambda_w"),
-    ("power_scale", -0.5, "power_scale"),
-    ("distill.lambda_1", -1.0, "distill weights"),
-])
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("optimizer.lr", float("nan"), "'optimizer.lr' must be a finite number"),
+        ("optimizer.lr", float("inf"), "'optimizer.lr' must be a finite number"),
+        ("optimizer.weight_decay", -0.1, "weight_decay must be ≥ 0"),
+        ("optimizer.betas", [0.9, 1.0], "betas"),
+        ("optimizer.betas", [-0.1, 0.99], "betas"),
+        ("optimizer.eps", 0.0, "eps must be > 0"),
+        ("diffusion.timesteps", 0, "diffusion.timesteps must be ≥ 1"),
+        ("diffusion.beta_schedule", "cubic", "unknown beta_schedule 'cubic'"),
+        ("diffusion.beta_start", 0.0, "diffusion.beta_start must be in (0, 1)"),
+        ("diffusion.beta_end", 1.5, "diffusion.beta_end must be in (0, 1)"),
+        ("diffusion.sample_steps", 2000, "sample_steps must be in [1, timesteps=1000]"),
+        ("training.seed", 2**64, "seed"),
+        ("training.seed", -1, "seed"),
+        ("training.eval_batches", 0, "eval_batches must be ≥ 1"),
+        ("training.num_samples", -1, "num_samples must be ≥ 0"),
+        ("lambda_w", -1.0, "lambda_w"),
+        ("power_scale", -0.5, "power_scale"),
+        ("distill.lambda_1", -1.0, "distill weights"),
+    ],
+)
 def test_recipe_values_out_of_range_get_their_own_message(key, value, words):
     with pytest.raises(SurgeonError) as info:
         load_recipe("rigl").override(**{key: value})
@@ -72,6 +76,7 @@ def test_beta_start_above_beta_end_is_refused():
 
 
 # ---- resume: partial log line, unlogged losses, refusals; divergence ----------------------------------------------
+
 
 def _records(path):
     return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in path.read_text().splitlines()]
@@ -122,8 +127,15 @@ def test_resume_refuses_steps_below_the_checkpoint(tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    recipe = small_recipe("static", **{"training.steps": 12, "training.log_every": 2, "training.checkpoint_every": 3,
-                                       "training.keep_checkpoints": 0})
+    recipe = small_recipe(
+        "static",
+        **{
+            "training.steps": 12,
+            "training.log_every": 2,
+            "training.checkpoint_every": 3,
+            "training.keep_checkpoints": 0,
+        },
+    )
     model = tiny_model(recipe)
 
     class Poisoned(SyntheticImageTask):
@@ -147,8 +159,20 @@ def test_cli_lr_inf_is_refused_and_a_huge_lr_stops_with_an_error_not_a_nan_model
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     images = tmp_path / "images"
     write_images(images)
-    base = ["sparsify", "tiny-unet", "--recipe", "static", "--data", str(images), "--steps", "4", "--batch-size", "4",
-            "--no-progress", "--no-samples"]
+    base = [
+        "sparsify",
+        "tiny-unet",
+        "--recipe",
+        "static",
+        "--data",
+        str(images),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--no-samples",
+    ]
     refused = CliRunner().invoke(app, [*base, "--lr", "inf", "--out", str(tmp_path / "a")])
     assert refused.exit_code == 1 and "'optimizer.lr' must be a finite number" in refused.stderr
     assert not (tmp_path / "a").exists()
@@ -160,10 +184,13 @@ def test_cli_lr_inf_is_refused_and_a_huge_lr_stops_with_an_error_not_a_nan_model
 
 # ---- Ctrl-C before training starts ----------------------------------------------------------------------------------
 
+
 def test_importing_surgeon_is_light_so_ctrl_c_is_caught_from_the_first_instant():
     # torch takes seconds to import; the console script installs its guard first, and `import surgeon` must not
     # drag torch in before it
-    code = "import sys, surgeon.cli.entry; print(sorted(m for m in ('torch', 'diffusers', 'typer') if m in sys.modules))"
+    code = (
+        "import sys, surgeon.cli.entry; print(sorted(m for m in ('torch', 'diffusers', 'typer') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -245,8 +272,21 @@ def test_a_model_whose_output_has_the_wrong_shape_is_named_and_leaves_no_out(tmp
     (tmp_path / "net.py").write_text(WRONG_SHAPE)
     write_images(tmp_path / "images")
     out = tmp_path / "run"
-    line = _one_error(_cli(tmp_path, f"{tmp_path / 'net.py'}:HalfWidth", "--data", tmp_path / "images", "--steps", 2,
-                           "--batch-size", 2, "--out", out, "--no-progress"))
+    line = _one_error(
+        _cli(
+            tmp_path,
+            f"{tmp_path / 'net.py'}:HalfWidth",
+            "--data",
+            tmp_path / "images",
+            "--steps",
+            2,
+            "--batch-size",
+            2,
+            "--out",
+            out,
+            "--no-progress",
+        )
+    )
     assert "output has shape [2, 1, 16, 8], but the noise it must predict has shape [2, 1, 16, 16]" in line
     assert not out.exists()
 
@@ -267,15 +307,28 @@ def test_resume_without_out_continues_in_the_resumed_run_folder_and_never_touche
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     write_images(tmp_path / "images")
-    args = ["tiny-unet", "--recipe", "static", "--data", "images", "--steps", 4, "--batch-size", 2, "--no-progress",
-            "--no-samples"]
+    args = [
+        "tiny-unet",
+        "--recipe",
+        "static",
+        "--data",
+        "images",
+        "--steps",
+        4,
+        "--batch-size",
+        2,
+        "--no-progress",
+        "--no-samples",
+    ]
     # a complete run sits where the default --out would point
     assert _cli(tmp_path, *args).exit_code == 0
     default = tmp_path / "runs" / "tiny-unet-static-s0.5"
     before = {p: p.read_bytes() for p in default.rglob("*") if p.is_file()}
     # another run, interrupted at step 2 (stop_after stands for Ctrl-C here)
-    recipe = small_recipe("static", **{"training.steps": 4, "training.batch_size": 2, "training.checkpoint_every": 2,
-                                       "training.log_every": 1})
+    recipe = small_recipe(
+        "static",
+        **{"training.steps": 4, "training.batch_size": 2, "training.checkpoint_every": 2, "training.log_every": 1},
+    )
     model = tiny_model(recipe)
     train(model, SyntheticImageTask(model), recipe, tmp_path / "A", progress=False, stop_after=2)
     resumed = _cli(tmp_path, *args, "--resume", tmp_path / "A" / "checkpoints" / "step-0000002.safetensors")
@@ -293,14 +346,17 @@ def test_resume_into_another_non_empty_folder_needs_force(tmp_path, monkeypatch)
     train(model, SyntheticImageTask(model), recipe, tmp_path / "A", progress=False, stop_after=2)
     (tmp_path / "B").mkdir()
     (tmp_path / "B" / "keep.txt").write_text("mine")
-    line = _one_error(_cli(tmp_path, "tiny-unet", "--recipe", "static", "--resume", tmp_path / "A", "--out",
-                           tmp_path / "B"))
+    line = _one_error(
+        _cli(tmp_path, "tiny-unet", "--recipe", "static", "--resume", tmp_path / "A", "--out", tmp_path / "B")
+    )
     assert "holds another run than the one resumed" in line
     assert (tmp_path / "B" / "keep.txt").read_text() == "mine"
 
 
 def test_a_forced_fresh_run_never_leaves_the_old_runs_checkpoints_for_resume(tmp_path):
-    recipe = small_recipe("static", **{"training.steps": 8, "training.checkpoint_every": 2, "training.keep_checkpoints": 0})
+    recipe = small_recipe(
+        "static", **{"training.steps": 8, "training.checkpoint_every": 2, "training.keep_checkpoints": 0}
+    )
     model = tiny_model(recipe)
     train(model, SyntheticImageTask(model), recipe, tmp_path / "run", progress=False)  # checkpoints 2, 4, 6
     short = small_recipe("static", **{"training.steps": 4, "training.checkpoint_every": 2})
@@ -315,7 +371,7 @@ def test_a_forced_fresh_run_never_leaves_the_old_runs_checkpoints_for_resume(tmp
 
 # ---- model folders never run code without an opt-in ---------------------------------------------------------------
 
-PAYLOAD = '''
+PAYLOAD = """
 import pathlib
 pathlib.Path(__file__).with_name("RAN").write_text("the payload ran")
 import torch
@@ -328,7 +384,7 @@ class Net(torch.nn.Module):
 
     def forward(self, x):
         return self.lin(x)
-'''
+"""
 
 
 def _folder_naming(tmp_path, cls_path: str):
@@ -415,15 +471,33 @@ def test_a_pipeline_whose_autoencoder_is_pickled_only_is_refused_without_unpickl
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = tmp_path / "pipe"
     surgeon.load_model("tiny-unet-cond").save_pretrained(pipe / "unet")
-    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), latent_channels=4, norm_num_groups=4,
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8,),
+        latent_channels=4,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    )
     vae.save_pretrained(pipe / "vae", safe_serialization=False)  # diffusion_pytorch_model.bin only
-    (pipe / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"],
-                                                       "vae": ["diffusers", "AutoencoderKL"]}))
+    (pipe / "model_index.json").write_text(
+        json.dumps({"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})
+    )
     write_images(tmp_path / "images")
     with _NoUnpickling():
-        result = CliRunner().invoke(app, ["sparsify", str(pipe), "--data", str(tmp_path / "images"), "--out",
-                                          str(tmp_path / "run"), "--no-progress"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "sparsify",
+                str(pipe),
+                "--data",
+                str(tmp_path / "images"),
+                "--out",
+                str(tmp_path / "run"),
+                "--no-progress",
+            ],
+        )
     line = _one_error(result)
     assert "vae has no safetensors weights" in line and "diffusion_pytorch_model.bin" in line
     assert not (tmp_path / "run").exists()
@@ -433,6 +507,7 @@ def test_a_pipeline_whose_autoencoder_is_pickled_only_is_refused_without_unpickl
 
 
 # ---- integrity: a per-tensor digest, verified on load -----------------------------------------------------------------
+
 
 def _swap_two_bits(file: Path, tensor: str) -> None:
     """Swap two differing bits inside one byte of ``tensor``'s data: same length, same set-bit count."""
@@ -473,12 +548,16 @@ def test_a_damaged_training_checkpoint_is_refused_naming_the_tensor(tmp_path):
 
 # ---- a mistyped local path is not a hub id --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ref, words", [
-    ("runs/nothere", "no such folder: runs/nothere"),
-    ("runs/realrn", "no such folder: runs/realrn"),
-    ("./model", "no such folder: ./model"),
-    ("missing.safetensors", "no such file: missing.safetensors"),
-])
+
+@pytest.mark.parametrize(
+    "ref, words",
+    [
+        ("runs/nothere", "no such folder: runs/nothere"),
+        ("runs/realrn", "no such folder: runs/realrn"),
+        ("./model", "no such folder: ./model"),
+        ("missing.safetensors", "no such file: missing.safetensors"),
+    ],
+)
 def test_a_mistyped_local_path_says_no_such_folder_and_never_asks_the_hub(tmp_path, monkeypatch, ref, words):
     import surgeon.formats.loading
 
@@ -505,6 +584,7 @@ def test_a_hub_id_whose_org_is_no_local_folder_still_goes_to_the_hub(tmp_path, m
 
 # ---- a sparse model saved by surgeon is a valid MODEL for sparsify ---------------------------------------------------
 
+
 def _saved_sparse_model(tmp_path):
     recipe = small_recipe("rigl", **{"training.steps": 3, "sparsity": 0.8})
     model = tiny_model(recipe)
@@ -520,8 +600,15 @@ def test_sparsify_continues_a_saved_sparse_model_from_its_own_masks_with_init_pr
     folder, masks = _saved_sparse_model(tmp_path)
     recipe = small_recipe("static", **{"training.steps": 2, "sparsity": 0.5})
     task = SyntheticImageTask(surgeon.load(folder))
-    sparsify(folder if ref == "model" else folder.parent, recipe, task, tmp_path / "again", init="pretrained",
-             progress=False, samples=False)
+    sparsify(
+        folder if ref == "model" else folder.parent,
+        recipe,
+        task,
+        tmp_path / "again",
+        init="pretrained",
+        progress=False,
+        samples=False,
+    )
     again = surgeon.load(tmp_path / "again" / "model")
     assert masks_of(again).keys() == masks.keys()
     assert all(torch.equal(masks_of(again)[f], m) for f, m in masks.items())  # static: its own masks, unchanged
@@ -607,6 +694,7 @@ def test_a_killed_checkpoint_write_leaves_a_temporary_that_the_next_write_remove
 
 
 # ---- API arguments of the wrong type are named ----------------------------------------------------------------------
+
 
 def _api_calls(tmp_path):
     model = surgeon.load_model("tiny-unet")

@@ -1,4 +1,5 @@
 """Rasterizing (x, y, pen) sequences and tiling sample grids."""
+
 import numpy as np
 import pytest
 import torch

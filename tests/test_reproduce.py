@@ -1,4 +1,5 @@
 """``surgeon reproduce`` on a micro scale: the budget's share-out, a tiny study end to end, resuming, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,16 @@ from surgeon.cli.app import app
 from surgeon.errors import SurgeonError, UsageError
 from surgeon.study.reproduce import allocate, reproduce, study_runs
 
-TIMING = {"image_step_s": 0.2, "chiro_step_s": 0.5, "image_run_fixed_s": 5.0, "chiro_run_fixed_s": 5.0,
-          "image_eval_fixed_s": 4.0, "image_eval_per_sample_s": 0.1, "chiro_eval_fixed_s": 4.0,
-          "chiro_eval_per_sample_s": 0.2}
+TIMING = {
+    "image_step_s": 0.2,
+    "chiro_step_s": 0.5,
+    "image_run_fixed_s": 5.0,
+    "chiro_run_fixed_s": 5.0,
+    "image_eval_fixed_s": 4.0,
+    "image_eval_per_sample_s": 0.1,
+    "chiro_eval_fixed_s": 4.0,
+    "chiro_eval_per_sample_s": 0.2,
+}
 
 
 def test_the_study_has_the_papers_grid():
@@ -20,7 +28,13 @@ def test_the_study_has_the_papers_grid():
     assert len(names) == 18 and names[0] == "dense"
     for s in ("0.25", "0.5", "0.75", "0.9"):
         assert {f"static-s{s}", f"rigl-s{s}-p0.5", f"magran-s{s}-p0.5"} <= set(names)
-    assert {"rigl-s0.9-p0.05", "magran-s0.9-p0.05", "chiro-dense", "chiro-magran-s0.9-p0.5", "chiro-rigl-s0.25-p0.5"} <= set(names)
+    assert {
+        "rigl-s0.9-p0.05",
+        "magran-s0.9-p0.05",
+        "chiro-dense",
+        "chiro-magran-s0.9-p0.5",
+        "chiro-rigl-s0.25-p0.5",
+    } <= set(names)
 
 
 def test_the_budget_decides_the_steps():
@@ -39,14 +53,29 @@ def test_a_micro_study_runs_scores_reports_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     out = tmp_path / "study"
-    kw = dict(n=4, sample_steps=1, progress=False, image_model="tiny-unet", chiro_model="tiny-chirodiff", limit=12,
-              updates=1, only=["dense", "rigl-s0.9-p0.05", "chiro-dense"], steps=(2, 2))
+    kw = dict(
+        n=4,
+        sample_steps=1,
+        progress=False,
+        image_model="tiny-unet",
+        chiro_model="tiny-chirodiff",
+        limit=12,
+        updates=1,
+        only=["dense", "rigl-s0.9-p0.05", "chiro-dense"],
+        steps=(2, 2),
+    )
     report = reproduce(1, out, **kw)
     text = report.read_text()
     assert "not comparable with Inception FID" in text and "| rigl-s0.9-p0.05 | rigl | 0.90 | 0.05 |" in text
     assert "chiro-dense" in text and "## The paper's findings" in text
-    for name in ("images/samples_side_by_side.png", "images/fid_vs_sparsity.png", "images/fid_vs_flops.png",
-                 "images/loss_curves.png", "strokes/samples_side_by_side.png", "images/dense/loss.png"):
+    for name in (
+        "images/samples_side_by_side.png",
+        "images/fid_vs_sparsity.png",
+        "images/fid_vs_flops.png",
+        "images/loss_curves.png",
+        "strokes/samples_side_by_side.png",
+        "images/dense/loss.png",
+    ):
         assert (out / name).stat().st_size > 1000, name
     plan = json.loads((out / "plan.json").read_text())
     assert plan["image_steps"] == 2 and plan["runs"] == ["dense", "rigl-s0.9-p0.05", "chiro-dense"]
@@ -79,8 +108,22 @@ def test_bad_inputs(tmp_path):
 def test_every_run_of_the_study_has_a_valid_recipe():
     from surgeon.study.reproduce import StudyPlan, _recipe
 
-    plan = StudyPlan(30, "unet-kanji", "chirodiff", 200, 100, 128, 20, 16, 2e-3, 2e-3, 10, None,
-                     "efficientnet-lite0", [r.name for r in study_runs()])
+    plan = StudyPlan(
+        30,
+        "unet-kanji",
+        "chirodiff",
+        200,
+        100,
+        128,
+        20,
+        16,
+        2e-3,
+        2e-3,
+        10,
+        None,
+        "efficientnet-lite0",
+        [r.name for r in study_runs()],
+    )
     for spec in study_runs():
         r = _recipe(spec, plan)
         assert r.algorithm == spec.algorithm and r.name == spec.name
@@ -100,8 +143,14 @@ def test_findings_are_judged_on_the_numbers_with_ties():
     def row(name, fid):
         return StudyRow(specs[name], {}, {"fid": fid, "sparsity": specs[name].sparsity}, "")
 
-    rows = [row("dense", 100.0), row("static-s0.25", 100.5), row("rigl-s0.25-p0.5", 90.0),
-            row("magran-s0.25-p0.5", 120.0), row("rigl-s0.9-p0.05", 150.0), row("rigl-s0.9-p0.5", 170.0)]
+    rows = [
+        row("dense", 100.0),
+        row("static-s0.25", 100.5),
+        row("rigl-s0.25-p0.5", 90.0),
+        row("magran-s0.25-p0.5", 120.0),
+        row("rigl-s0.9-p0.05", 150.0),
+        row("rigl-s0.9-p0.5", 170.0),
+    ]
     text = "\n".join(findings(rows))
     assert "2 of 3 within 10 % of dense or better: holds" in text
     assert "better in 1, tied (within 2 %) in 0, worse in 1 of 2 pairs" in text and "mixed" in text

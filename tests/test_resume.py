@@ -1,4 +1,5 @@
 """Resuming: a run killed with SIGKILL (or stopped with Ctrl-C) and resumed ends bit-identical to an uninterrupted run."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,13 @@ from surgeon.training.loop import train
 
 SURGEON = REPO / ".venv" / "bin" / "surgeon"
 
-RECIPE = {"training.steps": 16, "dst.delta_t": 3, "training.checkpoint_every": 4, "training.keep_checkpoints": 2,
-          "training.ema_decay": 0.9}
+RECIPE = {
+    "training.steps": 16,
+    "dst.delta_t": 3,
+    "training.checkpoint_every": 4,
+    "training.keep_checkpoints": 2,
+    "training.ema_decay": 0.9,
+}
 
 SCRIPT = """
 import sys, time
@@ -82,8 +88,14 @@ def _kill_after_first_checkpoint(tmp_path: Path, script_text: str) -> Path:
     script = tmp_path / "train_script.py"
     script.write_text(script_text)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(killed)], env=subprocess_env(), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(killed)],
+        env=subprocess_env(),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for(lambda: bool(ckpt.list_checkpoints(killed / "checkpoints")), proc)
         assert proc.poll() is None
@@ -149,8 +161,14 @@ def test_ctrl_c_exits_130_names_the_checkpoint_and_resumes_bit_identical(tmp_pat
     recipe.write_text(CLI_RECIPE)
     run = tmp_path / "run"
     args = ["sparsify", "tiny-unet", "--recipe", str(recipe), "--data", str(images), "--no-progress", "--no-samples"]
-    proc = subprocess.Popen([str(SURGEON), *args, "--out", str(run)], env=subprocess_env(), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(SURGEON), *args, "--out", str(run)],
+        env=subprocess_env(),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = run / "metrics.jsonl"
     try:
         _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
@@ -186,10 +204,18 @@ def test_ctrl_c_exits_130_names_the_checkpoint_and_resumes_bit_identical(tmp_pat
     assert json.loads((run / "summary.json").read_text())["steps"] == 40
 
 
-FT_RECIPE = {"training.steps": 12, "stages": [{"nm": "3:4", "steps": 3}, {"nm": "2:4", "steps": 9}],
-             "distill.teacher": "previous", "training.checkpoint_every": 4, "training.keep_checkpoints": 2,
-             "training.ema_decay": 0.9, "training.batch_size": 4, "training.log_every": 1,
-             "training.eval_batches": 1, "optimizer.lr": 1e-3}
+FT_RECIPE = {
+    "training.steps": 12,
+    "stages": [{"nm": "3:4", "steps": 3}, {"nm": "2:4", "steps": 9}],
+    "distill.teacher": "previous",
+    "training.checkpoint_every": 4,
+    "training.keep_checkpoints": 2,
+    "training.ema_decay": 0.9,
+    "training.batch_size": 4,
+    "training.log_every": 1,
+    "training.eval_batches": 1,
+    "optimizer.lr": 1e-3,
+}
 
 FT_SCRIPT = """
 import sys, time
@@ -224,8 +250,9 @@ def test_finetune_killed_after_a_stage_switch_resumes_bit_identical(tmp_path):
 
     recipe = load_recipe("sparsedm").override(**FT_RECIPE)
     teacher = presets.build("tiny-unet", seed=1)
-    resumed = finetune(teacher, SyntheticImageTask(teacher), killed, recipe, resume=killed, progress=False,
-                       samples=False)
+    resumed = finetune(
+        teacher, SyntheticImageTask(teacher), killed, recipe, resume=killed, progress=False, samples=False
+    )
     full = finetune(teacher, SyntheticImageTask(teacher), tmp_path / "full", recipe, progress=False, samples=False)
     assert resumed.steps == full.steps == 12 and resumed.val_loss == full.val_loss
     a, b = surgeon.load(killed / "model"), surgeon.load(tmp_path / "full" / "model")

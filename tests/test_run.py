@@ -1,5 +1,6 @@
 """The shared run pipeline: library calls never reseed the caller's global RNG, custom pipelines pass their own
 modules and data, and a recipe whose distill section the run cannot honour is refused, not ignored."""
+
 from __future__ import annotations
 
 import json

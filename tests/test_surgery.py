@@ -1,4 +1,5 @@
 """inject / fold / remove / sites: docs/methods.md invariants on tiny diffusers presets and on GRU/LSTM modules."""
+
 from __future__ import annotations
 
 import copy
@@ -387,7 +388,9 @@ def test_changing_a_deepcopy_leaves_the_original_working(kind, action):
     assert _no_parametrizations(clone)
     assert torch.equal(model(x), y)  # the original still runs, and computes what it did
     assert _masks(model).keys() == masks.keys() and all(torch.equal(_masks(model)[k], masks[k]) for k in masks)
-    assert model.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.state_dict().keys() == state.keys() and all(
+        torch.equal(v, state[k]) for k, v in model.state_dict().items()
+    )
     fold(model)  # and can itself be folded afterwards
     assert torch.equal(model(x), y)
     torch.testing.assert_close(clone(x), y, rtol=0, atol=0) if action != "fold-partly" else clone(x)

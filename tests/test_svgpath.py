@@ -1,4 +1,5 @@
 """The SVG path parser on hand-written paths whose points are known."""
+
 import numpy as np
 import pytest
 from hypothesis import given, settings

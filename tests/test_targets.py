@@ -1,4 +1,5 @@
 """find_targets: which weight tensors are sparsification targets (docs/methods.md, first paragraph)."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,8 +35,14 @@ class Zoo(nn.Module):
 
 
 ZOO_EXPECTED = ["lin.weight", "c1.weight", "c2.weight", "c3.weight", "sub.weight", "head.0.weight"]
-ZOO_KIND = {"lin.weight": "linear", "sub.weight": "linear", "head.0.weight": "linear",
-            "c1.weight": "conv", "c2.weight": "conv", "c3.weight": "conv"}
+ZOO_KIND = {
+    "lin.weight": "linear",
+    "sub.weight": "linear",
+    "head.0.weight": "linear",
+    "c1.weight": "conv",
+    "c2.weight": "conv",
+    "c3.weight": "conv",
+}
 
 
 def _rnn_names(num_layers: int, bidirectional: bool) -> list[str]:
@@ -115,8 +122,7 @@ def test_presets_targets_match_oracle(name, build_preset):
     assert expected, "the oracle found nothing: the preset is not what this test assumes"
     assert list(found) == _param_order(model, expected)
     excluded_modules = {
-        mname for mname, m in model.named_modules()
-        if isinstance(m, (nn.Embedding, nn.GroupNorm, nn.LayerNorm))
+        mname for mname, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.GroupNorm, nn.LayerNorm))
     }
     for t in found.values():
         assert t.module_name not in excluded_modules
@@ -139,7 +145,10 @@ def test_targets_still_listed_after_injection(name, build_preset):
     assert list(after) == list(before)
     for fqn in before:
         assert (after[fqn].kind, after[fqn].shape, after[fqn].module_name) == (
-            before[fqn].kind, before[fqn].shape, before[fqn].module_name)
+            before[fqn].kind,
+            before[fqn].shape,
+            before[fqn].module_name,
+        )
 
 
 def test_rnn_targets_still_listed_after_injection():

@@ -1,4 +1,5 @@
 """Reading .pth state dicts as data: both torch layouts round-trip; anything beyond tensors is refused unrun."""
+
 import pickle
 
 import pytest
@@ -11,8 +12,14 @@ from surgeon.io.torchfile import read_state_dict
 def _state():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(4, 6, generator=g)
-    return {"w": base, "w_t": base.t(), "view": base[1:3, 2:], "ids": torch.arange(5), "half": torch.randn(3).half(),
-            "flag": torch.tensor([True, False])}
+    return {
+        "w": base,
+        "w_t": base.t(),
+        "view": base[1:3, 2:],
+        "ids": torch.arange(5),
+        "half": torch.randn(3).half(),
+        "flag": torch.tensor([True, False]),
+    }
 
 
 @pytest.mark.parametrize("zip_layout", [True, False])

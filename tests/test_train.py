@@ -1,4 +1,5 @@
 """The one training loop: data order, optimizer set-up and state fix-ups, logs, checkpoints, early stop."""
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,9 @@ def test_batch_sampler_rejects_bad_shapes():
 def test_make_optimizer_is_adamw_with_the_recipe_settings():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     model[1].bias.requires_grad_(False)
-    recipe = small_recipe("rigl", **{"optimizer.lr": 3e-3, "optimizer.weight_decay": 0.02, "optimizer.betas": [0.8, 0.95]})
+    recipe = small_recipe(
+        "rigl", **{"optimizer.lr": 3e-3, "optimizer.weight_decay": 0.02, "optimizer.betas": [0.8, 0.95]}
+    )
     opt, names = make_optimizer(model, recipe)
     assert isinstance(opt, torch.optim.AdamW)
     assert names == ["0.weight", "0.bias", "1.weight"]  # trainable parameters only
@@ -77,9 +80,19 @@ def test_zero_optimizer_state_zeroes_every_moment_at_positions_only():
 
 # ------------------------------------------------------------------------------------------------------ loop
 def test_rigl_run_logs_updates_until_the_stop_step_and_keeps_checkpoints(tmp_path):
-    recipe = small_recipe("rigl", **{"training.steps": 12, "dst.delta_t": 3, "dst.stop_fraction": 0.75,
-                                     "dst.p": 0.4, "dst.p_decay": "cosine", "training.checkpoint_every": 2,
-                                     "training.keep_checkpoints": 2, "training.log_every": 4})
+    recipe = small_recipe(
+        "rigl",
+        **{
+            "training.steps": 12,
+            "dst.delta_t": 3,
+            "dst.stop_fraction": 0.75,
+            "dst.p": 0.4,
+            "dst.p_decay": "cosine",
+            "training.checkpoint_every": 2,
+            "training.keep_checkpoints": 2,
+            "training.log_every": 4,
+        },
+    )
     model = tiny_model(recipe)
     result = train(model, SyntheticImageTask(model), recipe, tmp_path, progress=False)
     assert result.steps == 12 and math.isfinite(result.final_loss) and result.val_loss is not None
@@ -99,13 +112,16 @@ def test_rigl_run_logs_updates_until_the_stop_step_and_keeps_checkpoints(tmp_pat
             assert math.isfinite(r["loss"]) and r["sparsity"] == pytest.approx(measure(model).sparsity)
     # checkpoints every 2 steps (never at the last step), only the newest 2 kept
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [
-        "step-0000008.safetensors", "step-0000010.safetensors"]
+        "step-0000008.safetensors",
+        "step-0000010.safetensors",
+    ]
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
 def test_sparsity_is_exact_and_pruned_weights_stay_zero_with_grad_accum(tmp_path):
-    recipe = small_recipe("magran", **{"training.steps": 4, "training.grad_accum": 2, "dst.delta_t": 2,
-                                       "training.batch_size": 2})
+    recipe = small_recipe(
+        "magran", **{"training.steps": 4, "training.grad_accum": 2, "dst.delta_t": 2, "training.batch_size": 2}
+    )
     model = tiny_model(recipe)
     planned = {f: int(m.sum()) for f, m in masks_of(model).items()}
     train(model, SyntheticImageTask(model), recipe, tmp_path, progress=False)

@@ -2,6 +2,7 @@
 
 A plain dict registry; add an entry here when you add an algorithm.
 """
+
 from surgeon.algorithms.base import Algorithm
 from surgeon.algorithms.dst import MagRan, RigL
 from surgeon.algorithms.nm_ste import NMSTE, NMFixed

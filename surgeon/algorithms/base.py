@@ -1,14 +1,15 @@
 """The hook points the training loop calls, in order, every step::
 
-    algorithm.stage_starting_at(step)     progressive N:M: the stage this step begins (a switch), or None;
-                                          on a switch the loop logs algorithm.stage_event(stage) and lets the
-                                          objective take its teacher (objective.begin_stage)
-    algorithm.begin_step(step)            before the forward passes of this step
-    (forward / backward over micro-batches)
-    algorithm.after_backward(step)        gradients are complete (and synchronized across processes)
-    if not algorithm.skip_optimizer_step(step): optimizer.step()
-    algorithm.after_optimizer_step(step)  masks may change here; returns {fqn: changed positions} for EMA/optimizer fix-ups
+algorithm.stage_starting_at(step)     progressive N:M: the stage this step begins (a switch), or None;
+                                      on a switch the loop logs algorithm.stage_event(stage) and lets the
+                                      objective take its teacher (objective.begin_stage)
+algorithm.begin_step(step)            before the forward passes of this step
+(forward / backward over micro-batches)
+algorithm.after_backward(step)        gradients are complete (and synchronized across processes)
+if not algorithm.skip_optimizer_step(step): optimizer.step()
+algorithm.after_optimizer_step(step)  masks may change here; returns {fqn: changed positions} for EMA/optimizer fix-ups
 """
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ Counts are exact. As in the reference RigL code (and rigl-torch), a position tha
 same update is no change at all: it keeps its value, optimizer state and EMA. Only truly new connections start at
 0, and the loop zeroes optimizer state and EMA exactly at the truly dropped and truly new positions.
 """
+
 from __future__ import annotations
 
 import torch

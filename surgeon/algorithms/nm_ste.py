@@ -5,6 +5,7 @@ per-step hook. Progressive stages (eq. 12–14) tighten the pattern at stage bou
 the pattern; weights, optimizer state and EMA carry on. The teacher loss lives in surgeon.training.objectives.
 NMFixed (ASP): the magnitude N:M mask is drawn once by ``prepare`` and stays fixed, like Static.
 """
+
 from __future__ import annotations
 
 from surgeon.algorithms.base import Algorithm

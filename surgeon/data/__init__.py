@@ -5,6 +5,7 @@
 whole folder is the training split and there is no validation split (``None``), rather than a held-out loss that
 silently reuses training images. Every derived file goes to the user cache directory, never the repository.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,13 +28,16 @@ def _folder_split(root: Path, split: str) -> Path | None:
     if split == "validation":
         return None
     if any((root / name).is_dir() for name in _FOLDER_NAMES["validation"]):
-        raise SurgeonError(f"{root} has a validation folder but no train/ folder",
-                           "put the training images in train/ next to it, or pass a folder without splits")
+        raise SurgeonError(
+            f"{root} has a validation folder but no train/ folder",
+            "put the training images in train/ next to it, or pass a folder without splits",
+        )
     return root
 
 
-def resolve_image_data(spec: str, size: int, channels: int, split: str = "train",
-                       limit: int | None = None) -> Dataset | None:
+def resolve_image_data(
+    spec: str, size: int, channels: int, split: str = "train", limit: int | None = None
+) -> Dataset | None:
     """Images ``[channels, size, size]`` in [-1, 1] for ``spec`` = "kanjivg" (rendered glyphs) or a folder.
 
     A folder in the class-folder layout yields ``(image, label)`` items (see ``surgeon.data.images``); its
@@ -46,8 +50,9 @@ def resolve_image_data(spec: str, size: int, channels: int, split: str = "train"
         return KanjiVGGlyphs(split, size=size, channels=channels, limit=limit)
     root = Path(spec).expanduser()
     if not root.exists():
-        raise SurgeonError(f"no data set or folder named {spec!r}",
-                           f"pass --data {BUILTIN} or the path of a folder of images")
+        raise SurgeonError(
+            f"no data set or folder named {spec!r}", f"pass --data {BUILTIN} or the path of a folder of images"
+        )
     from surgeon.data.images import ImageFolder
 
     if not root.is_dir():
@@ -64,8 +69,9 @@ def resolve_image_data(spec: str, size: int, channels: int, split: str = "train"
     return ImageFolder(folder, size, channels, limit=limit)
 
 
-def resolve_sequence_data(spec: str, split: str = "train", limit: int | None = None,
-                          max_points: int | None = None) -> Dataset:
+def resolve_sequence_data(
+    spec: str, split: str = "train", limit: int | None = None, max_points: int | None = None
+) -> Dataset:
     """Stroke sequences ``[L, 3]`` (x, y, pen) for ``spec`` = "kanjivg"; batch them with ``collate_sequences``."""
     split = canonical_split(split)
     if spec != BUILTIN:

@@ -5,6 +5,7 @@ directory, or wherever the environment variable ``SURGEON_CACHE`` points. Files 
 name and moved into place with ``os.replace``, so a reader (or a second process building the same file) never
 sees a half-written file. Cache files are safetensors with a JSON header that says what they were built from.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -4,6 +4,7 @@ Class folders (``root/<class>/...``, torchvision's ImageFolder layout) give labe
 in ``root`` and images sit in its subfolders, each first-level subfolder is a class, labels are the sorted folder
 names numbered 0..K-1, and items are ``(image, label)`` pairs instead of bare images.
 """
+
 from __future__ import annotations
 
 import os
@@ -88,8 +89,16 @@ class ImageFolder(Dataset):
     validation split uses the training split's classes); its folders must then be among them.
     """
 
-    def __init__(self, path: str | os.PathLike, size: int, channels: int = 3, *, limit: int | None = None,
-                 seed: int = 0, classes: list[str] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        size: int,
+        channels: int = 3,
+        *,
+        limit: int | None = None,
+        seed: int = 0,
+        classes: list[str] | None = None,
+    ):
         root = Path(path).expanduser()
         if not root.exists():
             raise SurgeonError(f"image folder {root} does not exist", "check the path passed as --data")
@@ -100,21 +109,26 @@ class ImageFolder(Dataset):
         if size < 1:
             raise SurgeonError(f"image size must be positive, got {size}", "try 64")
         if limit is not None and limit < 1:
-            raise SurgeonError(f"limit must be a positive number of images, got {limit}",
-                               "leave it unset to use every image")
+            raise SurgeonError(
+                f"limit must be a positive number of images, got {limit}", "leave it unset to use every image"
+            )
         self.root, self.size, self.channels = root, size, channels
         candidates = _image_files(root)
         found = _classes(root, candidates)
         if classes is not None:
             classes = list(classes)
             if found is None:
-                raise SurgeonError(f"{root} has no class folders, but the training images are sorted into "
-                                   f"{len(classes)} classes", f"put its images in class folders ({', '.join(classes[:3])}"
-                                   f"{', ...' if len(classes) > 3 else ''}) as in the training split")
+                raise SurgeonError(
+                    f"{root} has no class folders, but the training images are sorted into {len(classes)} classes",
+                    f"put its images in class folders ({', '.join(classes[:3])}"
+                    f"{', ...' if len(classes) > 3 else ''}) as in the training split",
+                )
             unknown = [c for c in found if c not in classes]
             if unknown:
-                raise SurgeonError(f"{root} has class folder {unknown[0]!r}, which the training split does not have",
-                                   "use the same class folder names in every split")
+                raise SurgeonError(
+                    f"{root} has class folder {unknown[0]!r}, which the training split does not have",
+                    "use the same class folder names in every split",
+                )
         else:
             classes = found
         if classes is not None:  # files in hidden folders (not classes) are left out
@@ -129,9 +143,10 @@ class ImageFolder(Dataset):
             if _readable(p):
                 files.append(p)
         if not files:
-            raise SurgeonError(f"no images found in {root}",
-                               f"images are read from files ending in {', '.join(COMMON_EXTENSIONS)} "
-                               "(or another format Pillow opens)")
+            raise SurgeonError(
+                f"no images found in {root}",
+                f"images are read from files ending in {', '.join(COMMON_EXTENSIONS)} (or another format Pillow opens)",
+            )
         self.files = files
         index = {c: k for k, c in enumerate(classes or ())}
         self.labels: list[int] | None = [index[_class_of(root, p)] for p in files] if classes is not None else None

@@ -17,6 +17,7 @@ Splits are deterministic: base characters are ordered by a hash of (seed, file n
 split in that order. A character's place in the order depends only on the seed and its file name, so changing
 ``limit``, ``spacing`` or ``max_points`` never moves a character from one split to the other.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -78,8 +79,10 @@ def kanjivg_files() -> list[Path]:
     names = sorted(n for n in os.listdir(folder) if n.endswith(".svg") and "-" not in n) if folder.is_dir() else []
     files = [folder / n for n in names]
     if not files:
-        raise SurgeonError(f"the installed `kanjivg` {dist.version} ships no kanji/*.svg files",
-                           "reinstall it: pip install --force-reinstall kanjivg")
+        raise SurgeonError(
+            f"the installed `kanjivg` {dist.version} ships no kanji/*.svg files",
+            "reinstall it: pip install --force-reinstall kanjivg",
+        )
     return files
 
 
@@ -137,15 +140,19 @@ class StrokeParams:
 
     def validate(self) -> None:
         if self.spacing <= 0:
-            raise SurgeonError(f"stroke spacing must be > 0, got {self.spacing}",
-                               f"try {DEFAULT_SPACING} (units of KanjiVG's 109-unit canvas)")
+            raise SurgeonError(
+                f"stroke spacing must be > 0, got {self.spacing}",
+                f"try {DEFAULT_SPACING} (units of KanjiVG's 109-unit canvas)",
+            )
         if self.max_points < 2:
             raise SurgeonError(f"max_points must be >= 2, got {self.max_points}", f"try {DEFAULT_MAX_POINTS}")
         if not 0 < self.val_fraction < 1:
             raise SurgeonError(f"val_fraction must be in (0, 1), got {self.val_fraction}", "try 0.1")
         if self.limit is not None and self.limit < 1:
-            raise SurgeonError(f"limit must be a positive number of characters, got {self.limit}",
-                               "leave it unset to use every character")
+            raise SurgeonError(
+                f"limit must be a positive number of characters, got {self.limit}",
+                "leave it unset to use every character",
+            )
 
 
 def split_files(files: list[Path], split: str, seed: int, val_fraction: float) -> list[Path]:
@@ -170,8 +177,10 @@ def _build_split(split: str, params: StrokeParams) -> tuple[dict[str, torch.Tens
         seqs.append(seq)
         codes.append(int(f.stem, 16))  # KanjiVG names files by the hex code point
     if not seqs:
-        raise SurgeonError(f"no KanjiVG character of the {split} split fits in {params.max_points} points",
-                           "raise max_points or the stroke spacing")
+        raise SurgeonError(
+            f"no KanjiVG character of the {split} split fits in {params.max_points} points",
+            "raise max_points or the stroke spacing",
+        )
     tensors = {
         "points": torch.from_numpy(np.concatenate(seqs)),  # [N, 3]
         "offsets": torch.from_numpy(np.cumsum([0] + [len(s) for s in seqs])).to(torch.int64),  # [C + 1]
@@ -184,8 +193,13 @@ def load_stroke_split(split: str, params: StrokeParams) -> dict:
     """``points [N, 3]``, ``offsets [C + 1]``, ``codepoints [C]`` and ``_meta`` of one split; built once, cached."""
     split = canonical_split(split)
     params.validate()
-    header = {"format": "surgeon.kanjivg.strokes", "version": FORMAT_VERSION,
-              "kanjivg": _require_distribution().version, "split": split, "params": asdict(params)}
+    header = {
+        "format": "surgeon.kanjivg.strokes",
+        "version": FORMAT_VERSION,
+        "kanjivg": _require_distribution().version,
+        "split": split,
+        "params": asdict(params),
+    }
     path = cache_dir("kanjivg") / f"strokes-{split}-{cache_key(header)}.safetensors"
     data = load_cached(path, header)
     if data is None:
@@ -199,11 +213,20 @@ def load_stroke_split(split: str, params: StrokeParams) -> dict:
 class KanjiVGStrokes(Dataset):
     """KanjiVG characters as float32 ``[L, 3]`` (x, y, pen) sequences; batch them with ``collate_sequences``."""
 
-    def __init__(self, split: str = "train", *, limit: int | None = None, max_points: int = DEFAULT_MAX_POINTS,
-                 spacing: float = DEFAULT_SPACING, seed: int = 0, val_fraction: float = 0.1):
+    def __init__(
+        self,
+        split: str = "train",
+        *,
+        limit: int | None = None,
+        max_points: int = DEFAULT_MAX_POINTS,
+        spacing: float = DEFAULT_SPACING,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+    ):
         self.split = canonical_split(split)
-        self.params = StrokeParams(spacing=spacing, max_points=max_points, seed=seed,
-                                   val_fraction=val_fraction, limit=limit)
+        self.params = StrokeParams(
+            spacing=spacing, max_points=max_points, seed=seed, val_fraction=val_fraction, limit=limit
+        )
         data = load_stroke_split(self.split, self.params)
         self.points, self.offsets, self.codepoints = data["points"], data["offsets"], data["codepoints"]
         self.dropped_too_long = int(data["_meta"]["dropped_too_long"])
@@ -228,8 +251,10 @@ class KanjiVGStrokes(Dataset):
         return chr(int(self.codepoints[i]))
 
     def __repr__(self) -> str:
-        return (f"KanjiVGStrokes(split={self.split!r}, characters={len(self)}, "
-                f"dropped_too_long={self.dropped_too_long}, {self.params})")
+        return (
+            f"KanjiVGStrokes(split={self.split!r}, characters={len(self)}, "
+            f"dropped_too_long={self.dropped_too_long}, {self.params})"
+        )
 
 
 def collate_sequences(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -251,21 +276,36 @@ class KanjiVGGlyphs(Dataset):
     Rendered once from ``KanjiVGStrokes`` (same split, limit and stroke parameters) and cached as a uint8 stack.
     """
 
-    def __init__(self, split: str = "train", size: int = 64, channels: int = 1, *, limit: int | None = None,
-                 line_width: float | None = None, max_points: int = DEFAULT_MAX_POINTS,
-                 spacing: float = DEFAULT_SPACING, seed: int = 0, val_fraction: float = 0.1):
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 64,
+        channels: int = 1,
+        *,
+        limit: int | None = None,
+        line_width: float | None = None,
+        max_points: int = DEFAULT_MAX_POINTS,
+        spacing: float = DEFAULT_SPACING,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+    ):
         if channels not in (1, 3):
             raise SurgeonError(f"glyph images have 1 or 3 channels, got {channels}", "use channels=1 (or 3)")
         if size < 8:
             raise SurgeonError(f"glyph size must be at least 8 pixels, got {size}", "try 32 or 64")
         self.split, self.channels = canonical_split(split), channels
-        params = StrokeParams(spacing=spacing, max_points=max_points, seed=seed, val_fraction=val_fraction,
-                              limit=limit)
+        params = StrokeParams(spacing=spacing, max_points=max_points, seed=seed, val_fraction=val_fraction, limit=limit)
         params.validate()
         width = default_line_width(size) if line_width is None else float(line_width)
-        header = {"format": "surgeon.kanjivg.glyphs", "version": FORMAT_VERSION,
-                  "kanjivg": _require_distribution().version, "split": self.split, "size": size,
-                  "line_width": width, "strokes": asdict(params)}
+        header = {
+            "format": "surgeon.kanjivg.glyphs",
+            "version": FORMAT_VERSION,
+            "kanjivg": _require_distribution().version,
+            "split": self.split,
+            "size": size,
+            "line_width": width,
+            "strokes": asdict(params),
+        }
         path = cache_dir("kanjivg") / f"glyphs-{self.split}-{size}px-{cache_key(header)}.safetensors"
         data = load_cached(path, header)
         if data is None:  # the stroke cache is consulted only when the glyphs must be (re)rendered

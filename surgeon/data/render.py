@@ -7,6 +7,7 @@ image (and SVG) convention: x grows to the right, y grows downwards; [-1, 1] map
 Strokes are drawn as polylines with round joins and caps, at ``SUPERSAMPLE``x resolution and box-filtered down,
 which anti-aliases thin lines well enough for 32-64 px glyphs while staying fast (Pillow does the drawing).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -71,11 +72,14 @@ def render_grid(images: Sequence | np.ndarray | torch.Tensor, nrow: int = 8, pad
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
     elif not isinstance(images, np.ndarray):
-        images = np.stack([im.detach().cpu().numpy() if isinstance(im, torch.Tensor) else np.asarray(im)
-                           for im in images])
+        images = np.stack(
+            [im.detach().cpu().numpy() if isinstance(im, torch.Tensor) else np.asarray(im) for im in images]
+        )
     if images.dtype != np.uint8:
-        raise ValueError(f"render_grid expects uint8 images, got {images.dtype}; map [-1, 1] floats with "
-                         "((x + 1) * 127.5).round().clip(0, 255) first")
+        raise ValueError(
+            f"render_grid expects uint8 images, got {images.dtype}; map [-1, 1] floats with "
+            "((x + 1) * 127.5).round().clip(0, 255) first"
+        )
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) == 0:

@@ -1,4 +1,5 @@
 """The order in which training and validation examples are drawn: a function of (seed, step), so resume is exact."""
+
 from __future__ import annotations
 
 import torch

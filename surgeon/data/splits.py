@@ -1,4 +1,5 @@
 """The names of the data splits."""
+
 from __future__ import annotations
 
 from surgeon.errors import SurgeonError
@@ -7,7 +8,7 @@ _SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validati
 
 
 def canonical_split(split: str) -> str:
-    """"train" or "validation" ("val" is accepted for the latter)."""
+    """ "train" or "validation" ("val" is accepted for the latter)."""
     try:
         return _SPLIT_ALIASES[split]
     except KeyError:

@@ -8,6 +8,7 @@ Lines contribute their end point only (arc-length resampling happens downstream)
 ``samples_per_curve`` points at t = 1/n, 2/n, ..., 1. A moveto that is not followed by a drawing command draws
 nothing, so it yields no subpath.
 """
+
 from __future__ import annotations
 
 import functools
@@ -142,17 +143,23 @@ def _parse_into(out: _Builder, d: str) -> None:
             cmd = tok
             i += 1
         elif cmd is None:
-            raise PathSyntaxError(f"SVG path {_excerpt(d)} starts with the number {tok:g} instead of a command",
-                                  "a path must begin with a moveto such as 'M 10 20'")
+            raise PathSyntaxError(
+                f"SVG path {_excerpt(d)} starts with the number {tok:g} instead of a command",
+                "a path must begin with a moveto such as 'M 10 20'",
+            )
         elif cmd in "Zz":
-            raise PathSyntaxError(f"number {tok:g} after '{cmd}' in SVG path {_excerpt(d)}",
-                                  "'Z' takes no arguments; start the next subpath with 'M'")
+            raise PathSyntaxError(
+                f"number {tok:g} after '{cmd}' in SVG path {_excerpt(d)}",
+                "'Z' takes no arguments; start the next subpath with 'M'",
+            )
         upper = cmd.upper()
         n_args = _ARITY[upper]
         a = tokens[i : i + n_args]
         if len(a) < n_args or any(isinstance(v, str) for v in a):
-            raise PathSyntaxError(f"'{cmd}' needs {n_args} numbers in SVG path {_excerpt(d)}",
-                                  "check for a missing coordinate near that command")
+            raise PathSyntaxError(
+                f"'{cmd}' needs {n_args} numbers in SVG path {_excerpt(d)}",
+                "check for a missing coordinate near that command",
+            )
         i += n_args
         ox, oy = (x, y) if cmd.islower() else (0.0, 0.0)
         if upper not in "MZ" and not out.open:
@@ -193,7 +200,8 @@ def _parse_into(out: _Builder, d: str) -> None:
                 qx, qy = (2 * x - cx, 2 * y - cy) if family == "Q" else (x, y)
                 ex, ey = ox + a[0], oy + a[1]
             # Degree elevation: the same curve, same parametrization, as a cubic.
-            out.cubic(x, y, x + 2 / 3 * (qx - x), y + 2 / 3 * (qy - y),
-                      ex + 2 / 3 * (qx - ex), ey + 2 / 3 * (qy - ey), ex, ey)
+            out.cubic(
+                x, y, x + 2 / 3 * (qx - x), y + 2 / 3 * (qy - y), ex + 2 / 3 * (qx - ex), ey + 2 / 3 * (qy - ey), ex, ey
+            )
             cx, cy, next_family, x, y = qx, qy, "Q", ex, ey
         family = next_family

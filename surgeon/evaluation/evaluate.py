@@ -7,6 +7,7 @@ of the data (reference features cached per data, resolution and extractor). Cost
 across models. Several models give one table; with an output folder, their sample grids side by side and, for
 several models, FID against sparsity and against inference FLOPs.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,9 +59,17 @@ class Evaluation:
         return self.extractor.label
 
     def to_dict(self) -> dict:
-        return {"data": self.data, "extractor": self.extractor.to_dict(), "metric_label": self.label, "n": self.n,
-                "sample_steps": self.sample_steps, "metrics": list(self.metrics),
-                "models": [asdict(r) for r in self.rows], "out_dir": self.out_dir, "plots": self.plots}
+        return {
+            "data": self.data,
+            "extractor": self.extractor.to_dict(),
+            "metric_label": self.label,
+            "n": self.n,
+            "sample_steps": self.sample_steps,
+            "metrics": list(self.metrics),
+            "models": [asdict(r) for r in self.rows],
+            "out_dir": self.out_dir,
+            "plots": self.plots,
+        }
 
 
 def check_inputs(n: int, metrics, sample_steps: int, extractor: str | None) -> tuple[tuple[str, ...], ExtractorInfo]:
@@ -68,14 +77,18 @@ def check_inputs(n: int, metrics, sample_steps: int, extractor: str | None) -> t
     metrics = parse_metrics(metrics)
     need = max(MIN_EXAMPLES[m] for m in metrics)
     if not isinstance(n, int) or n < need:
-        raise UsageError(f"--n {n}: {'/'.join(m.upper() for m in metrics)} need(s) at least {need} samples",
-                         "use --n 2048 (the default) or any count >= 2; more samples give steadier numbers")
+        raise UsageError(
+            f"--n {n}: {'/'.join(m.upper() for m in metrics)} need(s) at least {need} samples",
+            "use --n 2048 (the default) or any count >= 2; more samples give steadier numbers",
+        )
     if not isinstance(sample_steps, int) or sample_steps < 1:
         raise UsageError(f"--sample-steps {sample_steps} must be at least 1", "50 DDIM steps is the default")
     return metrics, resolve_extractor(extractor)
 
 
-def open_model(ref: str | os.PathLike | nn.Module, trust_code: bool = False) -> tuple[nn.Module, dict, nn.Module | None, str]:
+def open_model(
+    ref: str | os.PathLike | nn.Module, trust_code: bool = False
+) -> tuple[nn.Module, dict, nn.Module | None, str]:
     """(model, recorded recipe dict or {}, frozen autoencoder or None, display name) for a model reference.
 
     A run folder (with ``model/`` inside) stands for its model; a surgeon folder's metadata gives the recipe.
@@ -126,22 +139,43 @@ def generate_images(task, model: nn.Module, n: int, steps: int, seed: int, batch
         try:
             images = task.to_images(samples)
         except NotImplementedError as e:
-            raise SurgeonError(f"samples of {type(model).__name__} cannot be rendered to images",
-                               "FID/KID need a task whose to_images turns samples into pictures") from e
-        if not (torch.is_tensor(images) and images.dtype == torch.uint8 and images.dim() == 4
-                and images.shape[-1] in (1, 3) and len(images) == b):
-            raise SurgeonError(f"samples of {type(model).__name__} did not render to {b} uint8 images [N, H, W, C]",
-                               "FID/KID need a task whose to_images returns uint8 [N, H, W, 1 or 3]")
+            raise SurgeonError(
+                f"samples of {type(model).__name__} cannot be rendered to images",
+                "FID/KID need a task whose to_images turns samples into pictures",
+            ) from e
+        if not (
+            torch.is_tensor(images)
+            and images.dtype == torch.uint8
+            and images.dim() == 4
+            and images.shape[-1] in (1, 3)
+            and len(images) == b
+        ):
+            raise SurgeonError(
+                f"samples of {type(model).__name__} did not render to {b} uint8 images [N, H, W, C]",
+                "FID/KID need a task whose to_images returns uint8 [N, H, W, 1 or 3]",
+            )
         chunks.append(images)
         if progress is not None:
             progress.advance(b)
     return torch.cat(chunks)
 
 
-def evaluate(models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module, data: str = "kanjivg", n: int = 2048,
-             metrics="fid,kid", sample_steps: int = 50, extractor: str | None = None,
-             out: str | os.PathLike | None = None, force: bool = False, seed: int = 0, batch_size: int = 64,
-             progress: bool = True, console=None, limit: int | None = None, trust_code: bool = False) -> Evaluation:
+def evaluate(
+    models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module,
+    data: str = "kanjivg",
+    n: int = 2048,
+    metrics="fid,kid",
+    sample_steps: int = 50,
+    extractor: str | None = None,
+    out: str | os.PathLike | None = None,
+    force: bool = False,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+    console=None,
+    limit: int | None = None,
+    trust_code: bool = False,
+) -> Evaluation:
     """FID/KID, held-out loss, parameters and FLOPs of each model; one table (:class:`Evaluation`).
 
     ``trust_code``: let saved folders import the file or module their config names (see :func:`surgeon.load_model`).
@@ -170,8 +204,10 @@ def evaluate(models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module, 
         if not (replaceable(out_dir) or force):
             raise SurgeonError(f"output folder {out_dir} exists", "pass --force to overwrite it")
     if console is not None:
-        console.print(f"[bold]surgeon eval[/]: {len(models)} model(s) on {data}, n = {n}, {sample_steps} sampling steps; "
-                      f"{info.label}")
+        console.print(
+            f"[bold]surgeon eval[/]: {len(models)} model(s) on {data}, n = {n}, {sample_steps} sampling steps; "
+            f"{info.label}"
+        )
     feats_model = load_extractor(info)
     references: dict[tuple, torch.Tensor] = {}
     rows, grids = [], []
@@ -181,9 +217,11 @@ def evaluate(models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module, 
         task = make_task(model, data, vae=vae, limit=limit)
         channels = getattr(task, "image_channels", None)
         if channels is not None and channels not in (1, 3):
-            raise SurgeonError(f"samples of {name} have {channels} channels and cannot be rendered to images",
-                               "FID/KID score 1- or 3-channel images; evaluate a latent model through its pipeline "
-                               "folder (with its vae/)")
+            raise SurgeonError(
+                f"samples of {name} have {channels} channels and cannot be rendered to images",
+                "FID/KID score 1- or 3-channel images; evaluate a latent model through its pipeline "
+                "folder (with its vae/)",
+            )
         if recipe.get("diffusion"):
             apply_diffusion_settings(task, Recipe.from_dict(recipe).diffusion)
         task.dataset("train")  # sequence tasks draw sample lengths from it; FLOPs use one real training example
@@ -191,8 +229,9 @@ def evaluate(models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module, 
         key = (resolution, type(task).__name__)
         if key not in references:
             with WorkProgress("reference features", 1, enabled=progress) as bar:
-                references[key] = reference_features(task, data, info.name, feats_model, resolution, metrics,
-                                                     limit=limit)
+                references[key] = reference_features(
+                    task, data, info.name, feats_model, resolution, metrics, limit=limit
+                )
                 bar.advance()
         with WorkProgress(f"sampling {Path(str(name)).name}", n, enabled=progress) as bar:
             images = generate_images(task, model, n, sample_steps, seed, batch_size, bar)
@@ -202,13 +241,21 @@ def evaluate(models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module, 
         measured = measure_task(model, task)
         loss = heldout_loss(model, task, EpsilonLoss(task), min(batch_size, 32), 4, seed)
         steps_fwd = measured.flops_sparse
-        rows.append(ModelEval(
-            **asdict(s), name=name, algorithm=recipe.get("algorithm"), sparsity=measured.sparsity,
-            params_total=measured.params_total, params_kept=measured.params_kept, flops_forward=steps_fwd,
-            flops_forward_dense=measured.flops_dense,
-            flops_per_sample=None if steps_fwd is None else steps_fwd * sample_steps,
-            flops_train=_training_flops(measured, recipe), heldout_loss=loss,
-        ))
+        rows.append(
+            ModelEval(
+                **asdict(s),
+                name=name,
+                algorithm=recipe.get("algorithm"),
+                sparsity=measured.sparsity,
+                params_total=measured.params_total,
+                params_kept=measured.params_kept,
+                flops_forward=steps_fwd,
+                flops_forward_dense=measured.flops_dense,
+                flops_per_sample=None if steps_fwd is None else steps_fwd * sample_steps,
+                flops_train=_training_flops(measured, recipe),
+                heldout_loss=loss,
+            )
+        )
         grids.append((Path(str(name)).name if not isinstance(ref, nn.Module) else name, images[:GRID_SAMPLES]))
     result = Evaluation(data, info, n, sample_steps, metrics, rows, str(out_dir) if out_dir else None)
     if out_dir is not None:
@@ -226,21 +273,38 @@ def write_outputs(result: Evaluation, grids, out_dir: Path) -> None:
     pictures = []
     for row, (label, images) in zip(result.rows, grids):
         k = len(images)
-        pictures.append((f"{label}\nFID {row.fid:.2f}" if row.fid is not None else label,
-                         render_grid(images, nrow=max(1, int(math.sqrt(k))))))
-    result.plots["samples"] = str(grids_side_by_side(
-        [(lbl, _array(g)) for lbl, g in pictures], out_dir / "samples.png", title=result.label))
+        pictures.append(
+            (
+                f"{label}\nFID {row.fid:.2f}" if row.fid is not None else label,
+                render_grid(images, nrow=max(1, int(math.sqrt(k)))),
+            )
+        )
+    result.plots["samples"] = str(
+        grids_side_by_side([(lbl, _array(g)) for lbl, g in pictures], out_dir / "samples.png", title=result.label)
+    )
     fids = [r for r in result.rows if r.fid is not None]
     if len(fids) > 1:
         dense = [r.fid for r in fids if r.sparsity == 0.0]
-        points = [{"method": r.algorithm or "model", "sparsity": r.sparsity, "flops": r.flops_forward, "fid": r.fid}
-                  for r in fids]
+        points = [
+            {"method": r.algorithm or "model", "sparsity": r.sparsity, "flops": r.flops_forward, "fid": r.fid}
+            for r in fids
+        ]
         ref = dense[0] if dense else None
-        result.plots["fid_vs_sparsity"] = str(metric_vs(points, "sparsity", "fid", out_dir / "fid_vs_sparsity.png",
-                                                        "sparsity S", result.label, dense=ref))
+        result.plots["fid_vs_sparsity"] = str(
+            metric_vs(points, "sparsity", "fid", out_dir / "fid_vs_sparsity.png", "sparsity S", result.label, dense=ref)
+        )
         if all(p["flops"] is not None for p in points):
-            result.plots["fid_vs_flops"] = str(metric_vs(points, "flops", "fid", out_dir / "fid_vs_flops.png",
-                                                        "inference FLOPs per denoiser call", result.label, dense=ref))
+            result.plots["fid_vs_flops"] = str(
+                metric_vs(
+                    points,
+                    "flops",
+                    "fid",
+                    out_dir / "fid_vs_flops.png",
+                    "inference FLOPs per denoiser call",
+                    result.label,
+                    dense=ref,
+                )
+            )
     with atomic_path(out_dir / "results.json") as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=2))
 

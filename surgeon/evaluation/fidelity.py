@@ -5,6 +5,7 @@ held-out split of the data, rendered the way the model's samples are; its featur
 per (data, resolution, extractor, split), keyed so that a change of the data (file names, sizes, times) or of
 the extractor recomputes them. FID and KID are torch-fidelity's own formulas on those features.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,10 @@ def parse_metrics(metrics) -> tuple[str, ...]:
 def to_rgb_nchw(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``[N, H, W, C]`` (C = 1 or 3) → uint8 ``[N, 3, H, W]``, the layout torch-fidelity's extractors take."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] not in (1, 3):
-        raise SurgeonError(f"samples cannot be scored as images: got {images.dtype} {tuple(images.shape)}",
-                           "a task's to_images must return uint8 [N, H, W, 1 or 3]")
+        raise SurgeonError(
+            f"samples cannot be scored as images: got {images.dtype} {tuple(images.shape)}",
+            "a task's to_images must return uint8 [N, H, W, 1 or 3]",
+        )
     x = images.permute(0, 3, 1, 2)
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x.contiguous()
 
@@ -70,11 +73,17 @@ def fid(features_1: torch.Tensor, features_2: torch.Tensor) -> float:
 
     for f in (features_1, features_2):
         if len(f) < MIN_EXAMPLES["fid"]:
-            raise SurgeonError(f"FID needs at least {MIN_EXAMPLES['fid']} images per set, got {len(f)}",
-                               "generate more samples (--n) or give more held-out data")
+            raise SurgeonError(
+                f"FID needs at least {MIN_EXAMPLES['fid']} images per set, got {len(f)}",
+                "generate more samples (--n) or give more held-out data",
+            )
     s1, s2 = fid_features_to_statistics(features_1.double()), fid_features_to_statistics(features_2.double())
-    mu1, sigma1, mu2, sigma2 = (np.atleast_1d(s1["mu"]), np.atleast_2d(s1["sigma"]), np.atleast_1d(s2["mu"]),
-                                np.atleast_2d(s2["sigma"]))
+    mu1, sigma1, mu2, sigma2 = (
+        np.atleast_1d(s1["mu"]),
+        np.atleast_2d(s1["sigma"]),
+        np.atleast_1d(s2["mu"]),
+        np.atleast_2d(s2["sigma"]),
+    )
     w, v = np.linalg.eigh(sigma1)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     inner = root1 @ sigma2 @ root1
@@ -84,8 +93,13 @@ def fid(features_1: torch.Tensor, features_2: torch.Tensor) -> float:
     return max(0.0, value)  # round-off can leave a tiny negative value for (near-)identical sets
 
 
-def kid(features_1: torch.Tensor, features_2: torch.Tensor, subsets: int = KID_SUBSETS,
-        subset_size: int = KID_SUBSET_SIZE, seed: int = 2020) -> tuple[float, float, int]:
+def kid(
+    features_1: torch.Tensor,
+    features_2: torch.Tensor,
+    subsets: int = KID_SUBSETS,
+    subset_size: int = KID_SUBSET_SIZE,
+    seed: int = 2020,
+) -> tuple[float, float, int]:
     """KID (polynomial-kernel MMD², unbiased) mean and std over random subsets; returns (mean, std, subset size).
 
     The subset size is torch-fidelity's 1000 or the smaller set's size when that is smaller.
@@ -94,10 +108,21 @@ def kid(features_1: torch.Tensor, features_2: torch.Tensor, subsets: int = KID_S
 
     size = min(subset_size, len(features_1), len(features_2))
     if size < MIN_EXAMPLES["kid"]:
-        raise SurgeonError(f"KID needs at least {MIN_EXAMPLES['kid']} images per set, got {size}",
-                           "generate more samples (--n) or give more held-out data")
-    out = kid_features_to_metric(features_1.float(), features_2.float(), kid_subsets=subsets, kid_subset_size=size,
-                                 kid_degree=3, kid_gamma=None, kid_coef0=1, rng_seed=seed, verbose=False)
+        raise SurgeonError(
+            f"KID needs at least {MIN_EXAMPLES['kid']} images per set, got {size}",
+            "generate more samples (--n) or give more held-out data",
+        )
+    out = kid_features_to_metric(
+        features_1.float(),
+        features_2.float(),
+        kid_subsets=subsets,
+        kid_subset_size=size,
+        kid_degree=3,
+        kid_gamma=None,
+        kid_coef0=1,
+        rng_seed=seed,
+        verbose=False,
+    )
     return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD]), size
 
 
@@ -145,8 +170,10 @@ def heldout_images(task, limit: int = MAX_REFERENCE) -> torch.Tensor:
     """The task's validation split rendered like its samples: uint8 ``[N, H, W, C]``."""
     data = task.dataset("val")
     if data is None or len(data) == 0:
-        raise SurgeonError(f"{getattr(task, 'data', 'the data')} has no held-out split to compare samples with",
-                           "give a folder with train/ and validation/ (or val/) subfolders, or use kanjivg")
+        raise SurgeonError(
+            f"{getattr(task, 'data', 'the data')} has no held-out split to compare samples with",
+            "give a folder with train/ and validation/ (or val/) subfolders, or use kanjivg",
+        )
     n = min(len(data), limit)
     chunks = []
     for i in range(0, n, 256):
@@ -156,14 +183,29 @@ def heldout_images(task, limit: int = MAX_REFERENCE) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def reference_features(task, data: str, extractor_name: str, extractor: Callable, resolution: int,
-                       metrics=METRICS, progress=None, limit: int | None = None) -> torch.Tensor:
+def reference_features(
+    task,
+    data: str,
+    extractor_name: str,
+    extractor: Callable,
+    resolution: int,
+    metrics=METRICS,
+    progress=None,
+    limit: int | None = None,
+) -> torch.Tensor:
     """Features of the held-out split, from the user cache when (data, resolution, extractor) match."""
     from surgeon.data.cache import cache_dir, cache_key, load_cached, save_cached
 
-    header = {"format": "reference-features", "version": 1, "extractor": extractor_name,
-              "resolution": int(resolution), "max": MAX_REFERENCE,
-              "limit": limit, "task": type(task).__name__, **data_fingerprint(data, "validation")}
+    header = {
+        "format": "reference-features",
+        "version": 1,
+        "extractor": extractor_name,
+        "resolution": int(resolution),
+        "max": MAX_REFERENCE,
+        "limit": limit,
+        "task": type(task).__name__,
+        **data_fingerprint(data, "validation"),
+    }
     path = cache_dir("fidelity") / f"reference-{cache_key(header)}.safetensors"
     cached = load_cached(path, header)
     if cached is not None:
@@ -174,6 +216,9 @@ def reference_features(task, data: str, extractor_name: str, extractor: Callable
         save_cached(path, {"features": feats.contiguous()}, header)
     need = max(MIN_EXAMPLES[m] for m in parse_metrics(metrics))
     if len(feats) < need:
-        raise SurgeonError(f"{data} has {len(feats)} held-out example(s); {'/'.join(parse_metrics(metrics)).upper()} "
-                           f"need(s) at least {need}", "add images to the validation/ (or val/) folder")
+        raise SurgeonError(
+            f"{data} has {len(feats)} held-out example(s); {'/'.join(parse_metrics(metrics)).upper()} "
+            f"need(s) at least {need}",
+            "add images to the validation/ (or val/) folder",
+        )
     return feats

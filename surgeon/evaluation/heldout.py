@@ -1,4 +1,5 @@
 """Held-out denoising loss: the validation split with fixed noise, comparable across runs and recipes."""
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 
 Every function writes one PNG atomically and returns its path.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ def read_losses(metrics_path: str | os.PathLike) -> tuple[list[int], list[float]
     return steps, losses, updates
 
 
-def loss_curve(metrics_path: str | os.PathLike, out: str | os.PathLike, title: str | None = None,
-               val_loss: float | None = None) -> Path:
+def loss_curve(
+    metrics_path: str | os.PathLike, out: str | os.PathLike, title: str | None = None, val_loss: float | None = None
+) -> Path:
     """Training loss against step (log scale), mask updates as faint vertical lines, the held-out loss as a dot."""
     plt = _pyplot()
     steps, losses, updates = read_losses(metrics_path)
@@ -71,7 +73,9 @@ def loss_curve(metrics_path: str | os.PathLike, out: str | os.PathLike, title: s
     return _save(fig, out)
 
 
-def loss_curves(runs: Sequence[tuple[str, str | os.PathLike]], out: str | os.PathLike, title: str = "training loss") -> Path:
+def loss_curves(
+    runs: Sequence[tuple[str, str | os.PathLike]], out: str | os.PathLike, title: str = "training loss"
+) -> Path:
     """Several runs' training losses on one axis: ``runs`` = [(label, metrics.jsonl path), ...]."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -90,7 +94,9 @@ def loss_curves(runs: Sequence[tuple[str, str | os.PathLike]], out: str | os.Pat
     return _save(fig, out)
 
 
-def grids_side_by_side(grids: Sequence[tuple[str, np.ndarray]], out: str | os.PathLike, title: str | None = None) -> Path:
+def grids_side_by_side(
+    grids: Sequence[tuple[str, np.ndarray]], out: str | os.PathLike, title: str | None = None
+) -> Path:
     """Sample grids (uint8 ``[H, W]`` or ``[H, W, C]``) in one row, each titled with its label."""
     plt = _pyplot()
     n = max(len(grids), 1)
@@ -110,8 +116,17 @@ def grids_side_by_side(grids: Sequence[tuple[str, np.ndarray]], out: str | os.Pa
     return _save(fig, out)
 
 
-def metric_vs(points: Sequence[dict], x: str, y: str, out: str | os.PathLike, xlabel: str, ylabel: str,
-              dense: float | None = None, title: str | None = None, log_x: bool = False) -> Path:
+def metric_vs(
+    points: Sequence[dict],
+    x: str,
+    y: str,
+    out: str | os.PathLike,
+    xlabel: str,
+    ylabel: str,
+    dense: float | None = None,
+    title: str | None = None,
+    log_x: bool = False,
+) -> Path:
     """``y`` against ``x`` for the points of each method (``point["method"]``), with a horizontal dense reference
     line at ``dense``; points are dicts with keys x, y, "method" and optional "label"."""
     plt = _pyplot()

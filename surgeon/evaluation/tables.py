@@ -1,4 +1,5 @@
 """Result tables shared by the CLI, ``make demo`` and ``surgeon reproduce``: rich tables and markdown."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -42,9 +43,15 @@ def summary_table(summaries, title: str = "surgeon sparsify") -> Table:
         table.add_column(col, justify="right", no_wrap=True)
     for s in summaries:
         table.add_row(
-            s.recipe, f"{s.final_loss:.4f}", _loss(s.val_loss), _params(s.params_kept, s.params_total),
-            f"{s.sparsity:.3f}", format_flops(getattr(s, "flops_forward", None)),
-            format_flops(getattr(s, "flops_train", None)), f"{s.seconds_per_step:.2f}", f"{s.seconds:.0f}s",
+            s.recipe,
+            f"{s.final_loss:.4f}",
+            _loss(s.val_loss),
+            _params(s.params_kept, s.params_total),
+            f"{s.sparsity:.3f}",
+            format_flops(getattr(s, "flops_forward", None)),
+            format_flops(getattr(s, "flops_train", None)),
+            f"{s.seconds_per_step:.2f}",
+            f"{s.seconds:.0f}s",
         )
     return table
 
@@ -58,35 +65,54 @@ def print_summary(summaries, console: Console | None = None, title: str = "surge
 
 def eval_table(result) -> Table:
     """One row per evaluated model (``Evaluation``); the title names the feature extractor in words."""
-    table = Table(title=f"surgeon eval — {result.label}", caption=f"{result.data}, n = {result.n} samples, "
-                  f"{result.sample_steps} sampling steps; FLOPs per denoiser call")
+    table = Table(
+        title=f"surgeon eval — {result.label}",
+        caption=f"{result.data}, n = {result.n} samples, {result.sample_steps} sampling steps; FLOPs per denoiser call",
+    )
     table.add_column("model", overflow="fold", min_width=10)
     for col in ("FID", "KID", "held-out", "params kept", "sparsity", "fwd FLOPs", "train FLOPs"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in result.rows:
-        table.add_row(r.name, "n/a" if r.fid is None else f"{r.fid:.2f}", format_kid(r.kid_mean, r.kid_std),
-                      _loss(r.heldout_loss), _params(r.params_kept, r.params_total), f"{r.sparsity:.3f}",
-                      format_flops(r.flops_forward), format_flops(r.flops_train))
+        table.add_row(
+            r.name,
+            "n/a" if r.fid is None else f"{r.fid:.2f}",
+            format_kid(r.kid_mean, r.kid_std),
+            _loss(r.heldout_loss),
+            _params(r.params_kept, r.params_total),
+            f"{r.sparsity:.3f}",
+            format_flops(r.flops_forward),
+            format_flops(r.flops_train),
+        )
     return table
 
 
 def comparison_table(summaries, result, title: str = "surgeon") -> Table:
     """Training runs (``RunSummary``) next to their scores (``Evaluation`` of the same runs, in the same order)."""
-    table = Table(title=f"{title} — {result.label}", caption=f"n = {result.n} samples per model, "
-                  f"{result.sample_steps} DDIM steps; FLOPs after Evci et al. (fwd: one denoiser call)")
+    table = Table(
+        title=f"{title} — {result.label}",
+        caption=f"n = {result.n} samples per model, "
+        f"{result.sample_steps} DDIM steps; FLOPs after Evci et al. (fwd: one denoiser call)",
+    )
     table.add_column("run", overflow="fold", min_width=6)
     for col in ("FID", "KID", "train loss", "held-out", "params kept", "fwd FLOPs", "train FLOPs", "time"):
         table.add_column(col, justify="right", no_wrap=True)
     for s, r in zip(summaries, result.rows):
-        table.add_row(s.recipe, "n/a" if r.fid is None else f"{r.fid:.2f}", format_kid(r.kid_mean, r.kid_std),
-                      f"{s.final_loss:.4f}", _loss(s.val_loss), _params(s.params_kept, s.params_total),
-                      format_flops(s.flops_forward), format_flops(s.flops_train), f"{s.seconds:.0f}s")
+        table.add_row(
+            s.recipe,
+            "n/a" if r.fid is None else f"{r.fid:.2f}",
+            format_kid(r.kid_mean, r.kid_std),
+            f"{s.final_loss:.4f}",
+            _loss(s.val_loss),
+            _params(s.params_kept, s.params_total),
+            format_flops(s.flops_forward),
+            format_flops(s.flops_train),
+            f"{s.seconds:.0f}s",
+        )
     return table
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub markdown table; the first column left-aligned, the rest right-aligned."""
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@ Every format has a ``write(model, out, options) -> rows`` that takes a private c
 the layout recorded in its metadata, never by its name. ``surgeon.export(...)`` (in :mod:`surgeon.exporting`)
 resolves the model, checks the request and calls the writer.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,16 @@ def _write_packed(model: nn.Module, out: Path, opts: Options) -> list[Row]:
     rows = []
     for fqn, (kind, shape) in kinds.items():
         if fqn in masked:
-            rows.append(Row(fqn, kind, shape, "values+mask", nbytes(tensors[f"{fqn}.values"], tensors[f"{fqn}.mask"]),
-                            "dense (masked)"))
+            rows.append(
+                Row(
+                    fqn,
+                    kind,
+                    shape,
+                    "values+mask",
+                    nbytes(tensors[f"{fqn}.values"], tensors[f"{fqn}.mask"]),
+                    "dense (masked)",
+                )
+            )
         else:
             rows.append(Row(fqn, kind, shape, "dense", nbytes(tensors[fqn]), "dense"))
     return rows
@@ -56,16 +65,43 @@ def _read_packed(meta: Mapping, device: torch.device | str | None = None) -> nn.
     return model.to(device) if device is not None else model
 
 
-FORMATS = {f.name: f for f in (
-    Format("dense", dense.LAYOUT, tuple(DTYPES), dense.write, dense.read,
-           "plain weights, masks folded in: diffusers folders, pipeline folders or one .safetensors file"),
-    Format("packed", packed.LAYOUT, tuple(DTYPES), _write_packed, _read_packed,
-           "kept values + 1-bit masks; loads back masked, ready to train on"),
-    Format("semi-structured", semi_structured.LAYOUT, tuple(DTYPES), semi_structured.write, semi_structured.read,
-           "2:4 weights as half the values + 2-bit positions; CUDA runs them on sparse tensor cores"),
-    Format("csr", csr.LAYOUT, ("fp32",), csr.write, csr.read,
-           "compressed sparse rows where measured faster on CPU (fp32)"),
-)}
+FORMATS = {
+    f.name: f
+    for f in (
+        Format(
+            "dense",
+            dense.LAYOUT,
+            tuple(DTYPES),
+            dense.write,
+            dense.read,
+            "plain weights, masks folded in: diffusers folders, pipeline folders or one .safetensors file",
+        ),
+        Format(
+            "packed",
+            packed.LAYOUT,
+            tuple(DTYPES),
+            _write_packed,
+            _read_packed,
+            "kept values + 1-bit masks; loads back masked, ready to train on",
+        ),
+        Format(
+            "semi-structured",
+            semi_structured.LAYOUT,
+            tuple(DTYPES),
+            semi_structured.write,
+            semi_structured.read,
+            "2:4 weights as half the values + 2-bit positions; CUDA runs them on sparse tensor cores",
+        ),
+        Format(
+            "csr",
+            csr.LAYOUT,
+            ("fp32",),
+            csr.write,
+            csr.read,
+            "compressed sparse rows where measured faster on CPU (fp32)",
+        ),
+    )
+}
 
 
 def load(path: str | os.PathLike, device: torch.device | str | None = None, trust_code: bool = False) -> nn.Module:
@@ -81,8 +117,9 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None, trus
         if fmt.layout == meta["layout"]:
             with trusting_code(trust_code):
                 return fmt.read(meta, device)
-    raise SurgeonError(f"{meta['file']} holds the {meta['layout']!r} layout, which this surgeon cannot read",
-                       "upgrade surgeon")
+    raise SurgeonError(
+        f"{meta['file']} holds the {meta['layout']!r} layout, which this surgeon cannot read", "upgrade surgeon"
+    )
 
 
 __all__ = ["FORMATS", "Format", "Options", "Row", "load"]

@@ -1,4 +1,5 @@
 """What every export format shares: options, dtypes, the per-layer table rows, and dense weights from a file."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping

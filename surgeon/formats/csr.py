@@ -11,6 +11,7 @@ A converted weight ``P`` is stored as ``P.crow`` / ``P.col`` (int32) / ``P.value
 the header's ``csr`` entry names the converted modules with their measured times. Loading gives the same model
 with those modules replaced by the CSR modules of :mod:`surgeon.formats.csr_layers`, every other weight dense.
 """
+
 from __future__ import annotations
 
 import copy
@@ -89,13 +90,16 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
 
 # --- measuring ---------------------------------------------------------------------------------------------------
 
+
 def _inputs_of(model: nn.Module, fqns: list[str], step: Callable[[nn.Module], Any]) -> dict[str, tuple]:
     """The positional inputs each module receives first in one ``step`` of the model."""
     seen: dict[str, tuple] = {}
     hooks = []
     for fqn in fqns:
+
         def hook(_m, args, fqn=fqn):
             seen.setdefault(fqn, tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args))
+
         hooks.append(model.get_submodule(fqn).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -117,7 +121,7 @@ def _best_seconds(fns: dict[str, Callable[[], Any]], budget: float = 0.3, least:
         for fn in fns.values():
             fn()  # warm-up
         for i in range(25):
-            for name, fn in (list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]):
+            for name, fn in list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]:
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
@@ -136,16 +140,22 @@ def choose(model: nn.Module, candidates: dict[str, str], opts: Options) -> dict[
     decided: dict[str, dict] = {}
     if opts.layers == "all":
         return {fqn: {"kind": kind, "dense_ms": None, "csr_ms": None, "why": None} for fqn, kind in candidates.items()}
-    sparse_enough = {f: k for f, k in candidates.items()
-                     if _density(model.get_submodule(f), sparse_weights(model.get_submodule(f), k)) <= MAX_DENSITY}
+    sparse_enough = {
+        f: k
+        for f, k in candidates.items()
+        if _density(model.get_submodule(f), sparse_weights(model.get_submodule(f), k)) <= MAX_DENSITY
+    }
     for fqn, kind in candidates.items():
         if fqn not in sparse_enough:
             decided[fqn] = {"kind": kind, "dense_ms": None, "csr_ms": None, "why": f"denser than {MAX_DENSITY:g}"}
     if not sparse_enough:
         return decided
     if opts.example is None:
-        raise SurgeonError(f"cannot measure which layers of {type(model).__name__} run faster as CSR: surgeon does "
-                           "not know its inputs", "pass --layers all, or surgeon.export(..., example=step_fn)")
+        raise SurgeonError(
+            f"cannot measure which layers of {type(model).__name__} run faster as CSR: surgeon does "
+            "not know its inputs",
+            "pass --layers all, or surgeon.export(..., example=step_fn)",
+        )
     inputs = _inputs_of(model, list(sparse_enough), opts.example)
     from surgeon.progress import WorkProgress
 
@@ -159,12 +169,18 @@ def choose(model: nn.Module, candidates: dict[str, str], opts: Options) -> dict[
             sparse = csr_module(dense, kind)
             t = _best_seconds({"dense": lambda d=dense, a=args: d(*a), "csr": lambda s=sparse, a=args: s(*a)})
             faster = t["csr"] <= FASTER * t["dense"]
-            decided[fqn] = {"kind": kind, "dense_ms": round(t["dense"] * 1e3, 4), "csr_ms": round(t["csr"] * 1e3, 4),
-                            "why": None if faster else "not faster as CSR"}
+            decided[fqn] = {
+                "kind": kind,
+                "dense_ms": round(t["dense"] * 1e3, 4),
+                "csr_ms": round(t["csr"] * 1e3, 4),
+                "why": None if faster else "not faster as CSR",
+            }
     return _confirm_whole_step(model, decided, opts.example)
 
 
-def _confirm_whole_step(model: nn.Module, decided: dict[str, dict], step: Callable[[nn.Module], Any]) -> dict[str, dict]:
+def _confirm_whole_step(
+    model: nn.Module, decided: dict[str, dict], step: Callable[[nn.Module], Any]
+) -> dict[str, dict]:
     """Keep the per-layer choice only if the whole denoising step is faster with it, so auto is never slower.
 
     Layers measured faster alone can lose in the model (cache effects, threads, a busy machine during the
@@ -187,6 +203,7 @@ def _confirm_whole_step(model: nn.Module, decided: dict[str, dict], step: Callab
 
 # --- writing -----------------------------------------------------------------------------------------------------
 
+
 def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
     kinds, masks = target_kinds(model), masks_of(model)
     fold(model)
@@ -194,24 +211,42 @@ def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
     candidates = {fqn: k for fqn, m in model.named_modules() if (k := kind_of(m)) is not None}
     decided = choose(model, candidates, opts)
     chosen = {f: d for f, d in decided.items() if d["why"] is None}
-    owner = {f"{mod}.{name}" if mod else name: mod for mod, d in chosen.items()
-             for name in sparse_weights(model.get_submodule(mod), d["kind"])}
-    module_of = {f"{mod}.{n}" if mod else n: mod for mod in candidates
-                 for n in sparse_weights(model.get_submodule(mod), candidates[mod])}
+    owner = {
+        f"{mod}.{name}" if mod else name: mod
+        for mod, d in chosen.items()
+        for name in sparse_weights(model.get_submodule(mod), d["kind"])
+    }
+    module_of = {
+        f"{mod}.{n}" if mod else n: mod
+        for mod in candidates
+        for n in sparse_weights(model.get_submodule(mod), candidates[mod])
+    }
 
     tensors, info, rows = plain_state(model), {}, []
     for fqn, (kind, shape) in kinds.items():
         w = tensors[fqn]
         if fqn in owner:
             parts = csr_parts(tensors.pop(fqn))
-            info[fqn] = {"storage": "csr", "shape": list(shape), "dtype": dtype_name(w.dtype), "kind": kind,
-                         "module": owner[fqn]}
+            info[fqn] = {
+                "storage": "csr",
+                "shape": list(shape),
+                "dtype": dtype_name(w.dtype),
+                "kind": kind,
+                "module": owner[fqn],
+            }
             storage, runs = "csr", "csr"
         elif fqn in masks:
             tensors.pop(fqn)
             parts = {"values": w[masks[fqn]], "mask": pack_mask(masks[fqn])}
-            info[fqn] = {"storage": "values+mask", "shape": list(shape), "dtype": dtype_name(w.dtype), "kind": kind,
-                         "kept": int(parts["values"].numel()), "nm": None, "lambda_w": None}
+            info[fqn] = {
+                "storage": "values+mask",
+                "shape": list(shape),
+                "dtype": dtype_name(w.dtype),
+                "kind": kind,
+                "kept": int(parts["values"].numel()),
+                "nm": None,
+                "lambda_w": None,
+            }
             storage, runs = "values+mask", "dense"
         else:
             parts, storage, runs = {}, "dense", "dense"
@@ -222,7 +257,9 @@ def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
         if d.get("dense_ms") is not None:
             note = f"{note + '; ' if note else ''}dense {d['dense_ms']:.3g} ms, csr {d['csr_ms']:.3g} ms"
         elif fqn not in module_of:
-            note = "recurrent weights run dense, step by step" if ".weight_hh_l" in fqn else "no CSR module for this layer"
+            note = (
+                "recurrent weights run dense, step by step" if ".weight_hh_l" in fqn else "no CSR module for this layer"
+            )
         rows.append(Row(fqn, kind, shape, storage, nbytes(*(parts.values() or [w])), runs, note))
     fields = header_fields(model, {}, opts.recipe, opts.extra)
     write_model(model, out, tensors, LAYOUT, {**fields, "tensors": info, "csr": chosen}, opts.force)
@@ -231,9 +268,12 @@ def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
 
 # --- reading -----------------------------------------------------------------------------------------------------
 
+
 def read(meta: Mapping, device: torch.device | str | None = None) -> nn.Module:
     if device is not None and torch.device(device).type != "cpu":
-        raise SurgeonError(f"{meta['file']} computes with CPU CSR kernels", "load it on the CPU, or export another format")
+        raise SurgeonError(
+            f"{meta['file']} computes with CPU CSR kernels", "load it on the CPU, or export another format"
+        )
     tensors = read_tensors(meta["file"])
     stored: dict[str, dict[str, torch.Tensor]] = {}
     for fqn, info in meta["tensors"].items():

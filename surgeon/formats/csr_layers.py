@@ -6,6 +6,7 @@ projections (one matmul over the whole sequence) use CSR while the recurrence st
 runs step by step in Python instead of torch's fused kernel, so a CSR GRU/LSTM only pays off where the input
 projections dominate; the export measures that per layer before choosing it.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -68,9 +69,14 @@ class CSRConv1x1(CSRLinear):
 
 
 def is_plain_1x1(m: nn.Module) -> bool:
-    return (isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and all(k == 1 for k in m.kernel_size)
-            and all(s == 1 for s in m.stride) and all(p == 0 for p in m.padding) and m.groups == 1
-            and m.padding_mode == "zeros")
+    return (
+        isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        and all(k == 1 for k in m.kernel_size)
+        and all(s == 1 for s in m.stride)
+        and all(p == 0 for p in m.padding)
+        and m.groups == 1
+        and m.padding_mode == "zeros"
+    )
 
 
 def is_plain_recurrent(m: nn.Module) -> bool:
@@ -133,7 +139,7 @@ class CSRRecurrent(nn.Module):
                 w_hh, b_hh = self._tensor("weight_hh", layer, d), self._tensor("bias_hh", layer, d)
                 h, c = h0[k], None if c0 is None else c0[k]
                 seq = [None] * steps
-                for t in (range(steps - 1, -1, -1) if d else range(steps)):
+                for t in range(steps - 1, -1, -1) if d else range(steps):
                     h, c = self._cell(gi[t], h, c, w_hh, b_hh)
                     seq[t] = h
                 outs.append(torch.stack(seq))

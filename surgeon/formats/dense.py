@@ -7,6 +7,7 @@
 - ``--out x.safetensors``: one self-describing surgeon file, the config inside its metadata;
 - any other module: a surgeon folder (``config.json`` with the recorded class + ``model.safetensors``).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -51,8 +52,9 @@ def denoiser_part(pipeline: Path) -> str:
     for part in DENOISER_PARTS:
         if part in index and (pipeline / part).is_dir():
             return part
-    raise SurgeonError(f"{pipeline} is not a pipeline folder with a unet or transformer",
-                       "export the model alone (drop --pipeline)")
+    raise SurgeonError(
+        f"{pipeline} is not a pipeline folder with a unet or transformer", "export the model alone (drop --pipeline)"
+    )
 
 
 def _write_pipeline(model: nn.Module, pipeline: Path, out: Path, force: bool) -> None:

@@ -3,6 +3,7 @@
 The model is resolved (any reference :func:`surgeon.load_model` takes, or a module), the request is checked before
 anything is written, and the format's writer gets a deep copy: the input is never changed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -78,12 +79,17 @@ def export(
     fmt = FORMATS[format]
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None and dtype_name(torch_dtype) not in [dtype_name(parse_dtype(d)) for d in fmt.dtypes]:
-        raise SurgeonError(f"the {format} format cannot hold {dtype}: it stores {', '.join(fmt.dtypes)}",
-                           "drop --dtype, or export half precision as dense, packed or semi-structured")
+        raise SurgeonError(
+            f"the {format} format cannot hold {dtype}: it stores {', '.join(fmt.dtypes)}",
+            "drop --dtype, or export half precision as dense, packed or semi-structured",
+        )
     if layers not in ("auto", "all"):
         raise UsageError(f"unknown --layers {layers!r}", "choose auto (measured per layer) or all")
-    for flag, given, allowed in (("--pipeline", bool(pipeline), "dense"), ("--prune", prune, "semi-structured"),
-                                 ("--layers all", layers == "all", "csr")):
+    for flag, given, allowed in (
+        ("--pipeline", bool(pipeline), "dense"),
+        ("--prune", prune, "semi-structured"),
+        ("--layers all", layers == "all", "csr"),
+    ):
         if given and format != allowed:
             raise UsageError(f"{flag} is for --format {allowed}, not {format}", f"drop {flag}")
     out = Path(out)
@@ -101,8 +107,10 @@ def export(
     if pipeline is True:
         pipeline = extra.get("pipeline") or pipeline_of_ref
         if not pipeline:
-            raise SurgeonError("--pipeline: the model's metadata names no pipeline",
-                               "export a model trained from a latent pipeline folder, or pass pipeline=PATH")
+            raise SurgeonError(
+                "--pipeline: the model's metadata names no pipeline",
+                "export a model trained from a latent pipeline folder, or pass pipeline=PATH",
+            )
     if pipeline:
         pipeline = Path(pipeline)
         denoiser_part(pipeline)  # refuses a folder that is not a pipeline, before any work
@@ -111,9 +119,17 @@ def export(
     check_output(out, force)
     if format == "csr" and layers == "auto" and example is None:
         example = denoising_step(model)
-    opts = Options(dtype=torch_dtype, force=force, pipeline=str(pipeline) if pipeline else None, prune=prune,
-                   layers=layers, example=example, progress=progress, recipe=meta["recipe"] if meta else None,
-                   extra=extra)
+    opts = Options(
+        dtype=torch_dtype,
+        force=force,
+        pipeline=str(pipeline) if pipeline else None,
+        prune=prune,
+        layers=layers,
+        example=example,
+        progress=progress,
+        recipe=meta["recipe"] if meta else None,
+        extra=extra,
+    )
     work = copy.deepcopy(model)  # the writers fold, cast and swap modules: never on the caller's model
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

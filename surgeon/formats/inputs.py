@@ -1,4 +1,5 @@
 """One denoising step of a model with its own input shapes: what the CSR export measures and the benchmarks time."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -10,7 +11,9 @@ from torch import nn
 from surgeon.tasks import is_image_model, is_sequence_model
 
 
-def denoising_step(model: nn.Module, batch: int = 4, length: int = 64, seed: int = 0) -> Callable[[nn.Module], Any] | None:
+def denoising_step(
+    model: nn.Module, batch: int = 4, length: int = 64, seed: int = 0
+) -> Callable[[nn.Module], Any] | None:
     """``step(m)`` runs one seeded denoiser call on ``batch`` inputs shaped as ``model`` takes them, or None when
     surgeon cannot tell (a module that is neither a diffusers 2D denoiser nor a ``forward(x_t, t, mask)`` model).
 
@@ -31,8 +34,14 @@ def denoising_step(model: nn.Module, batch: int = 4, length: int = 64, seed: int
         x = torch.randn(batch, task.latent_channels, task.latent_size, task.latent_size, generator=g)
         labels = torch.zeros(batch, dtype=torch.long) if task.class_conditional else None
         cond = task.conditioning(batch, "cpu", labels)
-        return lambda m: task.predict(m, {"x_t": x.to(_dtype(m)), "t": t,
-                                          **{k: v.to(_dtype(m)) if v.is_floating_point() else v for k, v in cond.items()}})
+        return lambda m: task.predict(
+            m,
+            {
+                "x_t": x.to(_dtype(m)),
+                "t": t,
+                **{k: v.to(_dtype(m)) if v.is_floating_point() else v for k, v in cond.items()},
+            },
+        )
     return None
 
 

@@ -4,6 +4,7 @@
 model), a single ``.safetensors`` file (:func:`load_safetensors_file`), ``path/to/file.py:Class``, a preset name,
 a hub id.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -22,7 +23,10 @@ from surgeon.models import presets
 # the only weights a model folder may hold; loading never unpickles
 _WEIGHTS = "diffusion_pytorch_model*.safetensors*"
 _HUB_PATTERNS = [
-    "model_index.json", "config.json", "model.safetensors", _WEIGHTS,
+    "model_index.json",
+    "config.json",
+    "model.safetensors",
+    _WEIGHTS,
     *(f"{sub}/{name}" for sub in ("unet", "transformer") for name in ("config.json", "model.safetensors", _WEIGHTS)),
 ]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -57,13 +61,17 @@ def load_diffusers_folder(folder: Path, cls: type[nn.Module]) -> nn.Module:
     if not any(folder.glob("*.safetensors")):
         others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
         found = f" (it has {', '.join(others)}: pickles, which surgeon never loads)" if others else ""
-        raise SurgeonError(f"{folder} has no safetensors weights{found}",
-                           "convert the weights to safetensors, e.g. save_pretrained(..., safe_serialization=True)")
+        raise SurgeonError(
+            f"{folder} has no safetensors weights{found}",
+            "convert the weights to safetensors, e.g. save_pretrained(..., safe_serialization=True)",
+        )
     try:
         return cls.from_pretrained(folder, use_safetensors=True)
     except Exception as e:
-        raise SurgeonError(f"cannot load {cls.__name__} from {folder}: {brief(e)}",
-                           "the folder needs a config.json and safetensors weights that match it") from e
+        raise SurgeonError(
+            f"cannot load {cls.__name__} from {folder}: {brief(e)}",
+            "the folder needs a config.json and safetensors weights that match it",
+        ) from e
 
 
 def _load_file_class(ref: str, file: str, name: str) -> nn.Module:
@@ -73,7 +81,9 @@ def _load_file_class(ref: str, file: str, name: str) -> nn.Module:
     cls = getattr(module, name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         what = "has no class" if cls is None else "defines, but not as a torch.nn.Module class,"
-        raise SurgeonError(f"cannot load model {ref}: {file} {what} {name}", "name an nn.Module class defined in that file")
+        raise SurgeonError(
+            f"cannot load model {ref}: {file} {what} {name}", "name an nn.Module class defined in that file"
+        )
     try:
         model = cls()
         # built with no arguments, so save() can record "no init arguments" and load() can build it again
@@ -105,8 +115,9 @@ def _load_hub(ref: str) -> nn.Module:
     return _load_folder(Path(local))
 
 
-def load_safetensors_file(path: str | os.PathLike, architecture: str | os.PathLike | None = None,
-                          trust_code: bool = False) -> nn.Module:
+def load_safetensors_file(
+    path: str | os.PathLike, architecture: str | os.PathLike | None = None, trust_code: bool = False
+) -> nn.Module:
     """A model from one bare ``.safetensors`` file (never a pickle).
 
     Its architecture comes from, in order: the file's own surgeon metadata (``surgeon export --out x.safetensors``
@@ -125,9 +136,10 @@ def load_safetensors_file(path: str | os.PathLike, architecture: str | os.PathLi
         with safe_open(str(path), "pt") as f:
             header = f.metadata() or {}
     except Exception as e:
-        raise SurgeonError(f"{path} is not a safetensors file ({brief(e)})",
-                           "surgeon reads weights from .safetensors only; convert the checkpoint, or give its "
-                           "diffusers folder") from e
+        raise SurgeonError(
+            f"{path} is not a safetensors file ({brief(e)})",
+            "surgeon reads weights from .safetensors only; convert the checkpoint, or give its diffusers folder",
+        ) from e
     if header.get("format") == "surgeon":
         return load(path, trust_code=trust_code)
     if (path.parent / "config.json").is_file():
@@ -145,15 +157,18 @@ def load_safetensors_file(path: str | os.PathLike, architecture: str | os.PathLi
         raise SurgeonError(
             f"cannot tell which model {path} holds: it has no surgeon metadata and no config.json beside it",
             "name the architecture: pass MODEL (a preset, folder or file.py:Class of the same model), or put its "
-            "diffusers config.json next to the file")
+            "diffusers config.json next to the file",
+        )
     state = load_file(str(path))
     expected = model.state_dict()
     for name in [*expected, *state]:
         if name not in state or name not in expected or tuple(state[name].shape) != tuple(expected[name].shape):
             have = list(state[name].shape) if name in state else "nothing"
             want = list(expected[name].shape) if name in expected else "nothing"
-            raise SurgeonError(f"{path} does not fit {type(model).__name__}: {name} is {have} in the file, {want} in "
-                               f"the model", "give the architecture the file was saved from")
+            raise SurgeonError(
+                f"{path} does not fit {type(model).__name__}: {name} is {have} in the file, {want} in the model",
+                "give the architecture the file was saved from",
+            )
     model.load_state_dict(state)
     return model
 
@@ -181,7 +196,7 @@ def looks_like_path(ref: str) -> bool:
 
 
 def missing_path(ref: str) -> SurgeonError:
-    """"no such folder", with the nearest existing parent and, when one is close, the name the user likely meant."""
+    """ "no such folder", with the nearest existing parent and, when one is close, the name the user likely meant."""
     path = Path(ref).expanduser()
     interrupted = missing_target_error(path, "the model")
     if interrupted is not None:
@@ -190,7 +205,9 @@ def missing_path(ref: str) -> SurgeonError:
     what = "file" if path.suffix else "folder"
     siblings = [p.name for p in parent.iterdir()] if parent == path.absolute().parent else []
     near = difflib.get_close_matches(path.name, siblings, n=1)
-    hint = f"did you mean {path.parent / near[0]}?" if near else f"check the path; the nearest existing folder is {parent}"
+    hint = (
+        f"did you mean {path.parent / near[0]}?" if near else f"check the path; the nearest existing folder is {parent}"
+    )
     return SurgeonError(f"no such {what}: {ref}", hint)
 
 
@@ -225,5 +242,7 @@ def find_autoencoder(ref: str) -> nn.Module | None:
     for sub in ("vqvae", "vae"):
         cfg = root / sub / "config.json"
         if cfg.is_file():
-            return load_diffusers_folder(root / sub, diffusers_class(read_json(cfg).get("_class_name", "AutoencoderKL")))
+            return load_diffusers_folder(
+                root / sub, diffusers_class(read_json(cfg).get("_class_name", "AutoencoderKL"))
+            )
     return None

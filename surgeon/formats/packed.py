@@ -9,6 +9,7 @@ N:M tensors are saved as their current N:M projection S(W) only. That is the mod
 outputs round-trip exactly; the dense W under it is training state, which the resumable training checkpoints
 (:mod:`surgeon.training.checkpoint`) keep. Fine-tuning a loaded N:M model restarts from S(W).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,6 +35,7 @@ LAYOUT = "packed"
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
+
 
 def _hidden_fqn(key: str) -> str | None:
     """``a.parametrizations.weight.original`` → ``a.weight``: which masked tensor a state_dict key belongs to."""
@@ -92,8 +94,9 @@ def encode(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str
     return tensors, info
 
 
-def header_fields(model: nn.Module, info: Mapping[str, Mapping], recipe: Any = None,
-                  extra_metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def header_fields(
+    model: nn.Module, info: Mapping[str, Mapping], recipe: Any = None, extra_metadata: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The JSON header fields every layout writes: per-tensor info, the plan, the recipe, extra metadata."""
     return {
         "tensors": dict(info),
@@ -103,8 +106,14 @@ def header_fields(model: nn.Module, info: Mapping[str, Mapping], recipe: Any = N
     }
 
 
-def write_model(model: nn.Module, out: Path, tensors: Mapping[str, torch.Tensor], layout: str,
-                fields: Mapping[str, Any], force: bool) -> Path:
+def write_model(
+    model: nn.Module,
+    out: Path,
+    tensors: Mapping[str, torch.Tensor],
+    layout: str,
+    fields: Mapping[str, Any],
+    force: bool,
+) -> Path:
     """Write a surgeon file atomically (refused if ``out`` exists, unless ``force``).
 
     ``out`` ending in ``.safetensors`` becomes one self-describing file, the config record inside its metadata
@@ -115,8 +124,13 @@ def write_model(model: nn.Module, out: Path, tensors: Mapping[str, torch.Tensor]
     if out.suffix == ".safetensors":
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
-            write_file(tmp, tensors, cls=class_path(type(model)), layout=layout,
-                       fields={**fields, "config": json.loads(config)})
+            write_file(
+                tmp,
+                tensors,
+                cls=class_path(type(model)),
+                layout=layout,
+                fields={**fields, "config": json.loads(config)},
+            )
         return out
     with atomic_folder(out, force) as tmp:
         (tmp / CONFIG).write_text(config)
@@ -150,14 +164,19 @@ def save(
 
 # --- reading and checking ----------------------------------------------------------------------------------------
 
+
 def check_tensor_info(meta: Mapping[str, Any]) -> None:
     """Refuse a header whose per-tensor entries are malformed (before any tensor is read)."""
+
     def entry_ok(i: Any) -> bool:
         return (
             isinstance(i, dict)
-            and isinstance(i.get("shape"), list) and len(i["shape"]) > 0
+            and isinstance(i.get("shape"), list)
+            and len(i["shape"]) > 0
             and all(isinstance(n, int) and n > 0 for n in i["shape"])
-            and isinstance(i.get("dtype"), str) and isinstance(i.get("kept"), int) and isinstance(i.get("kind"), str)
+            and isinstance(i.get("dtype"), str)
+            and isinstance(i.get("kept"), int)
+            and isinstance(i.get("kind"), str)
             and (i.get("nm") is None or (isinstance(i["nm"], list) and len(i["nm"]) == 2))
             and (i.get("lambda_w") is None or isinstance(i["lambda_w"], (int, float)))
         )
@@ -171,7 +190,9 @@ def corrupt(path: Path, fqn: str, why: str) -> SurgeonError:
     return SurgeonError(f"{path} is corrupt: {fqn} {why}", "save the model again")
 
 
-def unpack_entry(fqn: str, info: Mapping, tensors: dict[str, torch.Tensor], path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_entry(
+    fqn: str, info: Mapping, tensors: dict[str, torch.Tensor], path: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Check one masked tensor of the file, take it out of ``tensors`` and return (kept values, bool mask)."""
     values, packed = tensors.pop(f"{fqn}.values", None), tensors.pop(f"{fqn}.mask", None)
     if values is None or packed is None:
@@ -179,13 +200,17 @@ def unpack_entry(fqn: str, info: Mapping, tensors: dict[str, torch.Tensor], path
     shape = tuple(info["shape"])
     want = packed_shape(shape)
     if packed.dtype != torch.uint8 or tuple(packed.shape) != want:
-        raise corrupt(path, fqn, f"has a packed mask of {list(packed.shape)} {packed.dtype}, expected {list(want)} uint8")
+        raise corrupt(
+            path, fqn, f"has a packed mask of {list(packed.shape)} {packed.dtype}, expected {list(want)} uint8"
+        )
     if values.dim() != 1 or str(values.dtype).removeprefix("torch.") != info["dtype"]:
         raise corrupt(path, fqn, f"has values of {list(values.shape)} {values.dtype}, expected 1-D {info['dtype']}")
     mask = unpack_mask(packed, shape)
     kept = int(torch.count_nonzero(mask))
     if kept != values.numel() or kept != info["kept"]:
-        raise corrupt(path, fqn, f"keeps {values.numel()} values but its mask has {kept} set bits (metadata: {info['kept']})")
+        raise corrupt(
+            path, fqn, f"keeps {values.numel()} values but its mask has {kept} set bits (metadata: {info['kept']})"
+        )
     return values, mask
 
 
@@ -199,8 +224,12 @@ def plan_of(model: nn.Module, info: Mapping[str, Mapping]) -> Plan:
     if p is not None and _masks_plan(p) == set(info):
         return p
     layers = {
-        f: LayerPlan(i["kind"], tuple(i["shape"]), density=None if i["nm"] else i["kept"] / math.prod(i["shape"]),
-                     nm=tuple(i["nm"]) if i["nm"] else None)
+        f: LayerPlan(
+            i["kind"],
+            tuple(i["shape"]),
+            density=None if i["nm"] else i["kept"] / math.prod(i["shape"]),
+            nm=tuple(i["nm"]) if i["nm"] else None,
+        )
         for f, i in info.items()
     }
     return Plan(layers)
@@ -213,7 +242,9 @@ def _injection_plan(meta: Mapping, path: Path) -> Plan:
     return p
 
 
-def match_state(model: nn.Module, state: Mapping[str, torch.Tensor], masked: Mapping[str, torch.Size], where: Path) -> None:
+def match_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], masked: Mapping[str, torch.Size], where: Path
+) -> None:
     """Every tensor of the model is in the file, plain or masked, with its shape; nothing else is."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = {**{k: tuple(v.shape) for k, v in state.items()}, **{k: tuple(v) for k, v in masked.items()}}
@@ -221,17 +252,25 @@ def match_state(model: nn.Module, state: Mapping[str, torch.Tensor], masked: Map
     if missing or unexpected:
         parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
         parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
-        raise SurgeonError(f"{where} does not match the model: {', '.join(parts)} tensors",
-                           "load into the model class it was saved from")
+        raise SurgeonError(
+            f"{where} does not match the model: {', '.join(parts)} tensors",
+            "load into the model class it was saved from",
+        )
     for key in sorted(given, key=lambda k: k not in masked):  # masked tensors first: theirs is the telling error
         if given[key] != expected[key]:
             what = "mask shape" if key in masked else "shape"
-            raise SurgeonError(f"{what} mismatch for {key}: file has {list(given[key])}, model has {list(expected[key])}",
-                               "the file belongs to a different model configuration")
+            raise SurgeonError(
+                f"{what} mismatch for {key}: file has {list(given[key])}, model has {list(expected[key])}",
+                "the file belongs to a different model configuration",
+            )
 
 
-def restore_masked(model: nn.Module, meta: Mapping, entries: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                   plain: Mapping[str, torch.Tensor]) -> nn.Module:
+def restore_masked(
+    model: nn.Module,
+    meta: Mapping,
+    entries: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    plain: Mapping[str, torch.Tensor],
+) -> nn.Module:
     """Put checked plain tensors and (values, mask) pairs into ``model`` and re-inject its masks."""
     path = meta["file"]
     if sites(model):
@@ -263,8 +302,10 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tenso
     """The header and tensors of a packed folder."""
     meta = read_metadata(path)
     if meta["layout"] != LAYOUT:
-        raise SurgeonError(f"{meta['file']} holds the {meta['layout']} layout, not packed masks",
-                           "load it with surgeon.load(path) or surgeon.load_model(path)")
+        raise SurgeonError(
+            f"{meta['file']} holds the {meta['layout']} layout, not packed masks",
+            "load it with surgeon.load(path) or surgeon.load_model(path)",
+        )
     check_tensor_info(meta)
     return meta, read_tensors(meta["file"])
 
@@ -277,7 +318,9 @@ def load_into(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     return restore(model, meta, tensors)
 
 
-def build(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None) -> nn.Module:
+def build(
+    meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None
+) -> nn.Module:
     """A fresh model of the class a file records, in the floating dtype its tensors have.
 
     ``config`` is the model's config record; by default the file's own ``config`` entry or ``config.json`` next to it.

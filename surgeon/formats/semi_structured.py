@@ -11,6 +11,7 @@ Loading on CPU gives plain dense weights (outputs identical to the masked model)
 Linear weight, and every 1×1 convolution through a channel matmul, for torch's semi-structured sparse tensor
 (cuSPARSELt or CUTLASS), so those layers run the 2:4 kernels; other layers stay dense.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -46,6 +47,7 @@ _SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
 
 # --- the encoding ------------------------------------------------------------------------------------------------
 
+
 def is_24(w: torch.Tensor) -> bool:
     """At most 2 nonzeros in every group of 4 along the reduction dimension."""
     return bool((torch.count_nonzero(nm_groups(w != 0, 4), dim=1) <= 2).all())
@@ -77,6 +79,7 @@ def decompress(values: torch.Tensor, meta: torch.Tensor, shape) -> torch.Tensor:
 
 # --- writing -----------------------------------------------------------------------------------------------------
 
+
 def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
     kinds, masks = target_kinds(model), masks_of(model)
     fold(model)
@@ -98,13 +101,17 @@ def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
             else:
                 storage[fqn], notes[fqn] = "dense", "not 2:4 (not sparsified)"
     if not_24:
-        raise SurgeonError(f"the model is not 2:4: {len(not_24)} masked tensors break the pattern (e.g. {not_24[0]})",
-                           NOT_24_HINT)
+        raise SurgeonError(
+            f"the model is not 2:4: {len(not_24)} masked tensors break the pattern (e.g. {not_24[0]})", NOT_24_HINT
+        )
     if "2:4" not in storage.values():
         raise SurgeonError("the model has no 2:4 weights to export", NOT_24_HINT)
     if pruned:
-        warnings.warn(f"pruned {len(pruned)} tensors to 2:4 by magnitude, without fine-tuning: expect worse samples "
-                      "(surgeon finetune --nm 2:4 recovers them)", stacklevel=3)
+        warnings.warn(
+            f"pruned {len(pruned)} tensors to 2:4 by magnitude, without fine-tuning: expect worse samples "
+            "(surgeon finetune --nm 2:4 recovers them)",
+            stacklevel=3,
+        )
 
     tensors, info, rows = plain_state(model, opts.dtype), {}, []
     for fqn, (kind, shape) in kinds.items():
@@ -137,6 +144,7 @@ def _is_1x1(shape) -> bool:
 
 # --- reading -----------------------------------------------------------------------------------------------------
 
+
 def read(meta: Mapping, device: torch.device | str | None = None) -> nn.Module:
     tensors = read_tensors(meta["file"])
     for fqn, info in meta["tensors"].items():
@@ -147,10 +155,16 @@ def read(meta: Mapping, device: torch.device | str | None = None) -> nn.Module:
         if values is None or positions is None or len(shape) < 2:
             raise damaged(meta, f"{fqn} lacks its .values or .meta tensor")
         cols = values.shape[1] * 2 if values.dim() == 2 else -1
-        if cols * shape[0] != torch.Size(shape).numel() or positions.dtype != torch.uint8 \
-                or tuple(positions.shape) != (shape[0], -(-cols // 8)):
-            raise damaged(meta, f"{fqn} has values {list(values.shape)} and positions {list(positions.shape)} "
-                                f"that do not fit {list(shape)}")
+        if (
+            cols * shape[0] != torch.Size(shape).numel()
+            or positions.dtype != torch.uint8
+            or tuple(positions.shape) != (shape[0], -(-cols // 8))
+        ):
+            raise damaged(
+                meta,
+                f"{fqn} has values {list(values.shape)} and positions {list(positions.shape)} "
+                f"that do not fit {list(shape)}",
+            )
         try:
             tensors[fqn] = decompress(values, positions, shape)
         except ValueError as e:
@@ -186,9 +200,14 @@ def swap_to_semi_structured(model: nn.Module, fqns: list[str]) -> dict[str, str]
     for fqn in fqns:
         module_name, _, name = fqn.rpartition(".")
         module = model.get_submodule(module_name)
-        conv_1x1 = (isinstance(module, (nn.Conv1d, nn.Conv2d)) and _is_1x1(module.weight.shape)
-                    and all(s == 1 for s in module.stride) and all(p == 0 for p in module.padding)
-                    and module.groups == 1 and module.padding_mode == "zeros")
+        conv_1x1 = (
+            isinstance(module, (nn.Conv1d, nn.Conv2d))
+            and _is_1x1(module.weight.shape)
+            and all(s == 1 for s in module.stride)
+            and all(p == 0 for p in module.padding)
+            and module.groups == 1
+            and module.padding_mode == "zeros"
+        )
         if name != "weight" or not (isinstance(module, nn.Linear) or conv_1x1):
             dense[fqn] = "no 2:4 kernel for this layer"
             continue

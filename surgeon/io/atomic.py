@@ -8,6 +8,7 @@ stays findable until the new one is in place: if the writer dies between the ren
 it (and then replaces it as asked) and the next read reports where it is. Siblings that a dead process left
 (temporaries can be 100 MB each) are removed by the next write to the same target.
 """
+
 from __future__ import annotations
 
 import glob
@@ -85,13 +86,16 @@ def missing_target_error(target: str | os.PathLike, what: str) -> SurgeonError |
     old = interrupted_replace(target)
     if old is None:
         return None
-    return SurgeonError(f"{what} {target} is missing: an overwrite of it was interrupted, the previous copy is {old}",
-                        f"rename it back (mv {old} {target}), or write {target} again (that restores it first)")
+    return SurgeonError(
+        f"{what} {target} is missing: an overwrite of it was interrupted, the previous copy is {old}",
+        f"rename it back (mv {old} {target}), or write {target} again (that restores it first)",
+    )
 
 
 def _write_error(target: Path, e: OSError) -> SurgeonError:
-    return SurgeonError(f"cannot write {target}: {e.strerror or brief(e)}",
-                        f"check free space and permissions in {target.parent}")
+    return SurgeonError(
+        f"cannot write {target}: {e.strerror or brief(e)}", f"check free space and permissions in {target.parent}"
+    )
 
 
 def replaceable(out: Path) -> bool:

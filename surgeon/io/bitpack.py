@@ -3,6 +3,7 @@
 The layout (``docs/formats.md``, "Packed masks"): the tensor is viewed as ``[shape[0], -1]`` and each row is packed
 on its own, element ``8j + i`` of a row being bit ``i`` of byte ``j``; rows are padded with zero bits to whole bytes.
 """
+
 from __future__ import annotations
 
 import math

@@ -9,6 +9,7 @@ any other module is imported only inside :func:`trusting_code` (``trust_code=Tru
 sits in :func:`resolve_class`, the one place that imports a recorded name, so every reader path gets it; the
 opt-in travels as a context variable so that readers need not thread a flag through each layout.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,10 @@ from torch import nn
 from surgeon.errors import SurgeonError, brief
 
 _LOAD_INTO_HINT = "build the model yourself and call surgeon.load_into(model, path)"
-TRUST_HINT = ("if you trust this file, pass --trust-code (trust_code=True in Python); "
-              "or build the model yourself and call surgeon.load_into(model, path)")
+TRUST_HINT = (
+    "if you trust this file, pass --trust-code (trust_code=True in Python); "
+    "or build the model yourself and call surgeon.load_into(model, path)"
+)
 # modules whose classes a saved record may name without an opt-in: installed, reviewed code that builds models
 TRUSTED_MODULES = ("diffusers", "surgeon.models")
 _TRUST_CODE: ContextVar[bool] = ContextVar("surgeon_trust_code", default=False)
@@ -53,7 +56,9 @@ def diffusers_class(name: str) -> type[nn.Module]:
 
     cls = getattr(diffusers, str(name), None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "from_config")):
-        raise SurgeonError(f"unknown diffusers model class {name!r}", f"diffusers {diffusers.__version__} has no such model")
+        raise SurgeonError(
+            f"unknown diffusers model class {name!r}", f"diffusers {diffusers.__version__} has no such model"
+        )
     return cls
 
 
@@ -83,7 +88,9 @@ def import_file(path: Path):
         spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - the user's file may raise anything
         del sys.modules[name]
-        raise SurgeonError(f"cannot import {path}: {type(e).__name__}: {brief(e)}", "fix the error in that file") from None
+        raise SurgeonError(
+            f"cannot import {path}: {type(e).__name__}: {brief(e)}", "fix the error in that file"
+        ) from None
     return module
 
 
@@ -105,8 +112,9 @@ def resolve_class(spec: str, source: Path | str = "the file") -> type:
         raise SurgeonError(f"malformed class path {spec!r}", _LOAD_INTO_HINT)
     if (where.endswith(".py") or not is_trusted_module(where)) and not _TRUST_CODE.get():
         what = "the Python file" if where.endswith(".py") else "the module"
-        raise SurgeonError(f"{source} names code to run ({what} {where}, class {qualname}); nothing was run",
-                           TRUST_HINT)
+        raise SurgeonError(
+            f"{source} names code to run ({what} {where}, class {qualname}); nothing was run", TRUST_HINT
+        )
     try:
         obj = import_file(Path(where)) if where.endswith(".py") else importlib.import_module(where)
         for part in qualname.split("."):
@@ -144,8 +152,10 @@ def config_record(model: nn.Module) -> str:
     try:
         return json.dumps(record, indent=2, sort_keys=True) + "\n"
     except (TypeError, ValueError) as e:
-        raise SurgeonError(f"the config of {type(model).__name__} is not JSON-serializable ({e})",
-                           "model.config may hold only JSON values (numbers, strings, lists, dicts)") from None
+        raise SurgeonError(
+            f"the config of {type(model).__name__} is not JSON-serializable ({e})",
+            "model.config may hold only JSON values (numbers, strings, lists, dicts)",
+        ) from None
 
 
 def build_from_record(config: Mapping[str, Any], where: Path | str) -> nn.Module:
@@ -155,8 +165,10 @@ def build_from_record(config: Mapping[str, Any], where: Path | str) -> nn.Module
         try:
             return cls.from_config(dict(config))
         except Exception as e:  # a damaged or hand-edited config: diffusers' own message, one line
-            raise SurgeonError(f"cannot build {cls.__name__} from {where}: {brief(e)}",
-                               "the config is damaged or was written for another model; save the model again") from e
+            raise SurgeonError(
+                f"cannot build {cls.__name__} from {where}: {brief(e)}",
+                "the config is damaged or was written for another model; save the model again",
+            ) from e
     if "_surgeon_class" not in config:
         raise SurgeonError(f"{where} has no config saying which model it holds", "save the model again")
     init = config.get("_surgeon_init")
@@ -168,5 +180,6 @@ def build_from_record(config: Mapping[str, Any], where: Path | str) -> nn.Module
     except SurgeonError:
         raise
     except Exception as e:  # noqa: BLE001 - a constructor may raise anything
-        raise SurgeonError(f"cannot build {cls.__name__} from {where}: {type(e).__name__}: {brief(e)}",
-                           _LOAD_INTO_HINT) from None
+        raise SurgeonError(
+            f"cannot build {cls.__name__} from {where}: {type(e).__name__}: {brief(e)}", _LOAD_INTO_HINT
+        ) from None

@@ -7,6 +7,7 @@ Its header (``docs/formats.md``, "Metadata") holds plain strings ``format`` (``"
 Every file goes through :func:`write_file` and :func:`read_tensors`, so a check that covers every tensor
 (the per-tensor digest) lives in those two functions.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,10 @@ def weights_file(path: str | os.PathLike) -> Path:
     if path.is_dir() or path.suffix != ".safetensors":
         file = path / WEIGHTS
         if not file.is_file():
-            raise SurgeonError(f"{path} holds no {WEIGHTS}", "give a folder written by surgeon.save, `surgeon sparsify` "
-                               "or `surgeon export`")
+            raise SurgeonError(
+                f"{path} holds no {WEIGHTS}",
+                "give a folder written by surgeon.save, `surgeon sparsify` or `surgeon export`",
+            )
         return file
     if not path.is_file():
         raise SurgeonError(f"{path} does not exist", "give a .safetensors file written by surgeon export")
@@ -56,11 +59,14 @@ def to_json(value: Any, what: str) -> str:
     try:
         return json.dumps(value)
     except (TypeError, ValueError) as e:
-        raise SurgeonError(f"{what} is not JSON-serializable ({e})", "pass plain dicts, lists, strings and numbers") from None
+        raise SurgeonError(
+            f"{what} is not JSON-serializable ({e})", "pass plain dicts, lists, strings and numbers"
+        ) from None
 
 
-def write_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, cls: str, layout: str,
-               fields: Mapping[str, Any]) -> None:
+def write_file(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, cls: str, layout: str, fields: Mapping[str, Any]
+) -> None:
     """Write ``tensors`` with the header above; ``fields`` (JSON values) must include tensors/plan/recipe/extra.
 
     Writes ``path`` directly: callers write into a temporary name and rename (:mod:`surgeon.io.atomic`).
@@ -104,8 +110,9 @@ def verify_digests(tensors: Mapping[str, torch.Tensor], recorded: str | None, fi
         raise SurgeonError(f"damaged file: {file} has unreadable digests", _DAMAGED_HINT)
     for name in sorted(set(expected) | set(tensors)):
         if name not in tensors or name not in expected or tensor_digest(tensors[name]) != expected[name]:
-            raise SurgeonError(f"damaged file: {name} in {file} does not match the digest recorded when it was saved",
-                               _DAMAGED_HINT)
+            raise SurgeonError(
+                f"damaged file: {name} in {file} does not match the digest recorded when it was saved", _DAMAGED_HINT
+            )
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -120,8 +127,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise SurgeonError(f"{file} was not written by surgeon", "load plain checkpoints with surgeon.load_model")
     version = raw.get("format_version", "")
     if not version.isdigit() or int(version) > FORMAT_VERSION:
-        raise SurgeonError(f"{file} has format version {version!r}; this surgeon reads up to {FORMAT_VERSION}",
-                           "upgrade surgeon")
+        raise SurgeonError(
+            f"{file} has format version {version!r}; this surgeon reads up to {FORMAT_VERSION}", "upgrade surgeon"
+        )
     try:
         parsed = {k: json.loads(v) for k, v in raw.items() if k not in _PLAIN}
         missing = [k for k in _REQUIRED if k not in parsed]
@@ -129,8 +137,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             raise KeyError(missing[0])
     except (KeyError, json.JSONDecodeError) as e:
         raise SurgeonError(f"{file} has corrupt metadata ({brief(e)})", "save the model again") from None
-    return {**parsed, "format_version": int(version), "class": raw.get("class"),
-            "surgeon_version": raw.get("surgeon_version"), "layout": raw.get("layout", DEFAULT_LAYOUT), "file": file}
+    return {
+        **parsed,
+        "format_version": int(version),
+        "class": raw.get("class"),
+        "surgeon_version": raw.get("surgeon_version"),
+        "layout": raw.get("layout", DEFAULT_LAYOUT),
+        "file": file,
+    }
 
 
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:

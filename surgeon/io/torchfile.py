@@ -11,6 +11,7 @@ Both on-disk layouts are read: the zip archive of torch >= 1.6 (``*/data.pkl`` p
 the legacy stream (magic number, protocol, system info, the state-dict pickle, the storage keys, then each storage
 as an int64 element count followed by its raw little-endian bytes).
 """
+
 from __future__ import annotations
 
 import io
@@ -28,9 +29,16 @@ from surgeon.errors import SurgeonError
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
 }
 
 
@@ -66,13 +74,17 @@ def _allowed_global(name: str) -> _Global:
         return _Global(name)
     if module == "torch" and attr in STORAGE_DTYPES:
         return _Global(name)
-    raise SurgeonError(f"the weights file names {module}.{attr}, which a plain tensor state dict never does",
-                       "only state dicts of tensors are read; re-save the weights with safetensors")
+    raise SurgeonError(
+        f"the weights file names {module}.{attr}, which a plain tensor state dict never does",
+        "only state dicts of tensors are read; re-save the weights with safetensors",
+    )
 
 
 def _refuse(op: str, why: str = "") -> SurgeonError:
-    return SurgeonError(f"the weights file uses pickle opcode {op}{why}, outside the tensor state-dict subset",
-                        "only state dicts of tensors are read; re-save the weights with safetensors")
+    return SurgeonError(
+        f"the weights file uses pickle opcode {op}{why}, outside the tensor state-dict subset",
+        "only state dicts of tensors are read; re-save the weights with safetensors",
+    )
 
 
 def _interpret(stream: io.BufferedIOBase, what: str):
@@ -99,8 +111,16 @@ def _interpret(stream: io.BufferedIOBase, what: str):
                 return stack[0]
             if name == "MARK":
                 marks.append(len(stack))
-            elif name in ("BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BININT", "BININT1", "BININT2",
-                          "LONG1", "BINFLOAT"):
+            elif name in (
+                "BINUNICODE",
+                "SHORT_BINUNICODE",
+                "BINUNICODE8",
+                "BININT",
+                "BININT1",
+                "BININT2",
+                "LONG1",
+                "BINFLOAT",
+            ):
                 stack.append(arg)
             elif name in ("SHORT_BINSTRING", "BINSTRING"):
                 stack.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
@@ -162,8 +182,10 @@ def _interpret(stream: io.BufferedIOBase, what: str):
     except SurgeonError:
         raise
     except (ValueError, IndexError, KeyError, TypeError, struct.error) as e:
-        raise SurgeonError(f"{what} is not a readable torch state dict ({e})",
-                           "check the file, or re-save the weights with safetensors") from e
+        raise SurgeonError(
+            f"{what} is not a readable torch state dict ({e})",
+            "check the file, or re-save the weights with safetensors",
+        ) from e
     raise SurgeonError(f"{what} ends before its pickle does", "the file is truncated; reinstall or re-download it")
 
 
@@ -204,7 +226,9 @@ def _storage(pid):
 
 def _tensors(value, storages: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
     if not isinstance(value, dict):
-        raise SurgeonError(f"{what} holds a {type(value).__name__}, not a state dict", "pass a file saved from state_dict()")
+        raise SurgeonError(
+            f"{what} holds a {type(value).__name__}, not a state dict", "pass a file saved from state_dict()"
+        )
     out = {}
     for name, ref in value.items():
         if not isinstance(ref, _TensorRef):
@@ -219,7 +243,11 @@ def _from_bytes(raw: bytes, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _refs(value) -> dict[str, _StorageRef]:
-    return {r.storage.key: r.storage for r in value.values() if isinstance(r, _TensorRef)} if isinstance(value, dict) else {}
+    return (
+        {r.storage.key: r.storage for r in value.values() if isinstance(r, _TensorRef)}
+        if isinstance(value, dict)
+        else {}
+    )
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ Works on plain and masked models alike. Density counts the mask of a masked tens
 and the nonzeros of a plain one; N:M validity asks whether the effective weight has at most N nonzeros in every
 group of M along the reduction dimension (the grouping of :func:`surgeon.sparsity.nm_groups`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -61,8 +62,10 @@ class Report:
     def to_dict(self) -> dict:
         return {
             "nm": f"{self.nm[0]}:{self.nm[1]}",
-            "rows": [{k: v for k, v in asdict(r).items() if k != "flops"} | {"shape": list(r.shape), "density": r.density}
-                     for r in self.rows],
+            "rows": [
+                {k: v for k, v in asdict(r).items() if k != "flops"} | {"shape": list(r.shape), "density": r.density}
+                for r in self.rows
+            ],
             "totals": self.totals,
         }
 
@@ -81,7 +84,9 @@ def report(
     with torch.no_grad():
         for r in measured.layers:
             module_name, _, tensor_name = r.name.rpartition(".")
-            nonzero = getattr(modules[module_name], tensor_name) != 0  # the effective weight, through any parametrization
+            nonzero = (
+                getattr(modules[module_name], tensor_name) != 0
+            )  # the effective weight, through any parametrization
             reason = nm_skip_reason(r.shape, m)
             valid = None if reason else bool((torch.count_nonzero(nm_groups(nonzero, m), dim=1) <= n).all())
             rows.append(Row(r.name, r.kind, r.shape, r.masked, r.numel, r.kept, None, valid, reason))
@@ -97,9 +102,18 @@ def nm_coverage(model: nn.Module, nm: str | tuple[int, int]) -> dict:
     plan = get_plan(model)
     skipped = plan.skipped if plan is not None else {}
     converted = set(sites(model))
-    left_dense = {r.name: skipped.get(r.name) or r.nm_reason or "not selected (include/exclude, dense_first/last)"
-                  for r in rep.rows if r.name not in converted}
+    left_dense = {
+        r.name: skipped.get(r.name) or r.nm_reason or "not selected (include/exclude, dense_first/last)"
+        for r in rep.rows
+        if r.name not in converted
+    }
     valid = sum(1 for r in rep.rows if r.name in converted and r.nm_valid)
     n, m = rep.nm
-    return {"pattern": f"{n}:{m}", "layers": len(rep.rows), "converted": len(converted), "nm_valid": valid,
-            "nm_valid_fraction": valid / len(rep.rows) if rep.rows else 0.0, "left_dense": left_dense}
+    return {
+        "pattern": f"{n}:{m}",
+        "layers": len(rep.rows),
+        "converted": len(converted),
+        "nm_valid": valid,
+        "nm_valid_fraction": valid / len(rep.rows) if rep.rows else 0.0,
+        "left_dense": left_dense,
+    }

@@ -5,6 +5,7 @@ NMMask  N:M straight-through: effective = S(W) keeps the N largest |w| of every 
         recomputed each forward; backward passes the gradient straight through to W, plus the SR-STE term
         λ_W·(W − S(W)) when λ_W > 0 (SparseDM eq. 9, after Zhou et al., 2021).
 """
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ Given an input, it also counts FLOPs after Evci et al. (2020), as the sparse dif
 
 FLOPs count multiply and add separately (one multiply-accumulate = 2 FLOPs), as ``torch.utils.flop_counter`` does.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -103,9 +104,14 @@ class Measurement:
 
     def to_dict(self) -> dict:
         return {
-            "params_total": self.params_total, "params_kept": self.params_kept, "target_params": self.target_params,
-            "target_kept": self.target_kept, "sparsity": self.sparsity, "flops_dense": self.flops_dense,
-            "flops_sparse": self.flops_sparse, "input_shapes": self.input_shapes,
+            "params_total": self.params_total,
+            "params_kept": self.params_kept,
+            "target_params": self.target_params,
+            "target_kept": self.target_kept,
+            "sparsity": self.sparsity,
+            "flops_dense": self.flops_dense,
+            "flops_sparse": self.flops_sparse,
+            "input_shapes": self.input_shapes,
             "layers": [{**asdict(r), "shape": list(r.shape), "density": r.density} for r in self.layers],
         }
 
@@ -146,9 +152,14 @@ def module_flops(model: nn.Module, run: Callable[[], Any]) -> tuple[float, dict[
     return float(counter.get_total_flops()), per_module
 
 
-def measure(model: nn.Module, inputs: Any = None, predict: Callable[[nn.Module, Any], Any] | None = None,
-            include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
-            planned_only: bool = True) -> Measurement:
+def measure(
+    model: nn.Module,
+    inputs: Any = None,
+    predict: Callable[[nn.Module, Any], Any] | None = None,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    planned_only: bool = True,
+) -> Measurement:
     """Sparsity and kept parameters of ``model``; with ``inputs`` (one example), its FLOPs too.
 
     The tensors measured are those the model's plan covers (``planned_only``, the default; a model without a plan
@@ -171,8 +182,10 @@ def measure(model: nn.Module, inputs: Any = None, predict: Callable[[nn.Module, 
     if inputs is None:
         return result
     if predict is None:
+
         def predict(m, x):
             return m(**x) if isinstance(x, dict) else m(x)
+
     was_training = model.training
     model.eval()
     try:
@@ -207,8 +220,6 @@ def task_inputs(task, model: nn.Module) -> tuple[dict, Callable]:
     device = next(model.parameters()).device
     inputs, _, _ = task.noisy_batch(to_device(batch, device), torch.Generator().manual_seed(0))
     return inputs, task.predict
-
-
 
 
 def measure_task(model: nn.Module, task) -> Measurement:

@@ -2,6 +2,7 @@
 
 Plans are plain data: inspectable, JSON round-trippable, stored in every saved model.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,10 @@ class Plan:
 
     def fixed_nm(self) -> Plan:
         """The N:M layers as fixed masks of density N/M (ASP): masks given once, never recomputed."""
-        layers = {f: LayerPlan(lp.kind, lp.shape, density=lp.nm[0] / lp.nm[1]) if lp.nm else lp
-                  for f, lp in self.layers.items()}
+        layers = {
+            f: LayerPlan(lp.kind, lp.shape, density=lp.nm[0] / lp.nm[1]) if lp.nm else lp
+            for f, lp in self.layers.items()
+        }
         return Plan(layers, dict(self.skipped), self.sparsity, self.distribution, self.nm)
 
     def to_dict(self) -> dict:
@@ -67,7 +70,10 @@ class Plan:
             "sparsity": self.sparsity,
             "distribution": self.distribution,
             "nm": list(self.nm) if self.nm else None,
-            "layers": {k: {**asdict(v), "shape": list(v.shape), "nm": list(v.nm) if v.nm else None} for k, v in self.layers.items()},
+            "layers": {
+                k: {**asdict(v), "shape": list(v.shape), "nm": list(v.nm) if v.nm else None}
+                for k, v in self.layers.items()
+            },
             "skipped": dict(self.skipped),
         }
 
@@ -78,10 +84,17 @@ class Plan:
                 k: LayerPlan(v["kind"], tuple(v["shape"]), v.get("density"), tuple(v["nm"]) if v.get("nm") else None)
                 for k, v in d["layers"].items()
             }
-            return cls(layers, dict(d.get("skipped", {})), d.get("sparsity"), d.get("distribution"),
-                       tuple(d["nm"]) if d.get("nm") else None)
+            return cls(
+                layers,
+                dict(d.get("skipped", {})),
+                d.get("sparsity"),
+                d.get("distribution"),
+                tuple(d["nm"]) if d.get("nm") else None,
+            )
         except (KeyError, TypeError, ValueError) as e:
-            raise SurgeonError(f"malformed sparsity plan ({e})", "the file was not written by surgeon or is damaged") from None
+            raise SurgeonError(
+                f"malformed sparsity plan ({e})", "the file was not written by surgeon or is damaged"
+            ) from None
 
 
 def plan(
@@ -99,10 +112,14 @@ def plan(
     """Decide what each target keeps. Give exactly one of ``sparsity`` (with a ``distribution``) or ``nm``."""
     check_module(model)
     if (sparsity is None) == (nm is None):
-        raise SurgeonError("give exactly one of sparsity or nm", "e.g. plan(model, sparsity=0.5) or plan(model, nm='2:4')")
+        raise SurgeonError(
+            "give exactly one of sparsity or nm", "e.g. plan(model, sparsity=0.5) or plan(model, nm='2:4')"
+        )
     targets = find_targets(model, include, exclude, dense_first, dense_last)
     if not targets:
-        raise SurgeonError("no target layers found", "check --include/--exclude; targets are Linear, Conv and RNN weights")
+        raise SurgeonError(
+            "no target layers found", "check --include/--exclude; targets are Linear, Conv and RNN weights"
+        )
     if nm is not None:
         n, m = parse_nm(nm)
         layers, skipped = {}, {}

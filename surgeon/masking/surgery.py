@@ -2,6 +2,7 @@
 
 Everything else reaches masked tensors through :func:`sites`, which yields one :class:`Site` per masked tensor.
 """
+
 from __future__ import annotations
 
 import copy
@@ -108,8 +109,11 @@ def _deepcopy_with_own_class(self: nn.Module, memo: dict) -> nn.Module:
     if id(self) in memo:
         return memo[id(self)]
     shared = type(self)
-    own = type(shared.__name__, shared.__bases__, {k: v for k, v in shared.__dict__.items()
-                                                   if k not in ("__dict__", "__weakref__")})
+    own = type(
+        shared.__name__,
+        shared.__bases__,
+        {k: v for k, v in shared.__dict__.items() if k not in ("__dict__", "__weakref__")},
+    )
     replica = own.__new__(own)
     memo[id(self)] = replica
     replica.__dict__ = copy.deepcopy(self.__dict__, memo)
@@ -145,7 +149,9 @@ def inject(
     Weights at pruned positions are set to 0, so original == effective for fixed masks.
     """
     check_module(model)
-    check_arg(plan, Plan, "plan", "a surgeon.masking.plan.Plan", "make one with surgeon.plan(model, sparsity=...) or nm='2:4'")
+    check_arg(
+        plan, Plan, "plan", "a surgeon.masking.plan.Plan", "make one with surgeon.plan(model, sparsity=...) or nm='2:4'"
+    )
     check_arg(seed, int, "seed", "an integer")
     check_arg(lambda_w, (int, float), "lambda_w", "a number")
     if not math.isfinite(lambda_w) or lambda_w < 0:
@@ -166,7 +172,9 @@ def inject(
             module = model.get_submodule(module_name)
             w = getattr(module, name)
         except AttributeError:
-            raise SurgeonError(f"plan names {fqn!r}, which the model does not have", "make the plan from this model") from None
+            raise SurgeonError(
+                f"plan names {fqn!r}, which the model does not have", "make the plan from this model"
+            ) from None
         if tuple(w.shape) != tuple(lp.shape):
             raise SurgeonError(
                 f"mask shape mismatch for {fqn}: plan has {list(lp.shape)}, model has {list(w.shape)}",

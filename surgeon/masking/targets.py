@@ -4,6 +4,7 @@ Targets are weights of Linear, Conv1d/2d/3d (and subclasses, e.g. diffusers' LoR
 ``weight_ih_l*`` / ``weight_hh_l*`` tensor of RNN/GRU/LSTM modules, all layers and directions. Biases, norms,
 embeddings and positional embeddings are never targets.
 """
+
 from __future__ import annotations
 
 import fnmatch

@@ -2,6 +2,7 @@
 
 ``build(name)`` returns a freshly initialized model; configs follow the diffusers test-suite style.
 """
+
 from __future__ import annotations
 
 from torch import nn

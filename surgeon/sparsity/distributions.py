@@ -7,6 +7,7 @@ erk: density_l ∝ ((n_in + n_out + Σ kernel) / (n_in · n_out · Π kernel)) *
 The ε that meets the global budget is solved in closed form; a layer whose density would exceed 1 is made dense,
 leaves the budget, and the solve repeats, exactly as the reference RigL implementation does.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,17 +31,28 @@ def _raw_erk(shape: Sequence[int], power_scale: float) -> float:
 
 
 def check_sparsity(sparsity: float) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
-        raise SurgeonError(f"sparsity {sparsity!r} is outside [0, 1)", "pass a fraction of weights to remove, e.g. 0.5 or 0.9")
+    if (
+        isinstance(sparsity, bool)
+        or not isinstance(sparsity, (int, float))
+        or math.isnan(sparsity)
+        or not 0.0 <= sparsity < 1.0
+    ):
+        raise SurgeonError(
+            f"sparsity {sparsity!r} is outside [0, 1)", "pass a fraction of weights to remove, e.g. 0.5 or 0.9"
+        )
     return float(sparsity)
 
 
 def check_power_scale(power_scale: float) -> float:
     """ERK's exponent: finite and ≥ 0 (0 makes every raw score 1, i.e. uniform). NaN would never meet the budget."""
     if isinstance(power_scale, bool) or not isinstance(power_scale, (int, float)):
-        raise SurgeonError(f"power_scale must be a number, got {power_scale!r}", "use e.g. power_scale=1.0 (the paper's ERK)")
+        raise SurgeonError(
+            f"power_scale must be a number, got {power_scale!r}", "use e.g. power_scale=1.0 (the paper's ERK)"
+        )
     if not math.isfinite(power_scale) or power_scale < 0:
-        raise SurgeonError(f"power_scale {power_scale!r} must be a finite number ≥ 0", "use e.g. power_scale=1.0 (the paper's ERK)")
+        raise SurgeonError(
+            f"power_scale {power_scale!r} must be a finite number ≥ 0", "use e.g. power_scale=1.0 (the paper's ERK)"
+        )
     return float(power_scale)
 
 
@@ -64,9 +76,13 @@ def layer_densities(
     overrides = dict(overrides or {})
     for name, d in overrides.items():
         if name not in shapes:
-            raise SurgeonError(f"density override for unknown layer {name!r}", "name a target tensor FQN from `surgeon inspect`")
+            raise SurgeonError(
+                f"density override for unknown layer {name!r}", "name a target tensor FQN from `surgeon inspect`"
+            )
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
-            raise SurgeonError(f"density override {d!r} for {name!r} is outside [0, 1]", "use a density between 0 and 1")
+            raise SurgeonError(
+                f"density override {d!r} for {name!r} is outside [0, 1]", "use a density between 0 and 1"
+            )
     sizes = {n: math.prod(s) for n, s in shapes.items()}
     if distribution == "uniform" and not overrides:
         return {n: 1.0 - sparsity for n in shapes}

@@ -3,6 +3,7 @@
 All counts are exact (never Bernoulli). Ties in top-k break towards the lower flat index, so masks are
 deterministic across runs and processes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,7 +38,7 @@ def random_mask(shape, k: int, generator: torch.Generator | None = None, device=
 
 
 def parse_nm(nm: str | tuple[int, int]) -> tuple[int, int]:
-    """"2:4" → (2, 4); rejects anything but two integers with 0 < N ≤ M."""
+    """ "2:4" → (2, 4); rejects anything but two integers with 0 < N ≤ M."""
     if isinstance(nm, (tuple, list)):
         parts = [str(p) for p in nm]
     else:

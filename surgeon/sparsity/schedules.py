@@ -1,4 +1,5 @@
 """Pure schedule functions for dynamic sparse training (step numbers count completed optimizer steps from 1)."""
+
 from __future__ import annotations
 
 import math

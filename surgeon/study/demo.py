@@ -8,6 +8,7 @@ loss.png, metrics) and ``eval/`` (the two sample grids side by side, results.jso
 Sizes are chosen to finish in about six minutes on two idle CPU cores (measured: 6.0 min): ``SURGEON_DEMO_STEPS`` (default 1000)
 training steps per model, ``SURGEON_DEMO_N`` (default 192) samples scored per model.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,12 +27,26 @@ def recipes(steps: int = STEPS) -> list:
 
     out = []
     for name, sparsity in (("dense", None), ("rigl", 0.5)):
-        out.append((name, sparsity, load_recipe(name).override(**{
-            "sparsity": sparsity, "training.steps": steps, "training.batch_size": 16, "optimizer.lr": 2e-3,
-            "training.ema_decay": 0.995, "training.checkpoint_every": steps, "training.num_samples": 36,
-            "diffusion.sample_steps": 50, "training.log_every": max(1, steps // 60),
-            "dst.delta_t": max(1, steps // 10) if sparsity else None,  # mask updates: RigL only
-        })))
+        out.append(
+            (
+                name,
+                sparsity,
+                load_recipe(name).override(
+                    **{
+                        "sparsity": sparsity,
+                        "training.steps": steps,
+                        "training.batch_size": 16,
+                        "optimizer.lr": 2e-3,
+                        "training.ema_decay": 0.995,
+                        "training.checkpoint_every": steps,
+                        "training.num_samples": 36,
+                        "diffusion.sample_steps": 50,
+                        "training.log_every": max(1, steps // 60),
+                        "dst.delta_t": max(1, steps // 10) if sparsity else None,  # mask updates: RigL only
+                    }
+                ),
+            )
+        )
     return out
 
 
@@ -41,19 +56,32 @@ def run(out: Path = OUT, steps: int = STEPS, n: int = N, progress: bool = True) 
     from surgeon.training.run import sparsify
 
     console = wide_console()
-    console.print(f"[bold]surgeon demo[/]: UNet2DModel (preset unet-kanji, 32×32) on KanjiVG glyphs, {steps} steps "
-                  f"each, then FID/KID on {n} samples each")
+    console.print(
+        f"[bold]surgeon demo[/]: UNet2DModel (preset unet-kanji, 32×32) on KanjiVG glyphs, {steps} steps "
+        f"each, then FID/KID on {n} samples each"
+    )
     summaries = []
     for name, sparsity, recipe in recipes(steps):
         console.print(f"\n[bold]{name}[/]" + (f" at S = {sparsity}" if sparsity else ""))
-        summaries.append(sparsify("unet-kanji", recipe, "kanjivg", out / name, limit=LIMIT, force=True,
-                                  progress=progress))
+        summaries.append(
+            sparsify("unet-kanji", recipe, "kanjivg", out / name, limit=LIMIT, force=True, progress=progress)
+        )
     console.print("\n[bold]scoring[/] (sampling and feature extraction)")
-    result = evaluate([out / "dense", out / "rigl"], data="kanjivg", n=n, sample_steps=50, out=out / "eval",
-                      force=True, progress=progress)
+    result = evaluate(
+        [out / "dense", out / "rigl"],
+        data="kanjivg",
+        n=n,
+        sample_steps=50,
+        out=out / "eval",
+        force=True,
+        progress=progress,
+    )
     console.print(comparison_table(summaries, result, title="surgeon demo"))
-    console.print(f"Outputs: {out}/<run>/ (model with packed masks, samples.png, loss.png, metrics.jsonl, summary.json) "
-                  f"and {out}/eval/ (samples.png side by side, results.json)", soft_wrap=True)
+    console.print(
+        f"Outputs: {out}/<run>/ (model with packed masks, samples.png, loss.png, metrics.jsonl, summary.json) "
+        f"and {out}/eval/ (samples.png side by side, results.json)",
+        soft_wrap=True,
+    )
 
 
 if __name__ == "__main__":

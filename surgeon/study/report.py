@@ -1,4 +1,5 @@
 """The report of ``surgeon reproduce``: markdown tables, the paper's findings checked on the numbers, plots."""
+
 from __future__ import annotations
 
 import math
@@ -25,18 +26,37 @@ def study_table(rows) -> str:
     dense = next((r for r in rows if r.spec.algorithm == "dense"), None)
     d_inf = dense.scores.get("flops_forward") if dense else None
     d_train = dense.summary.get("flops_train") if dense else None
-    header = ["run", "method", "S", "p", "FID", "KID", "held-out loss", "params kept", "inference FLOPs",
-              "training FLOPs", "train time"]
+    header = [
+        "run",
+        "method",
+        "S",
+        "p",
+        "FID",
+        "KID",
+        "held-out loss",
+        "params kept",
+        "inference FLOPs",
+        "training FLOPs",
+        "train time",
+    ]
     body = []
     for r in rows:
         s, sc = r.spec, r.scores
-        body.append([
-            r.spec.name, s.algorithm, f"{sc['sparsity']:.2f}", "" if s.p is None else f"{s.p:g}", _fid(sc.get("fid")),
-            format_kid(sc.get("kid_mean"), sc.get("kid_std")),
-            "n/a" if sc.get("heldout_loss") is None else f"{sc['heldout_loss']:.4f}",
-            f"{sc['params_kept']:,} / {sc['params_total']:,}", _ratio(sc.get("flops_forward"), d_inf),
-            _ratio(r.summary.get("flops_train"), d_train), f"{r.summary.get('seconds', 0):.0f}s",
-        ])
+        body.append(
+            [
+                r.spec.name,
+                s.algorithm,
+                f"{sc['sparsity']:.2f}",
+                "" if s.p is None else f"{s.p:g}",
+                _fid(sc.get("fid")),
+                format_kid(sc.get("kid_mean"), sc.get("kid_std")),
+                "n/a" if sc.get("heldout_loss") is None else f"{sc['heldout_loss']:.4f}",
+                f"{sc['params_kept']:,} / {sc['params_total']:,}",
+                _ratio(sc.get("flops_forward"), d_inf),
+                _ratio(r.summary.get("flops_train"), d_train),
+                f"{r.summary.get('seconds', 0):.0f}s",
+            ]
+        )
     return markdown_table(header, body)
 
 
@@ -67,14 +87,19 @@ def findings(rows) -> list[str]:
     if dense is None or fid(dense) is None:
         return ["no dense run: nothing to compare with"]
     d = fid(dense)
-    low = [r for r in rows if r.spec.algorithm != "dense" and r.spec.sparsity <= 0.5 and fid(r) is not None
-           and r.spec.p in (None, MAIN_P)]
+    low = [
+        r
+        for r in rows
+        if r.spec.algorithm != "dense" and r.spec.sparsity <= 0.5 and fid(r) is not None and r.spec.p in (None, MAIN_P)
+    ]
     if low:
         ratios = ", ".join(f"{r.spec.name} {fid(r) / d:.2f}×" for r in low)
         near = sum(fid(r) <= 1.1 * d for r in low)
-        out.append(f"**Sparse ≈ dense at S = 0.25–0.5** (paper: yes). FID relative to dense ({d:.2f}): {ratios}. "
-                   f"{near} of {len(low)} within 10 % of dense or better: "
-                   f"{'holds' if near >= len(low) / 2 else 'does not hold'} here.")
+        out.append(
+            f"**Sparse ≈ dense at S = 0.25–0.5** (paper: yes). FID relative to dense ({d:.2f}): {ratios}. "
+            f"{near} of {len(low)} within 10 % of dense or better: "
+            f"{'holds' if near >= len(low) / 2 else 'does not hold'} here."
+        )
     wins = ties = total = 0
     detail = []
     for s in sorted({r.spec.sparsity for r in rows if r.spec.algorithm == "static"}):
@@ -87,9 +112,11 @@ def findings(rows) -> list[str]:
                 ties += not _beats(dy, st) and not _beats(st, dy)
                 detail.append(f"{algo} {dy:.2f} vs static {st:.2f} at S = {s:g}")
     if total:
-        out.append(f"**Dynamic ≥ static** (paper: mostly, and clearly with p = 0.05 at high sparsity). Dynamic better "
-                   f"in {wins}, tied (within 2 %) in {ties}, worse in {total - wins - ties} of {total} pairs "
-                   f"({'; '.join(detail)}): {_verdict(wins, total - wins - ties)} here.")
+        out.append(
+            f"**Dynamic ≥ static** (paper: mostly, and clearly with p = 0.05 at high sparsity). Dynamic better "
+            f"in {wins}, tied (within 2 %) in {ties}, worse in {total - wins - ties} of {total} pairs "
+            f"({'; '.join(detail)}): {_verdict(wins, total - wins - ties)} here."
+        )
     pairs = []
     for algo in ("rigl", "magran"):
         lo, hi = fid(_get(rows, algo, 0.9, LOW_P)), fid(_get(rows, algo, 0.9, MAIN_P))
@@ -98,8 +125,13 @@ def findings(rows) -> list[str]:
     if pairs:
         better = sum(_beats(lo, hi) for _, lo, hi in pairs)
         text = "; ".join(f"{a}: p = {LOW_P:g} {lo:.2f} vs p = {MAIN_P:g} {hi:.2f}" for a, lo, hi in pairs)
-        verdict = ("holds" if better == len(pairs) else f"holds for {better} of {len(pairs)}" if better
-                   else "does not hold (differences under 2 % count as ties)")
+        verdict = (
+            "holds"
+            if better == len(pairs)
+            else f"holds for {better} of {len(pairs)}"
+            if better
+            else "does not hold (differences under 2 % count as ties)"
+        )
         out.append(f"**p = {LOW_P:g} better than p = {MAIN_P:g} at S = 0.9** (paper: yes). {text}: {verdict} here.")
     return out
 
@@ -123,18 +155,43 @@ def write_plots(out: Path, rows, study: str, label: str) -> dict[str, Path]:
     if not sub:
         return {}
     folder = out / study
-    plots = {"samples": grids_side_by_side(_grid_panels(sub), folder / "samples_side_by_side.png", title=label),
-             "loss": loss_curves([(r.spec.name, Path(r.run_dir) / "metrics.jsonl") for r in sub
-                                  if (Path(r.run_dir) / "metrics.jsonl").is_file()], folder / "loss_curves.png",
-                                 title=f"{study}: training loss")}
+    plots = {
+        "samples": grids_side_by_side(_grid_panels(sub), folder / "samples_side_by_side.png", title=label),
+        "loss": loss_curves(
+            [
+                (r.spec.name, Path(r.run_dir) / "metrics.jsonl")
+                for r in sub
+                if (Path(r.run_dir) / "metrics.jsonl").is_file()
+            ],
+            folder / "loss_curves.png",
+            title=f"{study}: training loss",
+        ),
+    }
     dense = next((r.scores.get("fid") for r in sub if r.spec.algorithm == "dense"), None)
-    points = [{"method": r.spec.method, "sparsity": r.scores["sparsity"], "flops": r.scores.get("flops_forward"),
-               "fid": r.scores.get("fid")} for r in sub if r.spec.algorithm != "dense"]
+    points = [
+        {
+            "method": r.spec.method,
+            "sparsity": r.scores["sparsity"],
+            "flops": r.scores.get("flops_forward"),
+            "fid": r.scores.get("fid"),
+        }
+        for r in sub
+        if r.spec.algorithm != "dense"
+    ]
     if points:
-        plots["fid_vs_sparsity"] = metric_vs(points, "sparsity", "fid", folder / "fid_vs_sparsity.png", "sparsity S",
-                                             label, dense=dense, title=study)
-        plots["fid_vs_flops"] = metric_vs(points, "flops", "fid", folder / "fid_vs_flops.png",
-                                          "inference FLOPs per denoiser call", label, dense=dense, title=study)
+        plots["fid_vs_sparsity"] = metric_vs(
+            points, "sparsity", "fid", folder / "fid_vs_sparsity.png", "sparsity S", label, dense=dense, title=study
+        )
+        plots["fid_vs_flops"] = metric_vs(
+            points,
+            "flops",
+            "fid",
+            folder / "fid_vs_flops.png",
+            "inference FLOPs per denoiser call",
+            label,
+            dense=dense,
+            title=study,
+        )
     return plots
 
 
@@ -143,13 +200,16 @@ def write_report(out: Path, plan, rows, elapsed: float) -> Path:
 
     label = next((r.scores.get("metric_label") for r in rows if r.scores.get("metric_label")), "FID")
     lines = [
-        "# surgeon reproduce: sparse-to-sparse training of diffusion models on KanjiVG", "",
+        "# surgeon reproduce: sparse-to-sparse training of diffusion models on KanjiVG",
+        "",
         f"Budget {plan.budget_minutes:g} min; this invocation took {elapsed / 60:.1f} min (a resumed study counts only "
         f"its last invocation). Image runs: `{plan.image_model}`, {plan.image_steps} steps each; ChiroDiff runs: "
         f"`{plan.chiro_model}`, {plan.chiro_steps} steps each; batch {plan.batch_size}, {plan.updates} mask updates "
-        f"per run, n = {plan.n} samples per model ({plan.sample_steps} DDIM steps).", "",
+        f"per run, n = {plan.n} samples per model ({plan.sample_steps} DDIM steps).",
+        "",
         f"Metric: {label}. KID is mean ± std over subsets. FLOPs after Evci et al.: inference = one denoiser call on "
-        "one example; training = the whole run; ratios are to the dense run of the same study.", "",
+        "one example; training = the whole run; ratios are to the dense run of the same study.",
+        "",
     ]
     for study, title in (("images", "Glyph images (UNet)"), ("strokes", "Strokes (ChiroDiff), rendered")):
         sub = [r for r in rows if r.spec.study == study]

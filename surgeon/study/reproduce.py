@@ -10,6 +10,7 @@ sample, and the remaining time is shared out (80 % images, 20 % strokes, after t
 The plan (steps and every setting) is written to ``plan.json`` first; re-running the command resumes from it:
 finished runs and scores are kept, an interrupted run continues from its last checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,9 +51,11 @@ def study_runs() -> list[RunSpec]:
             runs.append(RunSpec(f"{algo}-s{s:g}-p{MAIN_P:g}", "images", algo, s, MAIN_P))
     for algo in ("rigl", "magran"):
         runs.append(RunSpec(f"{algo}-s0.9-p{LOW_P:g}", "images", algo, 0.9, LOW_P))
-    runs += [RunSpec("chiro-dense", "strokes", "dense", 0.0),
-             RunSpec(f"chiro-magran-s0.9-p{MAIN_P:g}", "strokes", "magran", 0.9, MAIN_P),
-             RunSpec(f"chiro-rigl-s0.25-p{MAIN_P:g}", "strokes", "rigl", 0.25, MAIN_P)]
+    runs += [
+        RunSpec("chiro-dense", "strokes", "dense", 0.0),
+        RunSpec(f"chiro-magran-s0.9-p{MAIN_P:g}", "strokes", "magran", 0.9, MAIN_P),
+        RunSpec(f"chiro-rigl-s0.25-p{MAIN_P:g}", "strokes", "rigl", 0.25, MAIN_P),
+    ]
     return runs
 
 
@@ -84,9 +87,12 @@ def _recipe(spec: RunSpec, plan: StudyPlan):
 
     steps = plan.image_steps if spec.study == "images" else plan.chiro_steps
     changes = {
-        "training.steps": steps, "training.batch_size": plan.batch_size,
+        "training.steps": steps,
+        "training.batch_size": plan.batch_size,
         "optimizer.lr": plan.lr if spec.study == "images" else plan.chiro_lr,
-        "training.checkpoint_every": max(1, steps // 4), "training.num_samples": 16, "training.log_every": max(1, steps // 50),
+        "training.checkpoint_every": max(1, steps // 4),
+        "training.num_samples": 16,
+        "training.log_every": max(1, steps // 50),
         "diffusion.sample_steps": plan.sample_steps,
     }
     if spec.algorithm != "dense":
@@ -96,8 +102,16 @@ def _recipe(spec: RunSpec, plan: StudyPlan):
     return load_recipe(spec.algorithm).override(**changes).override(name=spec.name)
 
 
-def _calibrate(image_model: str, chiro_model: str, batch_size: int, lr: float, limit: int | None, out: Path,
-               sample_steps: int, extractor: str) -> dict:
+def _calibrate(
+    image_model: str,
+    chiro_model: str,
+    batch_size: int,
+    lr: float,
+    limit: int | None,
+    out: Path,
+    sample_steps: int,
+    extractor: str,
+) -> dict:
     """Seconds per training step of each model, per scored image, and of the reference features still to compute."""
     import shutil
 
@@ -110,9 +124,17 @@ def _calibrate(image_model: str, chiro_model: str, batch_size: int, lr: float, l
     timing = {}
     probe = out / "calibration"
     for key, model, steps in (("image", image_model, 6), ("chiro", chiro_model, 4)):
-        r = load_recipe("rigl").override(**{"training.steps": steps, "training.batch_size": batch_size,
-                                            "optimizer.lr": lr, "training.checkpoint_every": steps,
-                                            "training.num_samples": 0, "dst.delta_t": 2, "sparsity": 0.5})
+        r = load_recipe("rigl").override(
+            **{
+                "training.steps": steps,
+                "training.batch_size": batch_size,
+                "optimizer.lr": lr,
+                "training.checkpoint_every": steps,
+                "training.num_samples": 0,
+                "dst.delta_t": 2,
+                "sparsity": 0.5,
+            }
+        )
         started = time.perf_counter()
         summary = sparsify(model, r, "kanjivg", probe / key, limit=limit, force=True, progress=False, samples=False)
         timing[f"{key}_step_s"] = summary.seconds_per_step
@@ -146,29 +168,49 @@ def _sample_cost(run_dir: Path, sample_steps: int, extractor: str, limit: int | 
     return (time.perf_counter() - started) / k
 
 
-def allocate(budget_minutes: float, timing: dict, n: int, n_img: int, n_chiro: int, updates: int,
-             spent: float = 0.0) -> tuple[int, int, float]:
+def allocate(
+    budget_minutes: float, timing: dict, n: int, n_img: int, n_chiro: int, updates: int, spent: float = 0.0
+) -> tuple[int, int, float]:
     """Training steps per image run and per ChiroDiff run that fit the budget, from calibrated ``timing``
     (seconds per step, per run, per scored sample); returns (image steps, ChiroDiff steps, scoring estimate in s)."""
-    eval_s = sum(count * (timing[f"{k}_eval_fixed_s"] + n * timing[f"{k}_eval_per_sample_s"])
-                 for k, count in (("image", n_img), ("chiro", n_chiro)))
+    eval_s = sum(
+        count * (timing[f"{k}_eval_fixed_s"] + n * timing[f"{k}_eval_per_sample_s"])
+        for k, count in (("image", n_img), ("chiro", n_chiro))
+    )
     fixed_s = n_img * timing["image_run_fixed_s"] + n_chiro * timing["chiro_run_fixed_s"]
     train_s = budget_minutes * 60 * SAFETY - spent - eval_s - fixed_s
     image_steps = int(train_s * (IMAGE_SHARE if n_chiro else 1.0) / max(n_img, 1) / timing["image_step_s"])
     chiro_steps = int(train_s * (1 - IMAGE_SHARE) / n_chiro / timing["chiro_step_s"]) if n_chiro else 0
     if (n_img and image_steps < 2 * updates) or (n_chiro and chiro_steps < 2 * updates):
-        per_step = (n_img * timing["image_step_s"] / (IMAGE_SHARE if n_chiro else 1.0)
-                    + n_chiro * timing["chiro_step_s"] / (1 - IMAGE_SHARE))
+        per_step = n_img * timing["image_step_s"] / (IMAGE_SHARE if n_chiro else 1.0) + n_chiro * timing[
+            "chiro_step_s"
+        ] / (1 - IMAGE_SHARE)
         need = math.ceil((spent + eval_s + fixed_s + 2 * updates * per_step) / 60 / SAFETY)
-        raise UsageError(f"--budget-minutes {budget_minutes:g} leaves too little time to train {n_img + n_chiro} runs "
-                         f"(scoring {n} samples per model takes about {eval_s / 60:.1f} min in all)",
-                         f"give at least --budget-minutes {need}, or score fewer samples (--n)")
+        raise UsageError(
+            f"--budget-minutes {budget_minutes:g} leaves too little time to train {n_img + n_chiro} runs "
+            f"(scoring {n} samples per model takes about {eval_s / 60:.1f} min in all)",
+            f"give at least --budget-minutes {need}, or score fewer samples (--n)",
+        )
     return image_steps, chiro_steps, eval_s
 
 
-def make_plan(budget_minutes: float, out: Path, n: int, sample_steps: int, image_model: str, chiro_model: str,
-              batch_size: int, lr: float, chiro_lr: float, updates: int, limit: int | None, extractor: str | None,
-              runs: Sequence[RunSpec], steps: tuple[int, int] | None = None, console=None) -> StudyPlan:
+def make_plan(
+    budget_minutes: float,
+    out: Path,
+    n: int,
+    sample_steps: int,
+    image_model: str,
+    chiro_model: str,
+    batch_size: int,
+    lr: float,
+    chiro_lr: float,
+    updates: int,
+    limit: int | None,
+    extractor: str | None,
+    runs: Sequence[RunSpec],
+    steps: tuple[int, int] | None = None,
+    console=None,
+) -> StudyPlan:
     """Calibrate and share out the budget, or take ``steps`` = (image steps, ChiroDiff steps) as given."""
     from surgeon.evaluation.extractors import resolve_extractor
 
@@ -182,14 +224,32 @@ def make_plan(budget_minutes: float, out: Path, n: int, sample_steps: int, image
         timing = _calibrate(image_model, chiro_model, batch_size, lr, limit, out, sample_steps, info.name)
         timing["calibration_s"] = time.perf_counter() - started
         image_steps, chiro_steps, timing["eval_estimate_s"] = allocate(
-            budget_minutes, timing, n, n_img, len(runs) - n_img, updates, timing["calibration_s"])
+            budget_minutes, timing, n, n_img, len(runs) - n_img, updates, timing["calibration_s"]
+        )
         if console is not None:
-            console.print(f"calibrated in {timing['calibration_s']:.0f}s: {timing['image_step_s']:.2f} s/step "
-                          f"({image_model}), {timing['chiro_step_s']:.2f} s/step ({chiro_model}); scoring ≈ "
-                          f"{timing['eval_estimate_s'] / 60:.1f} min → {image_steps} steps per image run, "
-                          f"{chiro_steps} per ChiroDiff run")
-    return StudyPlan(budget_minutes, image_model, chiro_model, image_steps, chiro_steps, n, sample_steps, batch_size,
-                     lr, chiro_lr, updates, limit, info.name, [r.name for r in runs], timing)
+            console.print(
+                f"calibrated in {timing['calibration_s']:.0f}s: {timing['image_step_s']:.2f} s/step "
+                f"({image_model}), {timing['chiro_step_s']:.2f} s/step ({chiro_model}); scoring ≈ "
+                f"{timing['eval_estimate_s'] / 60:.1f} min → {image_steps} steps per image run, "
+                f"{chiro_steps} per ChiroDiff run"
+            )
+    return StudyPlan(
+        budget_minutes,
+        image_model,
+        chiro_model,
+        image_steps,
+        chiro_steps,
+        n,
+        sample_steps,
+        batch_size,
+        lr,
+        chiro_lr,
+        updates,
+        limit,
+        info.name,
+        [r.name for r in runs],
+        timing,
+    )
 
 
 def _load_plan(path: Path) -> StudyPlan:
@@ -197,8 +257,9 @@ def _load_plan(path: Path) -> StudyPlan:
         data = json.loads(path.read_text())
         plan = StudyPlan(**data)
     except (OSError, ValueError, TypeError) as e:
-        raise SurgeonError(f"{path} is not a study plan this version can resume ({e})",
-                           "pass --force to start the study over") from e
+        raise SurgeonError(
+            f"{path} is not a study plan this version can resume ({e})", "pass --force to start the study over"
+        ) from e
     if plan.version != PLAN_VERSION:
         raise SurgeonError(f"{path} has plan version {plan.version}", "pass --force to start the study over")
     return plan
@@ -219,8 +280,16 @@ def _train(spec: RunSpec, plan: StudyPlan, run_dir: Path, progress: bool) -> dic
         return json.loads((run_dir / "summary.json").read_text())
     resume = run_dir if list_checkpoints(run_dir / "checkpoints") else None
     model = plan.image_model if spec.study == "images" else plan.chiro_model
-    summary = sparsify(model, _recipe(spec, plan), "kanjivg", run_dir, limit=plan.limit, force=resume is None,
-                       resume=resume, progress=progress)
+    summary = sparsify(
+        model,
+        _recipe(spec, plan),
+        "kanjivg",
+        run_dir,
+        limit=plan.limit,
+        force=resume is None,
+        resume=resume,
+        progress=progress,
+    )
     return asdict(summary)
 
 
@@ -230,8 +299,15 @@ def _score(run_dir: Path, plan: StudyPlan, progress: bool) -> dict:
     path = run_dir / "eval.json"
     if path.is_file():
         return json.loads(path.read_text())
-    result = evaluate(run_dir, data="kanjivg", n=plan.n, sample_steps=plan.sample_steps, extractor=plan.extractor,
-                      progress=progress, limit=plan.limit)
+    result = evaluate(
+        run_dir,
+        data="kanjivg",
+        n=plan.n,
+        sample_steps=plan.sample_steps,
+        extractor=plan.extractor,
+        progress=progress,
+        limit=plan.limit,
+    )
     row = asdict(result.rows[0]) | {"metric_label": result.label}
     _write_json(path, row)
     return row
@@ -245,12 +321,25 @@ class StudyRow:
     run_dir: str
 
 
-def reproduce(budget_minutes: float = 60, out: str | os.PathLike = "runs/reproduce", n: int = 256,
-              sample_steps: int = 20, force: bool = False, progress: bool = True, console=None,
-              image_model: str = "unet-kanji", chiro_model: str = "chirodiff", batch_size: int = 16,
-              lr: float = 2e-3, chiro_lr: float = 2e-3, updates: int = 10, limit: int | None = None,
-              extractor: str | None = None, only: Sequence[str] | None = None,
-              steps: tuple[int, int] | None = None) -> Path:
+def reproduce(
+    budget_minutes: float = 60,
+    out: str | os.PathLike = "runs/reproduce",
+    n: int = 256,
+    sample_steps: int = 20,
+    force: bool = False,
+    progress: bool = True,
+    console=None,
+    image_model: str = "unet-kanji",
+    chiro_model: str = "chirodiff",
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    chiro_lr: float = 2e-3,
+    updates: int = 10,
+    limit: int | None = None,
+    extractor: str | None = None,
+    only: Sequence[str] | None = None,
+    steps: tuple[int, int] | None = None,
+) -> Path:
     """Run (or resume) the study in ``out``; returns the path of its report (``README.md``).
 
     ``steps`` = (steps per image run, steps per ChiroDiff run) skips the calibration and the budget's share-out.
@@ -284,8 +373,23 @@ def reproduce(budget_minutes: float = 60, out: str | os.PathLike = "runs/reprodu
             console.print(f"resuming the study in {out} ({plan.image_steps} steps per image run; --force starts over)")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        plan = make_plan(budget_minutes, out, n, sample_steps, image_model, chiro_model, batch_size, lr, chiro_lr,
-                         updates, limit, extractor, runs, steps, console)
+        plan = make_plan(
+            budget_minutes,
+            out,
+            n,
+            sample_steps,
+            image_model,
+            chiro_model,
+            batch_size,
+            lr,
+            chiro_lr,
+            updates,
+            limit,
+            extractor,
+            runs,
+            steps,
+            console,
+        )
         _write_json(plan_path, asdict(plan))
     rows = []
     for i, spec in enumerate(runs, 1):

@@ -3,6 +3,7 @@
 ``make_task`` picks the task from the model: diffusers 2D denoisers get images, sequence models (ChiroDiff and any
 module with ChiroDiff's ``forward(x_t, t, mask)`` signature) get stroke sequences.
 """
+
 from __future__ import annotations
 
 import inspect

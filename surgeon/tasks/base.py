@@ -8,6 +8,7 @@ The engine never looks inside a batch. Per step it calls::
 
 so a distillation loss can run the teacher on the very same ``inputs``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,14 +48,18 @@ class Task:
     def collate(self, items: list) -> Any:
         return torch.utils.data.default_collate(items)
 
-    def noisy_batch(self, batch: Any, generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+    def noisy_batch(
+        self, batch: Any, generator: torch.Generator | None = None
+    ) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
         """Sample t ~ U{0..T-1} and ε ~ N(0, I); return (model inputs incl. x_t and t, ε, optional weight)."""
         raise NotImplementedError
 
     def predict(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def add_noise(self, x0: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def add_noise(
+        self, x0: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """DDPM forward process: t ~ U{0..T-1}, ε ~ N(0, I), x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε; returns (x_t, t, ε)."""
         gdev = draw_device(generator, x0.device)
         T = self.scheduler.config.num_train_timesteps  # noqa: N806
@@ -66,9 +71,11 @@ class Task:
     def mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Mean squared error; with ``weight`` (e.g. a padding mask broadcastable to pred) only weighted entries count."""
         if pred.shape != target.shape:  # broadcasting would silently train on a wrong objective
-            raise SurgeonError(f"the model's output has shape {list(pred.shape)}, but the noise it must predict has "
-                               f"shape {list(target.shape)}",
-                               "the denoiser must return ε̂ with the shape of its input x_t")
+            raise SurgeonError(
+                f"the model's output has shape {list(pred.shape)}, but the noise it must predict has "
+                f"shape {list(target.shape)}",
+                "the denoiser must return ε̂ with the shape of its input x_t",
+            )
         err = (pred.float() - target.float()) ** 2
         if weight is None:
             return err.mean()
@@ -76,7 +83,9 @@ class Task:
         return (err * weight).sum() / weight.sum().clamp_min(1.0)
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, n: int, generator: torch.Generator | None = None, steps: int | None = None) -> Any:
+    def sample(
+        self, model: nn.Module, n: int, generator: torch.Generator | None = None, steps: int | None = None
+    ) -> Any:
         """Generate ``n`` samples with the task's sampler, in whatever form :meth:`to_images` takes (a tensor of
         images, or a dict of padded sequences)."""
         raise NotImplementedError
@@ -86,12 +95,19 @@ class Task:
         raise NotImplementedError
 
 
-def ddpm_scheduler(timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2, beta_schedule: str = "linear"):
+def ddpm_scheduler(
+    timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2, beta_schedule: str = "linear"
+):
     """The training noise schedule (diffusers DDPMScheduler, ε-prediction, no sample clipping)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
-                         beta_schedule=beta_schedule, clip_sample=False)
+    return DDPMScheduler(
+        num_train_timesteps=timesteps,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        beta_schedule=beta_schedule,
+        clip_sample=False,
+    )
 
 
 def apply_diffusion_settings(task: Task, diffusion) -> None:
@@ -111,7 +127,9 @@ class EpsilonLoss:
     def __init__(self, task: Task):
         self.task = task
 
-    def __call__(self, model: nn.Module, inputs: dict, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, inputs: dict, target: torch.Tensor, weight: torch.Tensor | None
+    ) -> torch.Tensor:
         return self.task.mse(self.task.predict(model, inputs), target, weight)
 
     def to(self, device) -> EpsilonLoss:

@@ -9,6 +9,7 @@ Class-conditional models (a class embedding table: ``num_class_embeds`` for UNet
 the classes in turn; unconditional models ignore labels. Batches are ``{"images": [B, C, H, W], "labels": [B]}``
 ("labels" only when the data has classes); a bare image tensor is accepted as an unlabeled batch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -110,8 +111,10 @@ class ImageTask(Task):
     def collate(self, items: list) -> dict:
         """Images, or (image, label) pairs → ``{"images": [B, C, H, W], "labels": [B] long}``."""
         if isinstance(items[0], (tuple, list)):
-            return {"images": torch.stack([it[0] for it in items]),
-                    "labels": torch.as_tensor([int(it[1]) for it in items], dtype=torch.long)}
+            return {
+                "images": torch.stack([it[0] for it in items]),
+                "labels": torch.as_tensor([int(it[1]) for it in items], dtype=torch.long),
+            }
         return {"images": torch.stack(list(items))}
 
     def _vae_on(self, device) -> nn.Module:
@@ -143,8 +146,10 @@ class ImageTask(Task):
             cond["encoder_hidden_states"] = torch.zeros(batch_size, 1, int(self.cross_attention_dim), device=device)
         if self.class_conditional:
             if labels is None:
-                raise SurgeonError(f"the model is class-conditional ({self._class_key}), but the batch has no labels",
-                                   "train on a folder with one subfolder of images per class")
+                raise SurgeonError(
+                    f"the model is class-conditional ({self._class_key}), but the batch has no labels",
+                    "train on a folder with one subfolder of images per class",
+                )
             cond["class_labels"] = labels.to(device=device, dtype=torch.long)
         return cond
 
@@ -165,8 +170,14 @@ class ImageTask(Task):
         return None if k is None else torch.arange(n) % k
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, n: int, generator: torch.Generator | None = None, steps: int | None = None,
-               labels: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        model: nn.Module,
+        n: int,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """DDIM sampling (η = 0); returns images in [-1, 1], ``[n, C, H, W]``.
 
         Class-conditional models sample ``labels`` (``[n]``), by default every class in turn (``sample_labels``).

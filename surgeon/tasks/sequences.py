@@ -4,6 +4,7 @@ Batches and samples share one format, ``{"points": [B, L, 3], "mask": [B, L] boo
 and compared like data. Noise schedule from the seed paper (appendix B.3): T = 1000, linear β from 1e-4 to 2e-2,
 ε-prediction; sampling with DDIM, 50 steps (section 3.3.2), or ancestral DDPM.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,8 +24,9 @@ _FALLBACK_LENGTH = 64  # used when neither lengths nor a loaded training set say
 class SequenceTask(Task):
     name = "sequences"
 
-    def __init__(self, data: str = "kanjivg", limit: int | None = None, max_points: int | None = None,
-                 image_size: int = 64):
+    def __init__(
+        self, data: str = "kanjivg", limit: int | None = None, max_points: int | None = None, image_size: int = 64
+    ):
         self.data, self.limit, self.max_points, self.image_size = data, limit, max_points, int(image_size)
         self.scheduler = DDPMScheduler(
             num_train_timesteps=1000, beta_start=1e-4, beta_end=2e-2, beta_schedule="linear", clip_sample=False
@@ -46,7 +48,9 @@ class SequenceTask(Task):
 
         return collate_sequences(items)
 
-    def noisy_batch(self, batch: dict, generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    def noisy_batch(
+        self, batch: dict, generator: torch.Generator | None = None
+    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
         x0, mask = batch["points"], batch["mask"].bool()  # [B, L, D], [B, L]
         x_t, t, eps = self.add_noise(x0, generator)
         return {"x_t": x_t, "t": t, "mask": mask}, eps, mask[..., None]

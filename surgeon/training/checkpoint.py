@@ -5,6 +5,7 @@ state, and in its JSON metadata the step, optimizer hyper-parameters, algorithm 
 Data order and diffusion noise are pure functions of (seed, step), so nothing else is needed to resume a run
 bit-identically. (Accelerate's own ``save_state`` pickles optimizer and RNG state, which surgeon never loads.)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,9 +35,18 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, param_names: list[str],
-                    algorithm_state: dict, ema=None, extra: dict | None = None, algorithm: str | None = None,
-                    loss_window: torch.Tensor | None = None) -> Path:
+def save_checkpoint(
+    path: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    param_names: list[str],
+    algorithm_state: dict,
+    ema=None,
+    extra: dict | None = None,
+    algorithm: str | None = None,
+    loss_window: torch.Tensor | None = None,
+) -> Path:
     """``algorithm`` names the recipe's algorithm (resume refuses another); ``loss_window`` holds the per-micro-batch
     losses not yet logged, so a resumed run logs the same means as an uninterrupted one."""
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -92,7 +102,9 @@ def resolve(ref: str | os.PathLike) -> Path:
                 return found[-1]
         raise SurgeonError(f"no checkpoint found in {p}", "point --resume at a step-N.safetensors file or a run folder")
     if not p.is_file():
-        raise SurgeonError(f"checkpoint {p} does not exist", "point --resume at a step-N.safetensors file or a run folder")
+        raise SurgeonError(
+            f"checkpoint {p} does not exist", "point --resume at a step-N.safetensors file or a run folder"
+        )
     return p
 
 
@@ -111,9 +123,14 @@ def read_metadata(ref: str | os.PathLike) -> tuple[Path, dict[str, str]]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise SurgeonError(f"cannot read checkpoint {path} ({brief(e)})", "the file is truncated or damaged; use an earlier checkpoint") from e
+        raise SurgeonError(
+            f"cannot read checkpoint {path} ({brief(e)})", "the file is truncated or damaged; use an earlier checkpoint"
+        ) from e
     if meta.get("format") != FORMAT:
-        raise SurgeonError(f"{path} is not a surgeon training checkpoint", "resume from a checkpoints/step-N.safetensors of a surgeon run")
+        raise SurgeonError(
+            f"{path} is not a surgeon training checkpoint",
+            "resume from a checkpoints/step-N.safetensors of a surgeon run",
+        )
     return path, meta
 
 
@@ -122,17 +139,28 @@ def check_resumable(ref: str | os.PathLike, algorithm: str | None = None, steps:
     path, meta = read_metadata(ref)
     made_by = meta.get("algorithm_name") or None  # checkpoints written before this field existed do not say
     if algorithm is not None and made_by is not None and made_by != algorithm:
-        raise SurgeonError(f"checkpoint {path} was made by algorithm {made_by!r}, not {algorithm!r}",
-                           f"resume with the recipe that made it (algorithm: {made_by}), or start a new run without --resume")
+        raise SurgeonError(
+            f"checkpoint {path} was made by algorithm {made_by!r}, not {algorithm!r}",
+            f"resume with the recipe that made it (algorithm: {made_by}), or start a new run without --resume",
+        )
     at = int(meta["step"])
     if steps is not None and at > steps:
-        raise SurgeonError(f"checkpoint {path} is at step {at}, past the run's {steps} steps",
-                           f"pass --steps {at} or more to continue it, or resume from an earlier checkpoint")
+        raise SurgeonError(
+            f"checkpoint {path} is at step {at}, past the run's {steps} steps",
+            f"pass --steps {at} or more to continue it, or resume from an earlier checkpoint",
+        )
     return path
 
 
-def load_checkpoint(ref, model: nn.Module, optimizer: torch.optim.Optimizer, param_names: list[str], ema=None,
-                    algorithm: str | None = None, steps: int | None = None) -> tuple[int, dict, dict]:
+def load_checkpoint(
+    ref,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    param_names: list[str],
+    ema=None,
+    algorithm: str | None = None,
+    steps: int | None = None,
+) -> tuple[int, dict, dict]:
     """Restore in place; returns (step, algorithm_state, extra). Refuses a checkpoint of another model, another
     algorithm (when ``algorithm`` is given) or past ``steps``. ``extra["loss_window"]`` holds the unlogged losses."""
     path = check_resumable(ref, algorithm, steps)
@@ -140,10 +168,14 @@ def load_checkpoint(ref, model: nn.Module, optimizer: torch.optim.Optimizer, par
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise SurgeonError(f"cannot read checkpoint {path} ({brief(e)})", "the file is truncated or damaged; use an earlier checkpoint") from e
+        raise SurgeonError(
+            f"cannot read checkpoint {path} ({brief(e)})", "the file is truncated or damaged; use an earlier checkpoint"
+        ) from e
     verify_digests(tensors, meta.get(DIGESTS), path)
     if meta["fingerprint"] != fingerprint(model):
-        raise SurgeonError(f"checkpoint {path} belongs to another model", "resume with the same MODEL, recipe and sparsity settings")
+        raise SurgeonError(
+            f"checkpoint {path} belongs to another model", "resume with the same MODEL, recipe and sparsity settings"
+        )
     if json.loads(meta["param_names"]) != param_names:
         raise SurgeonError(f"checkpoint {path} has different trainable parameters", "resume with the same recipe")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -173,6 +205,7 @@ def load_checkpoint(ref, model: nn.Module, optimizer: torch.optim.Optimizer, par
 
 def check_identity(saved: dict, current: dict) -> None:
     """Refuse to resume a run under a different identity, e.g. another teacher (compared by content digest)."""
+
     def key(value):
         return value.get("sha256", value) if isinstance(value, dict) else value
 
@@ -183,5 +216,8 @@ def check_identity(saved: dict, current: dict) -> None:
 
     for name in sorted(set(saved) | set(current)):
         if key(saved.get(name)) != key(current.get(name)):
-            raise SurgeonError(f"the checkpoint was trained with {name} {describe(saved.get(name))}, this run has "
-                               f"{describe(current.get(name))}", f"resume with the same {name}, or start a new run")
+            raise SurgeonError(
+                f"the checkpoint was trained with {name} {describe(saved.get(name))}, this run has "
+                f"{describe(current.get(name))}",
+                f"resume with the same {name}, or start a new run",
+            )

@@ -1,4 +1,5 @@
 """Exponential moving average of the trainable tensors that follows the masks (docs/methods.md, "Invariants")."""
+
 from __future__ import annotations
 
 import torch

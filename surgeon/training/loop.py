@@ -4,6 +4,7 @@ Data order and noise are pure functions of (seed, step, rank), so a resumed run 
 bit for bit, and every process sees its own shard of each global batch. The loop is the same for dense, static,
 dynamic (RigL/MagRan) and N:M runs; algorithms act only at the hook points named in surgeon.algorithms.base.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,6 @@ class TrainResult:
     mask_updates: list[dict] = field(default_factory=list)
 
 
-
-
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     """CPU-only machines run several processes over gloo (``accelerate launch --multi_gpu`` alone would not)."""
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
@@ -57,7 +56,9 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def make_optimizer(model: nn.Module, recipe: Recipe) -> tuple[torch.optim.Optimizer, list[str]]:
     named = trainable(model)
     o = recipe.optimizer
-    opt = torch.optim.AdamW([p for _, p in named], lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for _, p in named], lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+    )
     return opt, [n for n, _ in named]
 
 
@@ -70,9 +71,18 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, 
 
 
 @own_rng()  # the loop seeds the global RNG per step (dropout inside the model); the caller's state comes back
-def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, objective=None, resume=None,
-          accelerator: Accelerator | None = None, progress: bool = True, stop_after: int | None = None,
-          identity: dict | None = None) -> TrainResult:
+def train(
+    model: nn.Module,
+    task: Task,
+    recipe: Recipe,
+    out_dir: str | Path,
+    objective=None,
+    resume=None,
+    accelerator: Accelerator | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    identity: dict | None = None,
+) -> TrainResult:
     """Train ``model`` (already injected) in place. ``stop_after`` ends early after that many steps (tests).
 
     ``identity`` (JSON values, e.g. the teacher's reference and content digest) is recorded in every checkpoint; a
@@ -94,8 +104,9 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
     # (step, loss) per micro-batch since the last log line: kept as tensors (no host sync per step), checkpointed
     window: list[tuple[int, torch.Tensor]] = []
     if resume is not None:
-        step, algo_state, extra = ckpt.load_checkpoint(resume, model, optimizer, param_names, ema,
-                                                       algorithm=recipe.algorithm, steps=t.steps)
+        step, algo_state, extra = ckpt.load_checkpoint(
+            resume, model, optimizer, param_names, ema, algorithm=recipe.algorithm, steps=t.steps
+        )
         ckpt.check_identity(extra.get("identity") or {}, identity or {})
         algorithm.load_state_dict(algo_state)
         objective.load_state_dict(extra.get("objective", {}), model)  # the previous stage's teacher, when in use
@@ -109,8 +120,10 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
     ckpt_dir = out_dir / "checkpoints"
     log_path = out_dir / "metrics.jsonl"
     if resume is None and ckpt.list_checkpoints(ckpt_dir):
-        raise SurgeonError(f"{ckpt_dir} holds checkpoints of an earlier run",
-                           "resume it (resume=..., --resume), or train into another folder (--force clears them)")
+        raise SurgeonError(
+            f"{ckpt_dir} holds checkpoints of an earlier run",
+            "resume it (resume=..., --resume), or train into another folder (--force clears them)",
+        )
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         _truncate_log(log_path, step)
@@ -128,26 +141,44 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
         if acc.num_processes > 1:  # every process stops together, at the first step any of them saw diverge
             first_bad = acc.gather(first_bad.reshape(1).to(device)).min()
         if int(first_bad) != never:
-            raise Diverged(f"training diverged: the loss is not finite at step {int(first_bad)}",
-                           _diverged_hint(recipe, last_good()))
+            raise Diverged(
+                f"training diverged: the loss is not finite at step {int(first_bad)}",
+                _diverged_hint(recipe, last_good()),
+            )
         if weights and not all(bool(torch.isfinite(p).all()) for _, p in trainable(model)):
-            raise Diverged(f"training diverged: the weights are not finite after step {at}", _diverged_hint(recipe, last_good()))
+            raise Diverged(
+                f"training diverged: the weights are not finite after step {at}", _diverged_hint(recipe, last_good())
+            )
 
     def save(at: int) -> Path:
         check_finite(at, weights=True)
         path = ckpt_dir / f"step-{at:07d}.safetensors"
         if acc.is_main_process:
             unlogged = torch.stack([loss for _, loss in window]) if window else None
-            ckpt.save_checkpoint(path, at, model, optimizer.optimizer, param_names, algorithm.state_dict(), ema,
-                                 extra={"loss_window_steps": [s for s, _ in window], "objective": objective.state_dict(),
-                                        "identity": identity or {}},
-                                 algorithm=recipe.algorithm, loss_window=unlogged)
+            ckpt.save_checkpoint(
+                path,
+                at,
+                model,
+                optimizer.optimizer,
+                param_names,
+                algorithm.state_dict(),
+                ema,
+                extra={
+                    "loss_window_steps": [s for s, _ in window],
+                    "objective": objective.state_dict(),
+                    "identity": identity or {},
+                },
+                algorithm=recipe.algorithm,
+                loss_window=unlogged,
+            )
             ckpt.prune_checkpoints(ckpt_dir, t.keep_checkpoints)
         acc.wait_for_everyone()
         return path
 
     end = t.steps if stop_after is None else min(t.steps, step + stop_after)
-    bar = TrainProgress(t.steps, start=step, enabled=progress and acc.is_main_process, label=recipe.name or recipe.algorithm)
+    bar = TrainProgress(
+        t.steps, start=step, enabled=progress and acc.is_main_process, label=recipe.name or recipe.algorithm
+    )
     last_loss = math.nan
     started = time.perf_counter()
     first_step = step
@@ -188,8 +219,13 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
             if step % t.log_every == 0 or step == end:
                 check_finite(step, weights=step == end)
                 mean_loss = torch.stack([loss for _, loss in window]).float().mean().item()
-                record = {"step": step, "loss": mean_loss, "sparsity": measure(model).sparsity,
-                          "lr": optimizer.param_groups[0]["lr"], "time": time.perf_counter() - started}
+                record = {
+                    "step": step,
+                    "loss": mean_loss,
+                    "sparsity": measure(model).sparsity,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "time": time.perf_counter() - started,
+                }
                 if resets:
                     record["mask_update"] = algorithm.history[-1]
                 _log(acc, log_path, record)
@@ -201,15 +237,16 @@ def train(model: nn.Module, task: Task, recipe: Recipe, out_dir: str | Path, obj
                 save(step)
             if interrupted():
                 path = save(step)
-                raise Interrupted(f"interrupted after step {step}; checkpoint saved to {path}", f"resume with --resume {path}")
+                raise Interrupted(
+                    f"interrupted after step {step}; checkpoint saved to {path}", f"resume with --resume {path}"
+                )
     seconds = time.perf_counter() - started
     if ema is not None:
         ema.copy_to(model)
     # the plain ε-loss, whatever the training objective: comparable across recipes (a teacher term would not be)
     val = heldout_loss(model, task, EpsilonLoss(task), t.batch_size, t.eval_batches, t.seed)
     done = max(step - first_step, 1)
-    return TrainResult(step, last_loss, val, seconds, seconds / done,
-                       list(getattr(algorithm, "history", [])))
+    return TrainResult(step, last_loss, val, seconds, seconds / done, list(getattr(algorithm, "history", [])))
 
 
 @contextmanager
@@ -225,9 +262,10 @@ def _first_forward(first: bool, inputs):
     except Exception as e:
         named = inputs.items() if isinstance(inputs, dict) else []
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in named if torch.is_tensor(v))
-        raise SurgeonError(f"the model failed on its first training batch ({shapes}): {type(e).__name__}: {brief(e)}",
-                           "MODEL must be a denoiser taking the task's inputs, e.g. forward(x_t, t) returning ε̂ "
-                           "shaped like x_t") from e
+        raise SurgeonError(
+            f"the model failed on its first training batch ({shapes}): {type(e).__name__}: {brief(e)}",
+            "MODEL must be a denoiser taking the task's inputs, e.g. forward(x_t, t) returning ε̂ shaped like x_t",
+        ) from e
 
 
 class Diverged(SurgeonError):
@@ -259,8 +297,6 @@ def _deferred_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
-
-
 def _log(acc: Accelerator, path: Path, record: dict) -> None:
     if acc.is_main_process:
         with open(path, "a") as f:
@@ -280,8 +316,9 @@ def _truncate_log(path: Path, step: int) -> None:
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 break
-            raise SurgeonError(f"{path} line {i + 1} is not JSON ({e.msg})",
-                               "repair or delete the damaged line, then resume again") from e
+            raise SurgeonError(
+                f"{path} line {i + 1} is not JSON ({e.msg})", "repair or delete the damaged line, then resume again"
+            ) from e
         if record.get("step", 0) <= step:
             keep.append(line)
     with atomic_path(path) as tmp:

@@ -10,6 +10,7 @@ algorithm. The loop drives an objective through these calls::
     objective.state_dict() / load_state_dict(state, model)   into and out of checkpoints (resume)
     objective.begin_stage(stage, model, out_dir, acc)     at a progressive N:M stage switch
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,9 @@ class DistillLoss(EpsilonLoss):
     """``previous=True`` (recipe ``teacher: previous``): at each stage switch the teacher becomes the student as the
     previous stage left it; the snapshot goes to the run's checkpoints/ folder so a resumed run finds it again."""
 
-    def __init__(self, task: Task, teacher: nn.Module, lambda_1: float = 1.0, lambda_2: float = 1.0,
-                 previous: bool = False):
+    def __init__(
+        self, task: Task, teacher: nn.Module, lambda_1: float = 1.0, lambda_2: float = 1.0, previous: bool = False
+    ):
         super().__init__(task)
         self.teacher = freeze(teacher)
         self.lambda_1, self.lambda_2 = lambda_1, lambda_2
@@ -42,7 +44,9 @@ class DistillLoss(EpsilonLoss):
         pred = self.task.predict(model, inputs)
         with torch.no_grad():
             teacher_pred = self.task.predict(self.teacher, inputs)
-        return self.lambda_1 * self.task.mse(pred, teacher_pred, weight) + self.lambda_2 * self.task.mse(pred, target, weight)
+        return self.lambda_1 * self.task.mse(pred, teacher_pred, weight) + self.lambda_2 * self.task.mse(
+            pred, target, weight
+        )
 
     def to(self, device) -> DistillLoss:
         self.device = device
@@ -88,8 +92,10 @@ class DistillLoss(EpsilonLoss):
                 set_pattern(site, n, m)
         freeze(teacher)
         if content_digest(teacher) != record["digest"]:
-            raise SurgeonError(f"the previous stage's teacher {path} has changed since it was written",
-                               "resume from an untouched run folder")
+            raise SurgeonError(
+                f"the previous stage's teacher {path} has changed since it was written",
+                "resume from an untouched run folder",
+            )
         self.teacher, self.stage_teacher = teacher.to(self.device) if self.device is not None else teacher, record
 
 

@@ -12,6 +12,7 @@ Both commands compose the same steps; each is a few lines that say what differs:
 The output folder holds ``model/`` (packed masks, docs/formats.md), ``recipe.yaml`` (fully resolved),
 ``metrics.jsonl``, ``samples.png``, ``loss.png``, ``summary.json`` and ``checkpoints/`` for ``--resume``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -97,8 +98,10 @@ def check_out_dir(out: Path, force: bool, resume=None) -> None:
         raise SurgeonError(f"output folder {out} exists", "pass --force to overwrite, or --resume to continue a run")
     resumed = run_folder(resume)
     if out.resolve() != resumed.resolve():
-        raise SurgeonError(f"output folder {out} holds another run than the one resumed ({resumed})",
-                           f"leave out --out to continue in {resumed}, or pass --force to write into {out}")
+        raise SurgeonError(
+            f"output folder {out} holds another run than the one resumed ({resumed})",
+            f"leave out --out to continue in {resumed}, or pass --force to write into {out}",
+        )
 
 
 def clear_stale_checkpoints(out: Path) -> None:
@@ -132,6 +135,7 @@ def _rmdir_if_empty(folder: Path) -> None:
 
 # --- the shared steps ----------------------------------------------------------------------------------------------
 
+
 def open_run(out: str | os.PathLike, recipe: Recipe, force: bool = False, resume=None) -> Accelerator:
     """Check the output folder (every process, before any process writes) and start Accelerate."""
     from surgeon.training.checkpoint import check_resumable
@@ -154,7 +158,9 @@ def load_source(model: str | os.PathLike | nn.Module, trust_code: bool = False) 
         return Source(model)
     ref = str(model)
     vae = loading.find_autoencoder(ref)
-    return Source(loading.load_model(ref, trust_code=trust_code), vae, str(Path(ref).resolve()) if vae is not None else None)
+    return Source(
+        loading.load_model(ref, trust_code=trust_code), vae, str(Path(ref).resolve()) if vae is not None else None
+    )
 
 
 def make_run_task(source: Source, data: str | Task, recipe: Recipe, limit: int | None = None) -> Task:
@@ -185,13 +191,18 @@ def prepare(model: nn.Module, recipe: Recipe, init: str | None = None) -> nn.Mod
         reinitialize(model, recipe.training.seed)
     if recipe.algorithm == "dense":
         return model
-    targets = {"include": recipe.include or None, "exclude": recipe.exclude or None,
-               "dense_first": recipe.dense_first, "dense_last": recipe.dense_last}
+    targets = {
+        "include": recipe.include or None,
+        "exclude": recipe.exclude or None,
+        "dense_first": recipe.dense_first,
+        "dense_last": recipe.dense_last,
+    }
     if recipe.nm:
         p = make_plan(model, nm=recipe.nm, **targets)
     else:
-        p = make_plan(model, sparsity=recipe.sparsity, distribution=recipe.distribution,
-                      power_scale=recipe.power_scale, **targets)
+        p = make_plan(
+            model, sparsity=recipe.sparsity, distribution=recipe.distribution, power_scale=recipe.power_scale, **targets
+        )
     if recipe.algorithm == "nm_fixed":  # ASP: the magnitude N:M pattern of the weights, drawn once, then fixed
         masks = {f: nm_mask(model.get_parameter(f), *lp.nm) for f, lp in p.layers.items()}
         return inject(model, p.fixed_nm(), masks=masks)
@@ -203,8 +214,10 @@ def continue_own_masks(model: nn.Module, recipe: Recipe) -> nn.Module:
     """Keep a loaded model's masks for an unstructured sparse recipe: they must be fixed masks, not N:M ones."""
     nm = [fqn for fqn, site in sites(model).items() if site.is_nm]
     if nm:
-        raise SurgeonError(f"the model has N:M masks (e.g. {nm[0]}); {recipe.algorithm} trains unstructured masks",
-                           "fine-tune it with `surgeon finetune`, or pass --init scratch to start over")
+        raise SurgeonError(
+            f"the model has N:M masks (e.g. {nm[0]}); {recipe.algorithm} trains unstructured masks",
+            "fine-tune it with `surgeon finetune`, or pass --init scratch to start over",
+        )
     return model
 
 
@@ -213,15 +226,27 @@ def make_objective(task: Task, recipe: Recipe, teacher: nn.Module | None = None)
     if recipe.distill is None:
         return EpsilonLoss(task)
     if teacher is None:
-        raise SurgeonError(f"recipe {recipe.name or recipe.algorithm!r} has a distill section, but this run has no teacher",
-                           "distill from a dense model with `surgeon finetune --teacher DENSE`, or drop distill: from the recipe")
+        raise SurgeonError(
+            f"recipe {recipe.name or recipe.algorithm!r} has a distill section, but this run has no teacher",
+            "distill from a dense model with `surgeon finetune --teacher DENSE`, or drop distill: from the recipe",
+        )
     d = recipe.distill
     return DistillLoss(task, teacher, d.lambda_1, d.lambda_2, previous=d.teacher == "previous")
 
 
-def execute(source: Source, task: Task, recipe: Recipe, out: str | os.PathLike, acc: Accelerator, objective=None,
-            resume=None, progress: bool = True, samples: bool = True, stop_after: int | None = None,
-            teacher: dict | None = None) -> RunSummary:
+def execute(
+    source: Source,
+    task: Task,
+    recipe: Recipe,
+    out: str | os.PathLike,
+    acc: Accelerator,
+    objective=None,
+    resume=None,
+    progress: bool = True,
+    samples: bool = True,
+    stop_after: int | None = None,
+    teacher: dict | None = None,
+) -> RunSummary:
     """Train ``source.model`` (prepared) in place, then write the model, recipe, samples and summary."""
     from surgeon.formats.packed import save
     from surgeon.masking.measure import measure_task
@@ -230,23 +255,58 @@ def execute(source: Source, task: Task, recipe: Recipe, out: str | os.PathLike, 
     out = Path(out)
     started = time.perf_counter()
     with no_empty_folder_on_failure(out):
-        result = train(source.model, task, recipe, out, objective=objective, resume=resume, accelerator=acc,
-                       progress=progress, stop_after=stop_after, identity={"teacher": teacher} if teacher else None)
+        result = train(
+            source.model,
+            task,
+            recipe,
+            out,
+            objective=objective,
+            resume=resume,
+            accelerator=acc,
+            progress=progress,
+            stop_after=stop_after,
+            identity={"teacher": teacher} if teacher else None,
+        )
     model = acc.unwrap_model(source.model).cpu()
     cost = measure_task(model, task)
-    summary = RunSummary(recipe.name or recipe.algorithm, recipe.algorithm, cost.sparsity, cost.params_total,
-                         cost.params_kept, result.steps, result.final_loss, result.val_loss, time.perf_counter() - started,
-                         result.seconds_per_step, str(out), source.pipeline, cost.flops_sparse, cost.flops_dense,
-                         cost.run_flops(recipe, result.steps),
-                         teacher, nm_coverage(model, recipe.nm) if recipe.nm else None)
+    summary = RunSummary(
+        recipe.name or recipe.algorithm,
+        recipe.algorithm,
+        cost.sparsity,
+        cost.params_total,
+        cost.params_kept,
+        result.steps,
+        result.final_loss,
+        result.val_loss,
+        time.perf_counter() - started,
+        result.seconds_per_step,
+        str(out),
+        source.pipeline,
+        cost.flops_sparse,
+        cost.flops_dense,
+        cost.run_flops(recipe, result.steps),
+        teacher,
+        nm_coverage(model, recipe.nm) if recipe.nm else None,
+    )
     if acc.is_main_process:  # every process holds the same model; one writes it
         # the denoiser alone is saved; a latent model records the pipeline whose frozen autoencoder it needs
-        save(model, out / "model", recipe=recipe.to_dict(), force=True,
-             extra_metadata={"pipeline": source.pipeline, **({"teacher": teacher} if teacher else {})})
+        save(
+            model,
+            out / "model",
+            recipe=recipe.to_dict(),
+            force=True,
+            extra_metadata={"pipeline": source.pipeline, **({"teacher": teacher} if teacher else {})},
+        )
         write_text(out / "recipe.yaml", dump_recipe(recipe))
         if samples and recipe.training.num_samples:
-            save_samples(model, task, out / "samples.png", recipe.training.num_samples, recipe.diffusion.sample_steps,
-                         recipe.training.seed)
+            save_samples(
+                model,
+                task,
+                out / "samples.png",
+                recipe.training.num_samples,
+                recipe.diffusion.sample_steps,
+                recipe.training.seed,
+            )
         if (out / "metrics.jsonl").is_file():
             from surgeon.evaluation.plots import loss_curve
 
@@ -274,6 +334,7 @@ def write_text(path: Path, text: str) -> None:
 
 # --- the commands ------------------------------------------------------------------------------------------------
 
+
 def as_recipe(recipe: Recipe | str | os.PathLike, **changes) -> Recipe:
     """A Recipe, a shipped recipe's name or a YAML path; ``changes`` override fields (``section.field`` keys)."""
     from surgeon.recipe import load_recipe
@@ -282,10 +343,20 @@ def as_recipe(recipe: Recipe | str | os.PathLike, **changes) -> Recipe:
     return recipe.override(**changes) if changes else recipe
 
 
-def sparsify(model: str | os.PathLike | nn.Module, recipe: Recipe | str, data: str | Task, out: str | os.PathLike,
-             init: str | None = None, limit: int | None = None, force: bool = False, resume=None,
-             progress: bool = True, samples: bool = True, stop_after: int | None = None,
-             trust_code: bool = False) -> RunSummary:
+def sparsify(
+    model: str | os.PathLike | nn.Module,
+    recipe: Recipe | str,
+    data: str | Task,
+    out: str | os.PathLike,
+    init: str | None = None,
+    limit: int | None = None,
+    force: bool = False,
+    resume=None,
+    progress: bool = True,
+    samples: bool = True,
+    stop_after: int | None = None,
+    trust_code: bool = False,
+) -> RunSummary:
     """Sparse-to-sparse training (Static-DM, RigL-DM, MagRan-DM) or a dense baseline, from scratch by default.
 
     ``recipe``: a Recipe, a shipped name or a YAML path. ``trust_code``: see :func:`surgeon.load_model`."""
@@ -295,14 +366,35 @@ def sparsify(model: str | os.PathLike | nn.Module, recipe: Recipe | str, data: s
     task = make_run_task(source, data, recipe, limit)
     objective = make_objective(task, recipe)  # before prepare: a recipe that needs a teacher fails untouched
     prepare(source.model, recipe, init)
-    return execute(source, task, recipe, out, acc, objective, resume=resume, progress=progress, samples=samples,
-                   stop_after=stop_after)
+    return execute(
+        source,
+        task,
+        recipe,
+        out,
+        acc,
+        objective,
+        resume=resume,
+        progress=progress,
+        samples=samples,
+        stop_after=stop_after,
+    )
 
 
-def finetune(teacher: str | os.PathLike | nn.Module, data: str | Task, out: str | os.PathLike,
-             recipe: Recipe | str = "sparsedm", model: str | os.PathLike | nn.Module | None = None,
-             nm: str | None = None, limit: int | None = None, force: bool = False, resume=None, progress: bool = True,
-             samples: bool = True, stop_after: int | None = None, trust_code: bool = False) -> RunSummary:
+def finetune(
+    teacher: str | os.PathLike | nn.Module,
+    data: str | Task,
+    out: str | os.PathLike,
+    recipe: Recipe | str = "sparsedm",
+    model: str | os.PathLike | nn.Module | None = None,
+    nm: str | None = None,
+    limit: int | None = None,
+    force: bool = False,
+    resume=None,
+    progress: bool = True,
+    samples: bool = True,
+    stop_after: int | None = None,
+    trust_code: bool = False,
+) -> RunSummary:
     """N:M fine-tuning of a trained dense model (SparseDM): the student starts as a copy of ``teacher`` (or as
     ``model``, whose target tensors must match the teacher's) and learns from the frozen teacher if the recipe
     distills. ``recipe``: a Recipe, a shipped name (sparsedm, sr-ste, ste, asp, one-shot) or a YAML path; ``nm``
@@ -317,15 +409,19 @@ def finetune(teacher: str | os.PathLike | nn.Module, data: str | Task, out: str 
     recipe = as_recipe(recipe, nm=nm)
     name = recipe.name or recipe.algorithm
     if recipe.algorithm not in NM:
-        raise SurgeonError(f"finetune runs N:M recipes; {name!r} is {recipe.algorithm}",
-                           "use --recipe sparsedm, sr-ste, ste, asp or one-shot; sparse training from scratch is "
-                           "`surgeon sparsify`")
+        raise SurgeonError(
+            f"finetune runs N:M recipes; {name!r} is {recipe.algorithm}",
+            "use --recipe sparsedm, sr-ste, ste, asp or one-shot; sparse training from scratch is `surgeon sparsify`",
+        )
     if recipe.init != "pretrained":
-        raise SurgeonError(f"recipe {name!r} re-initializes the weights (init: {recipe.init})",
-                           "fine-tuning starts from the teacher's weights: set init: pretrained")
+        raise SurgeonError(
+            f"recipe {name!r} re-initializes the weights (init: {recipe.init})",
+            "fine-tuning starts from the teacher's weights: set init: pretrained",
+        )
     acc = open_run(out, recipe, force, resume)
-    teacher_module = load_teacher(teacher, architecture=model if not isinstance(model, nn.Module) else None,
-                                  trust_code=trust_code)
+    teacher_module = load_teacher(
+        teacher, architecture=model if not isinstance(model, nn.Module) else None, trust_code=trust_code
+    )
     if model is None:  # the paper's setting: the student starts as the teacher
         student = Source(copy.deepcopy(teacher_module).train().requires_grad_(True))
         if not isinstance(teacher, nn.Module):
@@ -341,8 +437,19 @@ def finetune(teacher: str | os.PathLike | nn.Module, data: str | Task, out: str 
     task = make_run_task(student, data, recipe, limit)
     objective = make_objective(task, recipe, teacher_module)
     prepare(student.model, recipe, init="pretrained")
-    return execute(student, task, recipe, out, acc, objective, resume=resume, progress=progress, samples=samples,
-                   stop_after=stop_after, teacher=identity)
+    return execute(
+        student,
+        task,
+        recipe,
+        out,
+        acc,
+        objective,
+        resume=resume,
+        progress=progress,
+        samples=samples,
+        stop_after=stop_after,
+        teacher=identity,
+    )
 
 
 def _describe(ref: str | os.PathLike | nn.Module) -> str:

@@ -4,6 +4,7 @@ named by content so a resumed run can refuse a different one.
 The teacher never joins the student: it is not a submodule, so it is in no optimizer, no checkpoint and no saved
 model. Checkpoints record only its reference and :func:`content_digest`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,11 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def load_teacher(ref: str | os.PathLike | nn.Module, architecture: str | os.PathLike | nn.Module | None = None,
-                 trust_code: bool = False) -> nn.Module:
+def load_teacher(
+    ref: str | os.PathLike | nn.Module,
+    architecture: str | os.PathLike | nn.Module | None = None,
+    trust_code: bool = False,
+) -> nn.Module:
     """The teacher (not yet frozen: the student may start as a copy). ``ref``: any :func:`surgeon.load_model`
     reference, a single ``.safetensors`` file (its architecture from its metadata, a config.json beside it, or
     ``architecture``), or a module you built. ``trust_code`` as in :func:`surgeon.load_model`."""
@@ -44,11 +48,15 @@ def load_teacher(ref: str | os.PathLike | nn.Module, architecture: str | os.Path
     path = Path(ref).expanduser()
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise SurgeonError(f"teacher {path} is not a .safetensors file",
-                               "surgeon never loads pickles: give a .safetensors file, or the model's diffusers folder")
+            raise SurgeonError(
+                f"teacher {path} is not a .safetensors file",
+                "surgeon never loads pickles: give a .safetensors file, or the model's diffusers folder",
+            )
         if isinstance(architecture, nn.Module):
-            raise SurgeonError("a bare teacher file needs its architecture as a model reference, not a module",
-                               "load the weights into your module and pass the module as the teacher")
+            raise SurgeonError(
+                "a bare teacher file needs its architecture as a model reference, not a module",
+                "load the weights into your module and pass the module as the teacher",
+            )
         return load_safetensors_file(path, architecture, trust_code=trust_code)
     return load_model(ref, trust_code=trust_code)
 
@@ -60,6 +68,8 @@ def check_same_targets(student: nn.Module, teacher: nn.Module) -> None:
         a, b = s.get(fqn), t.get(fqn)
         if a is None or b is None or a.shape != b.shape:
             where = lambda x: list(x.shape) if x is not None else "absent"  # noqa: E731
-            raise SurgeonError(f"MODEL and TEACHER differ at {fqn}: {where(a)} in the student, {where(b)} in the teacher",
-                               "give a teacher of the same architecture as MODEL, or leave MODEL out to start "
-                               "from a copy of the teacher")
+            raise SurgeonError(
+                f"MODEL and TEACHER differ at {fqn}: {where(a)} in the student, {where(b)} in the teacher",
+                "give a teacher of the same architecture as MODEL, or leave MODEL out to start "
+                "from a copy of the teacher",
+            )
