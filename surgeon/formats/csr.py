@@ -14,7 +14,6 @@ with those modules replaced by the CSR modules of :mod:`surgeon.formats.csr_laye
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,6 +46,7 @@ from surgeon.formats.csr_layers import (
 )
 from surgeon.formats.packed import header_fields, plain_state, write_model
 from surgeon.io.bitpack import pack_mask
+from surgeon.io.classes import copy_model
 from surgeon.io.container import read_tensors
 from surgeon.masking.surgery import fold
 
@@ -189,7 +189,7 @@ def _confirm_whole_step(
     chosen = [f for f, d in decided.items() if d["why"] is None]
     if not chosen:
         return decided
-    converted = copy.deepcopy(model)
+    converted = copy_model(model)
     for fqn in chosen:
         _replace(converted, fqn, csr_module(converted.get_submodule(fqn), decided[fqn]["kind"]))
     # more repeats than per layer: one wrong call here throws away (or keeps) every layer's choice at once

@@ -6,7 +6,6 @@ anything is written, and the format's writer gets a deep copy: the input is neve
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from surgeon.formats.dense import denoiser_part
 from surgeon.formats.inputs import denoising_step
 from surgeon.formats.loading import load_model
 from surgeon.io.atomic import check_output
+from surgeon.io.classes import copy_model
 from surgeon.io.container import read_metadata
 
 
@@ -130,7 +130,7 @@ def export(
         recipe=meta["recipe"] if meta else None,
         extra=extra,
     )
-    work = copy.deepcopy(model)  # the writers fold, cast and swap modules: never on the caller's model
+    work = copy_model(model)  # the writers fold, cast and swap modules: never on the caller's model
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rows = fmt.write(work, out, opts)

@@ -17,7 +17,7 @@ from torch import nn
 from surgeon.errors import SurgeonError, brief, check_arg
 from surgeon.formats import load
 from surgeon.io.atomic import missing_target_error
-from surgeon.io.classes import diffusers_class, import_file, read_json, trusting_code
+from surgeon.io.classes import built_without_arguments, diffusers_class, import_file, read_json, trusting_code
 from surgeon.models import presets
 
 # the only weights a model folder may hold; loading never unpickles
@@ -85,10 +85,7 @@ def _load_file_class(ref: str, file: str, name: str) -> nn.Module:
             f"cannot load model {ref}: {file} {what} {name}", "name an nn.Module class defined in that file"
         )
     try:
-        model = cls()
-        # built with no arguments, so save() can record "no init arguments" and load() can build it again
-        model._surgeon_init = {}
-        return model
+        return built_without_arguments(cls())
     except Exception as e:  # noqa: BLE001 - the user's constructor may raise anything
         raise SurgeonError(
             f"cannot construct {name}() from {file}: {type(e).__name__}: {brief(e)}",

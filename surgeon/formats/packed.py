@@ -28,7 +28,7 @@ from surgeon.io.bitpack import pack_mask, packed_shape, unpack_mask
 from surgeon.io.classes import build_from_record, class_path, config_record, read_json, trusting_code
 from surgeon.io.container import WEIGHTS, read_metadata, read_tensors, write_file
 from surgeon.masking.plan import LayerPlan, Plan
-from surgeon.masking.surgery import get_plan, inject, sites
+from surgeon.masking.surgery import get_plan, inject, masked_fqns, sites
 
 CONFIG = "config.json"
 LAYOUT = "packed"
@@ -214,14 +214,10 @@ def unpack_entry(
     return values, mask
 
 
-def _masks_plan(p: Plan) -> set[str]:
-    return {f for f, lp in p.layers.items() if not lp.is_dense}
-
-
 def plan_of(model: nn.Module, info: Mapping[str, Mapping]) -> Plan:
     """The model's plan, or, if masks were added or removed since it was made, one describing the masks it has."""
     p = get_plan(model)
-    if p is not None and _masks_plan(p) == set(info):
+    if p is not None and masked_fqns(p) == set(info):
         return p
     layers = {
         f: LayerPlan(
@@ -237,7 +233,7 @@ def plan_of(model: nn.Module, info: Mapping[str, Mapping]) -> Plan:
 
 def _injection_plan(meta: Mapping, path: Path) -> Plan:
     p = Plan.from_dict(meta["plan"]) if meta["plan"] is not None else None
-    if p is None or _masks_plan(p) != set(meta["tensors"]):
+    if p is None or masked_fqns(p) != set(meta["tensors"]):
         raise SurgeonError(f"{path} is corrupt: its plan and its masked tensors differ", "save the model again")
     return p
 

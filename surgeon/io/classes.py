@@ -12,11 +12,13 @@ opt-in travels as a context variable so that readers need not thread a flag thro
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.util
 import json
 import sys
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -35,6 +37,24 @@ TRUST_HINT = (
 # modules whose classes a saved record may name without an opt-in: installed, reviewed code that builds models
 TRUSTED_MODULES = ("diffusers", "surgeon.models")
 _TRUST_CODE: ContextVar[bool] = ContextVar("surgeon_trust_code", default=False)
+# module name -> file, for the files import_file imported under a made-up module name
+_IMPORTED_FILES: dict[str, str] = {}
+# the models surgeon built with no init arguments, so that their record says so; held weakly: nothing on the model
+_BUILT_BARE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def built_without_arguments(model: nn.Module) -> nn.Module:
+    """Note that surgeon built ``model`` as ``Class()``: :func:`config_record` then records ``{}``."""
+    _BUILT_BARE.add(model)
+    return model
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, and the copy is recorded as its original is (the one copy the library makes)."""
+    clone = copy.deepcopy(model)
+    if model in _BUILT_BARE:
+        _BUILT_BARE.add(clone)
+    return clone
 
 
 @contextmanager
@@ -82,12 +102,12 @@ def import_file(path: Path):
         raise SurgeonError(f"{path} does not exist", "give an existing path/to/file.py:Class")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    module.__surgeon_file__ = str(path)  # lets class_path() record the file, as the module name is made up
     sys.modules[name] = module  # dataclasses and pickling-free introspection look the module up here
+    _IMPORTED_FILES[name] = str(path)  # lets class_path() record the file, as the module name is made up
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - the user's file may raise anything
-        del sys.modules[name]
+        del sys.modules[name], _IMPORTED_FILES[name]
         raise SurgeonError(
             f"cannot import {path}: {type(e).__name__}: {brief(e)}", "fix the error in that file"
         ) from None
@@ -96,10 +116,9 @@ def import_file(path: Path):
 
 def class_path(cls: type) -> str:
     """``module:QualName``, or ``/abs/file.py:QualName`` for classes from files imported by path or run as a script."""
-    module = sys.modules.get(cls.__module__)
-    file = getattr(module, "__surgeon_file__", None)
+    file = _IMPORTED_FILES.get(cls.__module__)
     if file is None and cls.__module__ == "__main__":
-        file = getattr(module, "__file__", None)
+        file = getattr(sys.modules.get("__main__"), "__file__", None)
     where = str(Path(file).resolve()) if file else cls.__module__
     return f"{where}:{cls.__qualname__}"
 
@@ -142,12 +161,13 @@ def config_record(model: nn.Module) -> str:
     """The JSON text that finds and rebuilds ``model``'s class: diffusers' own config, else surgeon's class record.
 
     Other modules record ``{"_surgeon_class": "module:Class", "_surgeon_init": {...} | null}``, the init arguments
-    taken from a ``model.config`` mapping (or ``_surgeon_init``, set when load_model built the class without any).
+    taken from a ``model.config`` mapping, else ``{}`` for a model surgeon built with no arguments
+    (:func:`built_without_arguments`; its copies through :func:`copy_model` too), else ``null``: unknown.
     """
     if is_diffusers_class(type(model)):
         return model.to_json_string()
     config = getattr(model, "config", None)
-    init = dict(config) if isinstance(config, Mapping) else getattr(model, "_surgeon_init", None)
+    init = dict(config) if isinstance(config, Mapping) else {} if model in _BUILT_BARE else None
     record = {"_surgeon_class": class_path(type(model)), "_surgeon_init": init}
     try:
         return json.dumps(record, indent=2, sort_keys=True) + "\n"
@@ -176,7 +196,9 @@ def build_from_record(config: Mapping[str, Any], where: Path | str) -> nn.Module
         raise SurgeonError(f"{where} holds a {config['_surgeon_class']} saved without init arguments", _LOAD_INTO_HINT)
     cls = resolve_class(config["_surgeon_class"], where)
     try:
-        return cls.from_config(init) if hasattr(cls, "from_config") else cls(**init)
+        if hasattr(cls, "from_config"):
+            return cls.from_config(init)
+        return built_without_arguments(cls()) if not init else cls(**init)
     except SurgeonError:
         raise
     except Exception as e:  # noqa: BLE001 - a constructor may raise anything

@@ -1,5 +1,8 @@
 """The two mask parametrizations. Each maps the original weight W to the effective weight used in every forward.
 
+Each also carries what it was planned for (the plan it was injected from and its own layer's entry), so the
+model's plan is read from its masks: nothing about the masking is stored on the model itself.
+
 Mask    fixed bool buffer; effective = W ⊙ mask. Gradients reach W only at kept positions.
 NMMask  N:M straight-through: effective = S(W) keeps the N largest |w| of every M along the reduction dimension,
         recomputed each forward; backward passes the gradient straight through to W, plus the SR-STE term
@@ -8,15 +11,21 @@ NMMask  N:M straight-through: effective = S(W) keeps the N largest |w| of every 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from surgeon.sparsity.patterns import nm_mask
 
+if TYPE_CHECKING:
+    from surgeon.masking.plan import LayerPlan, Plan
+
 
 class Mask(nn.Module):
-    def __init__(self, mask: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, plan: Plan | None = None, layer: LayerPlan | None = None):
         super().__init__()
+        self.plan, self.layer = plan, layer
         # a copy: DST updates the buffer in place, which must never write through to the caller's tensor
         self.register_buffer("mask", mask.detach().to(torch.bool, copy=True))
         # RigL needs dL/dW_effective at every position, pruned ones included; the gradient reaching the original
@@ -59,8 +68,9 @@ class _NMStraightThrough(torch.autograd.Function):
 
 
 class NMMask(nn.Module):
-    def __init__(self, n: int, m: int, lambda_w: float = 0.0):
+    def __init__(self, n: int, m: int, lambda_w: float = 0.0, plan: Plan | None = None, layer: LayerPlan | None = None):
         super().__init__()
+        self.plan, self.layer = plan, layer
         self.n, self.m, self.lambda_w = int(n), int(m), float(lambda_w)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:

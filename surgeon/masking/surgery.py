@@ -5,7 +5,6 @@ Everything else reaches masked tensors through :func:`sites`, which yields one :
 
 from __future__ import annotations
 
-import copy
 import math
 import weakref
 from collections.abc import Mapping
@@ -20,7 +19,6 @@ from surgeon.masking.masks import Mask, NMMask
 from surgeon.masking.plan import LayerPlan, Plan
 from surgeon.sparsity.patterns import random_mask, topk_mask
 
-_PLAN_ATTR = "_surgeon_plan"
 INITS = ("random", "magnitude")
 
 
@@ -78,8 +76,38 @@ def sites(model: nn.Module) -> dict[str, Site]:
     return out
 
 
+def _layer_of(site: Site) -> LayerPlan:
+    """What the site's parametrization was planned to keep, or (made outside inject) what its mask keeps."""
+    p = site.parametrization
+    if p.layer is not None:
+        return p.layer
+    shape = tuple(site.original.shape)
+    if site.is_nm:
+        return LayerPlan("other", shape, nm=(p.n, p.m))
+    return LayerPlan("other", shape, density=int(p.mask.sum()) / math.prod(shape))
+
+
+def masked_fqns(plan: Plan) -> set[str]:
+    """The tensors that injecting ``plan`` masks (a planned density of 1 leaves a tensor dense)."""
+    return {fqn for fqn, lp in plan.layers.items() if not lp.is_dense}
+
+
 def get_plan(model: nn.Module) -> Plan | None:
-    return getattr(model, _PLAN_ATTR, None)
+    """The plan the masks of ``model`` were injected from, read from the masks themselves; None if it has none.
+
+    Every mask parametrization carries the plan it was made for (nothing is stored on the model). When all masks
+    share one plan and it covers exactly them, that plan is returned (global settings, skipped and dense-planned
+    tensors included); otherwise (masks injected from several plans, or made by hand) a plan of the masks it has.
+    """
+    found = sites(model)
+    if not found:
+        return None
+    plans = {id(s.parametrization.plan): s.parametrization.plan for s in found.values()}
+    if len(plans) == 1:
+        (only,) = plans.values()
+        if only is not None and masked_fqns(only) == set(found):
+            return only
+    return Plan({fqn: _layer_of(site) for fqn, site in found.items()})
 
 
 def _rnn_release_flat_weights(module: nn.RNNBase, args, output) -> None:
@@ -98,34 +126,20 @@ def _rnn_release_flat_weights(module: nn.RNNBase, args, output) -> None:
             module._flat_weight_refs[i] = weakref.ref(leaf)
 
 
-def _deepcopy_with_own_class(self: nn.Module, memo: dict) -> nn.Module:
-    """``__deepcopy__`` of parametrized modules: the copy gets its own parametrized class.
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a private copy of its generated class before its parametrizations change.
 
-    parametrize swaps a module's class for a generated ``Parametrized<Class>`` that holds one property per
-    parametrized tensor, and adds or deletes those properties as tensors are (un)parametrized. torch's own deepcopy
-    keeps that class shared, so folding or injecting into a copy used to change the original (folding a copied
-    Conv deleted the original's ``weight``). A private class per copy keeps every copy independent.
+    parametrize swaps a module's class for a generated ``Parametrized<Class>`` holding one property per
+    parametrized tensor, and adds or deletes those properties as tensors are (un)parametrized. ``copy.deepcopy``
+    (torch's own, for parametrized modules) keeps that class shared between a copy and its original, so folding
+    a copy would delete the original's ``weight``, and injecting into a copy would give the original a property it
+    has no tensor for. A fresh class per change keeps every copy independent; no class is ever patched.
     """
-    if id(self) in memo:
-        return memo[id(self)]
-    shared = type(self)
-    own = type(
-        shared.__name__,
-        shared.__bases__,
-        {k: v for k, v in shared.__dict__.items() if k not in ("__dict__", "__weakref__")},
-    )
-    replica = own.__new__(own)
-    memo[id(self)] = replica
-    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
-    return replica
-
-
-def _copies_get_own_class(module: nn.Module) -> None:
-    cls = type(module)
-    theirs = cls.__dict__.get("__deepcopy__")
-    # replace only torch's generated default; a class's own __deepcopy__ is the author's to keep
-    if theirs is None or getattr(theirs, "__name__", "") == "default_deepcopy":
-        cls.__deepcopy__ = _deepcopy_with_own_class
+    if not parametrize.is_parametrized(module):
+        return
+    shared = type(module)
+    body = {k: v for k, v in shared.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(shared.__name__, shared.__bases__, body)
 
 
 def _initial_mask(w: torch.Tensor, lp: LayerPlan, init: str, gen: torch.Generator) -> torch.Tensor:
@@ -194,32 +208,30 @@ def inject(
     for module, name, w, lp, mask in todo:
         if lp.nm is not None:
             # unsafe: both parametrizations keep shape and dtype, so skip parametrize's checking forward pass
-            parametrize.register_parametrization(module, name, NMMask(*lp.nm, lambda_w=lambda_w), unsafe=True)
-            _copies_get_own_class(module)
+            _own_class(module)
+            parametrize.register_parametrization(module, name, NMMask(*lp.nm, lambda_w, plan, lp), unsafe=True)
             continue
         if mask is None:
             mask = _initial_mask(w, lp, init, gen)
         with torch.no_grad():
             w.mul_(mask)
-        parametrize.register_parametrization(module, name, Mask(mask), unsafe=True)
-        _copies_get_own_class(module)
+        _own_class(module)
+        parametrize.register_parametrization(module, name, Mask(mask, plan, lp), unsafe=True)
     for module in {id(m): m for m in (s.module for s in sites(model).values())}.values():
         if isinstance(module, nn.RNNBase) and _rnn_release_flat_weights not in module._forward_hooks.values():
             module.register_forward_hook(_rnn_release_flat_weights)
-    setattr(model, _PLAN_ATTR, plan)
     return model
 
 
 def _strip(model: nn.Module, leave_parametrized: bool) -> nn.Module:
     check_module(model)
     for site in sites(model).values():
+        _own_class(site.module)
         parametrize.remove_parametrizations(site.module, site.name, leave_parametrized=leave_parametrized)
     for module in model.modules():
         for key, hook in list(module._forward_hooks.items()):
             if hook is _rnn_release_flat_weights:
                 del module._forward_hooks[key]
-    if hasattr(model, _PLAN_ATTR):
-        delattr(model, _PLAN_ATTR)
     return model
 
 

@@ -13,7 +13,6 @@ algorithm. The loop drives an objective through these calls::
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 
 from surgeon.errors import SurgeonError
 from surgeon.io.atomic import atomic_path
+from surgeon.io.classes import copy_model
 from surgeon.tasks.base import EpsilonLoss, Task
 from surgeon.training.teacher import content_digest, freeze
 
@@ -64,7 +64,7 @@ class DistillLoss(EpsilonLoss):
         if not self.previous:
             return
         # the student as the previous stage left it (its weights and its pattern): frozen, it teaches this stage
-        teacher = freeze(copy.deepcopy(model))
+        teacher = freeze(copy_model(model))
         nm = _pattern(model)
         path = Path(out_dir) / "checkpoints" / f"teacher-stage-{stage + 1}.safetensors"
         record = {"path": str(path.resolve()), "digest": content_digest(teacher), "nm": nm}
@@ -84,7 +84,7 @@ class DistillLoss(EpsilonLoss):
         path = Path(record["path"])
         if not path.is_file():
             raise SurgeonError(f"the previous stage's teacher {path} is missing", "resume from the run's own folder")
-        teacher = copy.deepcopy(model)
+        teacher = copy_model(model)
         teacher.load_state_dict(load_file(str(path)))
         n, m = (int(x) for x in record["nm"].split(":"))
         for site in sites(teacher).values():

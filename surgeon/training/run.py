@@ -15,7 +15,6 @@ The output folder holds ``model/`` (packed masks, docs/formats.md), ``recipe.yam
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -31,6 +30,7 @@ from torch import nn
 from surgeon.errors import SurgeonError
 from surgeon.formats import loading
 from surgeon.io.atomic import atomic_path, replaceable
+from surgeon.io.classes import copy_model
 from surgeon.masking.inspection import nm_coverage
 from surgeon.masking.plan import plan as make_plan
 from surgeon.masking.surgery import inject, sites
@@ -423,7 +423,7 @@ def finetune(
         teacher, architecture=model if not isinstance(model, nn.Module) else None, trust_code=trust_code
     )
     if model is None:  # the paper's setting: the student starts as the teacher
-        student = Source(copy.deepcopy(teacher_module).train().requires_grad_(True))
+        student = Source(copy_model(teacher_module).train().requires_grad_(True))
         if not isinstance(teacher, nn.Module):
             student.vae = loading.find_autoencoder(str(teacher))
             student.pipeline = str(Path(teacher).resolve()) if student.vae is not None else None
