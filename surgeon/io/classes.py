@@ -35,7 +35,8 @@ TRUST_HINT = (
     "or build the model yourself and call surgeon.load_into(model, path)"
 )
 # modules whose classes a saved record may name without an opt-in: installed, reviewed code that builds models
-TRUSTED_MODULES = ("diffusers", "surgeon.models")
+OWN_MODELS = "surgeon.models"
+TRUSTED_MODULES = ("diffusers", OWN_MODELS)
 _TRUST_CODE: ContextVar[bool] = ContextVar("surgeon_trust_code", default=False)
 # module name -> file, for the files import_file imported under a made-up module name
 _IMPORTED_FILES: dict[str, str] = {}
@@ -71,11 +72,22 @@ def is_trusted_module(module: str) -> bool:
     return any(module == m or module.startswith(m + ".") for m in TRUSTED_MODULES)
 
 
-def diffusers_class(name: str) -> type[nn.Module]:
+def _named_class(name: str):
+    """The diffusers model class ``_class_name`` names: diffusers' own, else one of surgeon's own models."""
     import diffusers
 
-    cls = getattr(diffusers, str(name), None)
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        own = importlib.import_module(OWN_MODELS)  # a name in a record, imported as records are, by name
+        cls = getattr(own, name, None) if name in own.__all__ else None
+    return cls
+
+
+def diffusers_class(name: str) -> type[nn.Module]:
+    cls = _named_class(str(name))
     if not (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "from_config")):
+        import diffusers
+
         raise SurgeonError(
             f"unknown diffusers model class {name!r}", f"diffusers {diffusers.__version__} has no such model"
         )
@@ -83,12 +95,11 @@ def diffusers_class(name: str) -> type[nn.Module]:
 
 
 def is_diffusers_class(cls: type) -> bool:
-    """True when ``cls`` is diffusers' own class, so ``_class_name`` alone finds it again (not a user subclass)."""
-    if not cls.__module__.startswith("diffusers."):
+    """True when ``_class_name`` alone finds ``cls`` again: a class of diffusers or one of surgeon's own diffusers
+    models, not a user subclass."""
+    if not cls.__module__.startswith(("diffusers.", OWN_MODELS + ".")):
         return False
-    import diffusers
-
-    return getattr(diffusers, cls.__name__, None) is cls
+    return _named_class(cls.__name__) is cls
 
 
 def import_file(path: Path):

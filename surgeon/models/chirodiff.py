@@ -19,13 +19,19 @@ batch, the backward one on every sequence reversed *within its length*, so in bo
 first and the trailing padding can only influence padding. This is the bidirectional GRU of the paper, computed
 exactly. It replaces ``pack_padded_sequence``, whose slow CPU backward made a training step at batch 128 about 3x
 slower with 100-point sequences and 1.3x with 30-100 points. Velocities look only backwards; padded outputs are 0.
+
+A diffusers model (``ModelMixin`` + ``ConfigMixin``): ``save_pretrained``/``from_pretrained`` give a diffusers
+folder, and surgeon records it by ``_class_name`` like every diffusers model.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 from torch.nn import functional as F
 
@@ -47,7 +53,8 @@ class BiGRULayer(nn.Module):
         return torch.cat([out_f, out_b.gather(1, flip.expand_as(out_b))], dim=-1)
 
 
-class ChiroDiffNet(nn.Module):
+class ChiroDiffNet(ModelMixin, ConfigMixin):
+    @register_to_config
     def __init__(
         self,
         features: int = 3,
@@ -69,17 +76,6 @@ class ChiroDiffNet(nn.Module):
             raise SurgeonError(
                 f"time_features={time_features} must be a positive even number", "it holds sin/cos pairs"
             )
-        self.config = dict(
-            features=int(features),
-            coords=int(coords),
-            hidden=int(hidden),
-            layers=int(layers),
-            time_features=int(time_features),
-            fourier_scale=float(fourier_scale),
-            num_train_timesteps=int(num_train_timesteps),
-            dropout=float(dropout),
-            seed=int(seed),
-        )
         gen = torch.Generator().manual_seed(int(seed))
         # seeded, so from_config alone rebuilds the same embedding; persistent, so a state_dict carries it anyway
         self.register_buffer("fourier_freqs", torch.randn(time_features // 2, generator=gen) * fourier_scale)
@@ -89,11 +85,15 @@ class ChiroDiffNet(nn.Module):
         self.head = nn.Linear(hidden + time_features, features)
 
     @classmethod
-    def from_config(cls, config: dict) -> ChiroDiffNet:
-        try:
-            return cls(**config)
-        except TypeError as e:
-            raise SurgeonError(f"invalid ChiroDiffNet config ({e})", "use a config from ChiroDiffNet.config") from None
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config``, which drops unknown keys with a warning: here they are an error."""
+        known = set(inspect.signature(cls.__init__).parameters)
+        unknown = sorted(k for k in {**dict(config or {}), **kwargs} if not k.startswith("_") and k not in known)
+        if unknown:
+            raise SurgeonError(
+                f"invalid ChiroDiffNet config (unknown {', '.join(unknown)})", "use a config from ChiroDiffNet.config"
+            )
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """[B] long → [B, time_features]."""
