@@ -28,7 +28,7 @@ from surgeon.io.bitpack import pack_mask, packed_shape, unpack_mask
 from surgeon.io.classes import build_from_record, class_path, config_record, read_json, trusting_code
 from surgeon.io.container import WEIGHTS, read_metadata, read_tensors, write_file
 from surgeon.masking.plan import LayerPlan, Plan
-from surgeon.masking.surgery import get_plan, inject, masked_fqns, sites
+from surgeon.masking.surgery import Site, get_plan, inject, masked_fqns, sites
 
 CONFIG = "config.json"
 LAYOUT = "packed"
@@ -65,14 +65,13 @@ def _claim(tensors: Mapping[str, torch.Tensor], *keys: str) -> None:
             raise SurgeonError(f"cannot save: the model has a tensor named {key}", "rename it; surgeon uses that name")
 
 
-def tensor_info(model: nn.Module, fqn: str, values: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+def tensor_info(site: Site, values: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
     """The header entry of one masked tensor (shape, dtype, kind, N:M pattern, kept count)."""
-    site, model_plan = sites(model)[fqn], get_plan(model)
     p = site.parametrization
     return {
         "shape": list(mask.shape),
         "dtype": str(values.dtype).removeprefix("torch."),
-        "kind": model_plan.layers[fqn].kind if model_plan and fqn in model_plan.layers else "other",
+        "kind": p.layer.kind if p.layer is not None else "other",
         "nm": [p.n, p.m] if site.is_nm else None,
         "lambda_w": p.lambda_w if site.is_nm else None,
         "kept": int(values.numel()),
@@ -90,7 +89,7 @@ def encode(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str
             values = values.to(dtype)
         _claim(tensors, f"{fqn}.values", f"{fqn}.mask")
         tensors[f"{fqn}.values"], tensors[f"{fqn}.mask"] = values, pack_mask(mask)
-        info[fqn] = tensor_info(model, fqn, values, mask)
+        info[fqn] = tensor_info(site, values, mask)
     return tensors, info
 
 
