@@ -11,6 +11,7 @@ from surgeon.cli import eval as eval_cmd
 from surgeon.cli import export as export_cmd
 from surgeon.cli import finetune as finetune_cmd
 from surgeon.cli import inspect as inspect_cmd
+from surgeon.cli import prune as prune_cmd
 from surgeon.cli import reproduce as reproduce_cmd
 from surgeon.cli import sparsify as sparsify_cmd
 from surgeon.cli.common import SurgeonGroup
@@ -46,6 +47,7 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("sparsify")(sparsify_cmd.sparsify)
 app.command("eval")(eval_cmd.eval_models)
 app.command("finetune")(finetune_cmd.finetune)
+app.command("prune")(prune_cmd.prune)
 app.command("reproduce")(reproduce_cmd.reproduce)
 
 

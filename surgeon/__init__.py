@@ -30,6 +30,7 @@ _PUBLIC = {
     "load_model": "surgeon.formats.loading",
     "measure": "surgeon.masking.measure",
     "plan": "surgeon.masking.plan",
+    "prune": "surgeon.training.prune",
     "remove": "surgeon.masking.surgery",
     "report": "surgeon.masking.inspection",
     "save": "surgeon.formats.packed",

@@ -49,21 +49,30 @@ class Task:
         return torch.utils.data.default_collate(items)
 
     def noisy_batch(
-        self, batch: Any, generator: torch.Generator | None = None
+        self, batch: Any, generator: torch.Generator | None = None, t: torch.Tensor | None = None
     ) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
-        """Sample t ~ U{0..T-1} and ε ~ N(0, I); return (model inputs incl. x_t and t, ε, optional weight)."""
+        """Sample t ~ U{0..T-1} (or take the given ``t``, one per example) and ε ~ N(0, I); return (model inputs
+        incl. x_t and t, ε, optional weight)."""
         raise NotImplementedError
+
+    def padding(self, inputs: dict) -> torch.Tensor | None:
+        """Which positions of the inputs are real, ``[B, L]`` bool (padded sequences), or None when all are."""
+        return None
 
     def predict(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         raise NotImplementedError
 
     def add_noise(
-        self, x0: torch.Tensor, generator: torch.Generator | None
+        self, x0: torch.Tensor, generator: torch.Generator | None, t: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """DDPM forward process: t ~ U{0..T-1}, ε ~ N(0, I), x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε; returns (x_t, t, ε)."""
+        """DDPM forward process: t ~ U{0..T-1} unless given, ε ~ N(0, I), x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε; returns
+        (x_t, t, ε)."""
         gdev = draw_device(generator, x0.device)
         T = self.scheduler.config.num_train_timesteps  # noqa: N806
-        t = torch.randint(0, T, (x0.shape[0],), generator=generator, device=gdev).to(x0.device)
+        if t is None:
+            t = torch.randint(0, T, (x0.shape[0],), generator=generator, device=gdev).to(x0.device)
+        else:
+            t = torch.as_tensor(t, dtype=torch.long).to(x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)
         return self.scheduler.add_noise(x0, eps, t), t, eps
 

@@ -153,10 +153,12 @@ class ImageTask(Task):
             cond["class_labels"] = labels.to(device=device, dtype=torch.long)
         return cond
 
-    def noisy_batch(self, batch: dict | torch.Tensor, generator: torch.Generator | None = None):
+    def noisy_batch(
+        self, batch: dict | torch.Tensor, generator: torch.Generator | None = None, t: torch.Tensor | None = None
+    ):
         images, labels = (batch, None) if torch.is_tensor(batch) else (batch["images"], batch.get("labels"))
         x0 = self.encode(images, generator)  # [B, C, H, W]
-        x_t, t, eps = self.add_noise(x0, generator)
+        x_t, t, eps = self.add_noise(x0, generator, t)
         return {"x_t": x_t, "t": t, **self.conditioning(x0.shape[0], x0.device, labels)}, eps, None
 
     def predict(self, model: nn.Module, inputs: dict) -> torch.Tensor:

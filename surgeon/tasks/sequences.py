@@ -49,11 +49,14 @@ class SequenceTask(Task):
         return collate_sequences(items)
 
     def noisy_batch(
-        self, batch: dict, generator: torch.Generator | None = None
+        self, batch: dict, generator: torch.Generator | None = None, t: torch.Tensor | None = None
     ) -> tuple[dict, torch.Tensor, torch.Tensor]:
         x0, mask = batch["points"], batch["mask"].bool()  # [B, L, D], [B, L]
-        x_t, t, eps = self.add_noise(x0, generator)
+        x_t, t, eps = self.add_noise(x0, generator, t)
         return {"x_t": x_t, "t": t, "mask": mask}, eps, mask[..., None]
+
+    def padding(self, inputs: dict) -> torch.Tensor:
+        return inputs["mask"]
 
     def predict(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         return model(inputs["x_t"], inputs["t"], inputs["mask"])
