@@ -65,12 +65,24 @@ def finetune(
             "metadata, a config.json beside it, or MODEL).",
         ),
     ] = ...,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            "--init",
+            metavar="PRUNED",
+            show_default=False,
+            help="Start from a model pruned by `surgeon prune` to the recipe's pattern: its mask and weights.",
+        ),
+    ] = None,
     nm: NMTarget = None,
     data: Data = "kanjivg",
     recipe: Annotated[
         str,
         typer.Option(
-            "--recipe", "-r", help="sparsedm (SR-STE + distillation), sr-ste, ste, asp, one-shot, or a YAML path."
+            "--recipe",
+            "-r",
+            help="sparsedm (SR-STE + distillation), sr-ste, ste, asp, one-shot, sparsegpt-2of4, wanda-2of4, "
+            "sparsegpt+sparsedm, or a YAML path.",
         ),
     ] = "sparsedm",
     out: Annotated[
@@ -132,7 +144,7 @@ def finetune(
         changes["nm"] = nm or patterns[-1]
     r = r.override(**changes)
     tag = f"-{r.nm.replace(':', 'of')}" if r.nm else ""  # no N:M pattern: run.finetune says why
-    out = run_out(out, resume, model or teacher, recipe, tag)
+    out = run_out(out, resume, model or init or teacher, recipe, tag)
     summary = run(
         teacher,
         data,
@@ -145,6 +157,7 @@ def finetune(
         progress=progress,
         samples=samples,
         trust_code=trust_code,
+        init=init,
     )
     from accelerate import PartialState
 

@@ -83,6 +83,24 @@ class Distill:
     teacher: str = "dense"  # "dense": the model fine-tuning started from | "previous": the previous stage's model
 
 
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+_TIMESTEP_SCHEME = re.compile(r"^(uniform|weighted|[1-9][0-9]*-stratified)$")
+
+
+@dataclass
+class Prune:
+    """One-shot pruning before fine-tuning (``surgeon prune``'s options): the fine-tune starts from its mask and
+    updated weights instead of magnitude."""
+
+    method: str = "sparsegpt"  # magnitude | wanda | sparsegpt
+    calib: int = 128  # calibration examples from the run's data, one timestep each
+    timesteps: str = "uniform"  # uniform | K-stratified | weighted
+    sequential: bool = True  # block by block from the pruned model (False: every layer from the dense one)
+    block_size: int = 128  # SparseGPT's lazy update block
+    damp: float = 0.01  # SparseGPT's damping, a fraction of mean diag(H)
+    batch_size: int = 16
+
+
 @dataclass
 class Stage:
     """One stage of progressive N:M fine-tuning: ``steps`` optimizer steps under pattern ``nm``."""
@@ -119,6 +137,7 @@ class Recipe:
     diffusion: Diffusion = field(default_factory=Diffusion)
     training: Training = field(default_factory=Training)
     distill: Distill | None = None  # needs a teacher: `surgeon finetune`
+    prune: Prune | None = None  # N:M: calibrated one-shot pruning first (sparsegpt-2of4, sparsegpt+sparsedm)
 
     def __post_init__(self):
         _fill_defaults(self)
@@ -245,6 +264,7 @@ _READ_BY = {
     "dense_last": UNSTRUCTURED + NM,
     "include": UNSTRUCTURED + NM,
     "exclude": UNSTRUCTURED + NM,
+    "prune": NM,
 }
 _DEFAULTS = {"sparsity": 0.5, "distribution": "erk", "power_scale": 1.0, "lambda_w": 0.0}
 
@@ -299,6 +319,8 @@ def _check(r: Recipe) -> None:
         bad(f"unknown init {r.init!r}", "choose scratch or pretrained")
     if r.dst is not None:
         _check_dst(r.dst)
+    if r.prune is not None:
+        _check_prune(r)
     if r.distill is not None:
         d = r.distill
         if d.lambda_1 < 0 or d.lambda_2 < 0 or d.lambda_1 + d.lambda_2 == 0:
@@ -359,6 +381,27 @@ def _check_dst(d: DST) -> None:
         raise SurgeonError(f"unknown p_decay {d.p_decay!r}", "choose cosine or constant")
     if not 0.0 < d.stop_fraction <= 1.0:
         raise SurgeonError(f"stop_fraction {d.stop_fraction} is outside (0, 1]", "fix the recipe or the flag")
+
+
+def _check_prune(r: Recipe) -> None:
+    p = r.prune
+    if p.method not in PRUNE_METHODS:
+        raise SurgeonError(f"unknown prune method {p.method!r}", f"choose one of: {', '.join(PRUNE_METHODS)}")
+    if p.calib < 1:
+        raise SurgeonError(f"prune.calib must be ≥ 1, got {p.calib}", "calibrate on some examples, e.g. 128")
+    if not p.damp > 0:
+        raise SurgeonError(f"prune.damp must be > 0, got {p.damp}", "SparseGPT's default is 0.01")
+    if p.batch_size < 1 or p.block_size < 1:
+        raise SurgeonError("prune.batch_size and prune.block_size must be ≥ 1", "e.g. batch_size: 16, block_size: 128")
+    m = parse_nm(r.nm)[1]
+    if p.block_size % m:
+        raise SurgeonError(f"prune.block_size {p.block_size} is not a multiple of M={m}", "use e.g. 128")
+    if not _TIMESTEP_SCHEME.match(p.timesteps):
+        raise SurgeonError(f"unknown timestep scheme {p.timesteps!r}", "use uniform, weighted or K-stratified")
+    if r.stages:
+        raise SurgeonError("prune: and progressive stages do not combine", "prune to the final pattern, no stages")
+    if r.init != "pretrained":
+        raise SurgeonError("prune: needs init: pretrained", "one-shot pruning starts from trained weights")
 
 
 def _check_stages(r: Recipe) -> None:

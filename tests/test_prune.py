@@ -344,3 +344,69 @@ def test_a_singular_hessian_that_damping_cannot_fix_names_the_layer(tmp_path):
         prune(layer, calibration, tmp_path / "out", method="sparsegpt", nm="2:4", damp=1e-30, progress=False)
     assert "--damp" in e.value.hint and not (tmp_path / "out").exists()
     assert not sites(layer)  # untouched
+
+
+# ------------------------------------------------------------------------------- fine-tuning from a pruned start
+def _ft(name: str, **changes):
+    from surgeon.recipe import load_recipe
+
+    base = {"training.batch_size": 4, "training.eval_batches": 1, "training.num_samples": 0, "training.steps": 0}
+    return load_recipe(name).override(**{**base, **changes})
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {f: s.effective().detach().clone() for f, s in sites(model).items()}
+
+
+def test_finetune_init_starts_from_the_pruned_mask_and_updated_weights(tmp_path):
+    from surgeon.training.run import finetune
+
+    teacher = presets.build("tiny-unet", seed=1)
+    task = SyntheticImageTask(teacher, n=24)
+    student = presets.build("tiny-unet", seed=1)
+    prune(student, task, tmp_path / "pruned", method="sparsegpt", nm="2:4", calib=12, progress=False)
+    pruned = _weights(surgeon.load(tmp_path / "pruned"))
+    for recipe in ("one-shot", "sparsedm"):  # ASP's fixed mask, and SparseDM's S(W) at its first step
+        finetune(teacher, task, tmp_path / recipe, _ft(recipe), init=tmp_path / "pruned", progress=False, samples=False)
+        started = _weights(surgeon.load(tmp_path / recipe / "model"))
+        assert started.keys() == pruned.keys()
+        assert all(torch.equal(started[f], pruned[f]) for f in pruned), recipe
+    finetune(teacher, task, tmp_path / "magnitude", _ft("one-shot"), progress=False, samples=False)
+    magnitude = _weights(surgeon.load(tmp_path / "magnitude" / "model"))
+    assert any(not torch.equal(magnitude[f], pruned[f]) for f in pruned)
+
+
+def test_a_recipe_with_a_prune_section_prunes_the_student_first(tmp_path):
+    from surgeon.training.run import finetune
+
+    teacher = presets.build("tiny-unet", seed=1)
+    task = SyntheticImageTask(teacher, n=24)
+    recipe = _ft("sparsegpt-2of4", **{"prune.calib": 12, "prune.batch_size": 6})
+    summary = finetune(teacher, task, tmp_path / "run", recipe, progress=False, samples=False)
+    assert summary.nm["nm_valid"] == summary.nm["converted"] == 50
+    direct = prune(
+        presets.build("tiny-unet", seed=1), task, method="sparsegpt", nm="2:4", calib=12, batch_size=6, progress=False
+    )
+    got = _weights(surgeon.load(tmp_path / "run" / "model"))
+    assert all(torch.equal(got[f], w) for f, w in _weights(direct.model).items())
+
+
+def test_pruned_starts_and_prune_sections_refuse_what_they_cannot_use(tmp_path):
+    from surgeon.recipe import Recipe
+    from surgeon.training.run import finetune
+
+    teacher = presets.build("tiny-unet", seed=1)
+    task = SyntheticImageTask(teacher, n=24)
+    prune(presets.build("tiny-unet", seed=1), task, tmp_path / "s05", method="magnitude", sparsity=0.5, progress=False)
+    with pytest.raises(SurgeonError, match="is not 2:4, but the recipe fine-tunes 2:4"):
+        finetune(teacher, task, tmp_path / "run", _ft("sparsedm"), init=tmp_path / "s05", progress=False)
+    with pytest.raises(SurgeonError, match="--init gives a pruned start as well"):
+        finetune(teacher, task, tmp_path / "run", _ft("sparsegpt-2of4"), init=tmp_path / "s05", progress=False)
+    assert not (tmp_path / "run").exists()
+    base = {"algorithm": "nm_fixed", "nm": "2:4", "init": "pretrained"}
+    with pytest.raises(SurgeonError, match="unknown key 'prune.calibrate'"):
+        Recipe.from_dict({**base, "prune": {"calibrate": 3}})
+    with pytest.raises(SurgeonError, match="unknown prune method 'obs'"):
+        Recipe.from_dict({**base, "prune": {"method": "obs"}})
+    with pytest.raises(SurgeonError, match="algorithm static does not use 'prune'"):
+        Recipe.from_dict({"algorithm": "static", "prune": {"method": "wanda"}})

@@ -26,6 +26,7 @@ from surgeon.algorithms.calibration import Calibration, check_calib, from_task, 
 from surgeon.algorithms.oneshot import PruneReport, prune_model
 from surgeon.algorithms.pruners import SparseGPT
 from surgeon.errors import SurgeonError, check_arg
+from surgeon.formats import loading
 from surgeon.io.atomic import check_output
 from surgeon.masking.plan import Plan
 from surgeon.masking.plan import plan as make_plan
@@ -33,7 +34,6 @@ from surgeon.masking.surgery import fold, sites
 from surgeon.recipe import Diffusion
 from surgeon.sparsity.patterns import parse_nm
 from surgeon.tasks import Task, apply_diffusion_settings, make_task
-from surgeon.training.run import Source, load_source
 
 METHODS = tuple(PRUNERS)
 
@@ -84,17 +84,44 @@ def recorded_recipe(ref) -> dict:
 
 
 def calibration_for(
-    source: Source, data, calib: int, timesteps: str, seed: int, batch_size: int, recipe: dict
+    model: nn.Module, vae: nn.Module | None, data, calib: int, timesteps: str, seed: int, batch_size: int, recipe: dict
 ) -> Calibration | None:
     """Calibration inputs from a data reference, a Task or ready batches (a Calibration)."""
     if data is None or isinstance(data, Calibration):
         return data
-    task = data if isinstance(data, Task) else make_task(source.model, str(data), vae=source.vae)
+    task = data if isinstance(data, Task) else make_task(model, str(data), vae=vae)
     if not isinstance(data, Task) and recipe.get("diffusion"):
         apply_diffusion_settings(task, Diffusion(**recipe["diffusion"]))
     calibration = from_task(task, calib, timesteps, seed, batch_size)
     calibration.info["data"] = data if isinstance(data, str) else type(data).__name__
     return calibration
+
+
+def make_pruner(method: str, block_size: int = 128, damp: float = 0.01):
+    return SparseGPT(block_size, damp) if method == "sparsegpt" else PRUNERS[method]()
+
+
+def describe(
+    method: str,
+    plan: Plan,
+    calibration: Calibration | None,
+    sequential: bool,
+    block_size: int,
+    damp: float,
+    report: PruneReport,
+) -> dict:
+    """What a pruned model records under ``extra.prune``."""
+    pattern = (
+        f"{plan.nm[0]}:{plan.nm[1]}" if plan.nm else {"sparsity": plan.sparsity, "distribution": plan.distribution}
+    )
+    return {
+        "method": method,
+        "pattern": pattern,
+        "calibration": None if calibration is None else dict(calibration.info),
+        "sequential": sequential,
+        **({"block_size": block_size, "damp": damp} if method == "sparsegpt" else {}),
+        **{k: v for k, v in asdict(report).items() if k in ("blocks", "passes", "seconds")},
+    }
 
 
 def check_masks(model: nn.Module, plan: Plan) -> None:
@@ -159,29 +186,26 @@ def prune(
         raise SurgeonError(f"--method {method} needs calibration data", "pass --data (e.g. --data kanjivg)")
     if out is not None:
         check_output(out, force)
-    source = load_source(model, trust_code)
+    if isinstance(model, nn.Module):
+        module, vae, pipeline = model, None, None
+    else:
+        vae = loading.find_autoencoder(str(model))
+        module = loading.load_model(str(model), trust_code=trust_code)
+        pipeline = str(Path(model).resolve()) if vae is not None else None
     recipe = recorded_recipe(model)
     targets = {"include": include or None, "exclude": exclude or None}
     if nm is not None:
-        plan = make_plan(source.model, nm=nm, **targets)
+        plan = make_plan(module, nm=nm, **targets)
     else:
-        plan = make_plan(source.model, sparsity=sparsity, distribution=distribution, **targets)
-    check_masks(source.model, plan)
-    calibration = calibration_for(source, data, calib, timesteps, seed, batch_size, recipe)
-    pruner = SparseGPT(block_size, damp) if method == "sparsegpt" else PRUNERS[method]()
-    report = prune_model(source.model, plan, pruner, calibration, sequential, progress)
-    metadata = {
-        "method": method,
-        "pattern": f"{plan.nm[0]}:{plan.nm[1]}" if plan.nm else {"sparsity": sparsity, "distribution": distribution},
-        "calibration": None if calibration is None else dict(calibration.info),
-        "sequential": sequential,
-        **({"block_size": block_size, "damp": damp} if method == "sparsegpt" else {}),
-        **{k: v for k, v in asdict(report).items() if k in ("blocks", "passes", "seconds")},
-    }
-    result = PruneResult(source.model, report, metadata)
+        plan = make_plan(module, sparsity=sparsity, distribution=distribution, **targets)
+    check_masks(module, plan)
+    calibration = calibration_for(module, vae, data, calib, timesteps, seed, batch_size, recipe)
+    report = prune_model(module, plan, make_pruner(method, block_size, damp), calibration, sequential, progress)
+    metadata = describe(method, plan, calibration, sequential, block_size, damp, report)
+    result = PruneResult(module, report, metadata)
     if out is not None:
         from surgeon.formats.packed import save
 
-        extra = {"prune": metadata, **({"pipeline": source.pipeline} if source.pipeline else {})}
-        result.out = save(source.model, out, recipe=recipe or None, force=force, extra_metadata=extra)
+        extra = {"prune": metadata, **({"pipeline": pipeline} if pipeline else {})}
+        result.out = save(module, out, recipe=recipe or None, force=force, extra_metadata=extra)
     return result

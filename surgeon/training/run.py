@@ -172,12 +172,15 @@ def make_run_task(source: Source, data: str | Task, recipe: Recipe, limit: int |
     return task
 
 
-def prepare(model: nn.Module, recipe: Recipe, init: str | None = None) -> nn.Module:
+def prepare(
+    model: nn.Module, recipe: Recipe, init: str | None = None, masks: dict[str, torch.Tensor] | None = None
+) -> nn.Module:
     """Re-initialize (scratch) and inject the recipe's masks, in place.
 
     A model that already has masks (a folder saved by surgeon) continues from its own masks with ``pretrained``
     and an unstructured sparse recipe; otherwise its masks are folded in first and it starts over as the recipe
-    says (``scratch``: fresh weights and masks; an N:M or dense recipe: from its effective weights).
+    says (``scratch``: fresh weights and masks; an N:M or dense recipe: from its effective weights). ``masks``
+    (N:M recipes, from a one-shot pruned start) are ASP's fixed masks instead of the magnitude pattern.
     """
     from surgeon.algorithms import ALGORITHMS
     from surgeon.masking.surgery import fold
@@ -204,7 +207,8 @@ def prepare(model: nn.Module, recipe: Recipe, init: str | None = None) -> nn.Mod
             model, sparsity=recipe.sparsity, distribution=recipe.distribution, power_scale=recipe.power_scale, **targets
         )
     if recipe.algorithm == "nm_fixed":  # ASP: the magnitude N:M pattern of the weights, drawn once, then fixed
-        masks = {f: nm_mask(model.get_parameter(f), *lp.nm) for f, lp in p.layers.items()}
+        if masks is None:
+            masks = {f: nm_mask(model.get_parameter(f), *lp.nm) for f, lp in p.layers.items()}
         return inject(model, p.fixed_nm(), masks=masks)
     mask_init = "magnitude" if init == "pretrained" else ALGORITHMS[recipe.algorithm].mask_init
     return inject(model, p, init=mask_init, seed=recipe.training.seed, lambda_w=recipe.lambda_w or 0.0)
@@ -394,11 +398,14 @@ def finetune(
     samples: bool = True,
     stop_after: int | None = None,
     trust_code: bool = False,
+    init: str | os.PathLike | nn.Module | None = None,
 ) -> RunSummary:
     """N:M fine-tuning of a trained dense model (SparseDM): the student starts as a copy of ``teacher`` (or as
     ``model``, whose target tensors must match the teacher's) and learns from the frozen teacher if the recipe
-    distills. ``recipe``: a Recipe, a shipped name (sparsedm, sr-ste, ste, asp, one-shot) or a YAML path; ``nm``
-    overrides its pattern. ``data``: a data reference or a Task you built. ``trust_code``: see
+    distills; with ``init`` (a model pruned by ``surgeon prune`` to the recipe's pattern) it starts from that
+    model's mask and weights instead of magnitude, as a recipe with a ``prune:`` section does after pruning the
+    student itself. ``recipe``: a Recipe, a shipped name (sparsedm, sr-ste, ste, asp, one-shot, sparsegpt-2of4,
+    wanda-2of4, sparsegpt+sparsedm) or a YAML path; ``nm`` overrides its pattern. ``data``: a data reference or a Task you built. ``trust_code``: see
     :func:`surgeon.load_model`.
 
         surgeon.finetune("runs/dense/model", "kanjivg", "runs/sparse-2of4", nm="2:4")
@@ -418,11 +425,21 @@ def finetune(
             f"recipe {name!r} re-initializes the weights (init: {recipe.init})",
             "fine-tuning starts from the teacher's weights: set init: pretrained",
         )
+    if init is not None and recipe.prune is not None:
+        raise SurgeonError(
+            f"recipe {name!r} prunes first (prune:), and --init gives a pruned start as well",
+            "give one: drop --init, or use a recipe without prune: (e.g. sparsedm, asp)",
+        )
+    if init is not None and model is not None:
+        raise SurgeonError("give MODEL or --init PRUNED, not both", "--init PRUNED is the student's starting point")
     acc = open_run(out, recipe, force, resume)
     teacher_module = load_teacher(
         teacher, architecture=model if not isinstance(model, nn.Module) else None, trust_code=trust_code
     )
-    if model is None:  # the paper's setting: the student starts as the teacher
+    if init is not None:  # a one-shot pruned model: its mask and updated weights
+        student = load_source(init, trust_code)
+        check_same_targets(student.model, teacher_module)
+    elif model is None:  # the paper's setting: the student starts as the teacher
         student = Source(copy_model(teacher_module).train().requires_grad_(True))
         if not isinstance(teacher, nn.Module):
             student.vae = loading.find_autoencoder(str(teacher))
@@ -430,13 +447,16 @@ def finetune(
     else:
         student = load_source(model, trust_code)
         check_same_targets(student.model, teacher_module)
+    masks = pruned_masks(student.model, recipe, init) if init is not None else None
     if sites(student.model):
         fold(student.model)  # a masked student (e.g. an unstructured sparse model) starts from its effective weights
     teacher_module = freeze(teacher_module)
     identity = {"source": _describe(teacher), "sha256": content_digest(teacher_module)}
     task = make_run_task(student, data, recipe, limit)
     objective = make_objective(task, recipe, teacher_module)
-    prepare(student.model, recipe, init="pretrained")
+    if recipe.prune is not None:
+        masks = prune_first(student.model, task, recipe)
+    prepare(student.model, recipe, init="pretrained", masks=masks)
     return execute(
         student,
         task,
@@ -450,6 +470,57 @@ def finetune(
         stop_after=stop_after,
         teacher=identity,
     )
+
+
+def pruned_masks(model: nn.Module, recipe: Recipe, ref) -> dict[str, torch.Tensor]:
+    """The fixed masks of a one-shot pruned start, checked against the recipe's N:M pattern and targets."""
+    from surgeon.sparsity.patterns import nm_groups, parse_nm
+
+    n, m = parse_nm(recipe.nm)
+    p = make_plan(
+        model,
+        nm=recipe.nm,
+        include=recipe.include or None,
+        exclude=recipe.exclude or None,
+        dense_first=recipe.dense_first,
+        dense_last=recipe.dense_last,
+    )
+    have = sites(model)
+    for fqn in p.layers:
+        site = have.get(fqn)
+        if site is None or site.is_nm or not bool((nm_groups(site.mask, m).sum(1) <= n).all()):
+            what = "has no mask" if site is None else "is not " + recipe.nm
+            raise SurgeonError(
+                f"--init {_describe(ref)}: {fqn} {what}, but the recipe fine-tunes {recipe.nm}",
+                f"prune it with `surgeon prune --nm {recipe.nm}`; fine-tune an unstructured prune with "
+                "`surgeon sparsify --recipe static --init pretrained`",
+            )
+    return {fqn: have[fqn].mask.detach().clone() for fqn in p.layers}
+
+
+def prune_first(model: nn.Module, task: Task, recipe: Recipe) -> dict[str, torch.Tensor]:
+    """A recipe's ``prune:`` step on the student: one-shot N:M from the run's data; returns its fixed masks."""
+    from surgeon.algorithms.calibration import from_task
+    from surgeon.algorithms.oneshot import prune_model
+    from surgeon.masking.surgery import fold
+    from surgeon.training.prune import make_pruner
+
+    c = recipe.prune
+    p = make_plan(
+        model,
+        nm=recipe.nm,
+        include=recipe.include or None,
+        exclude=recipe.exclude or None,
+        dense_first=recipe.dense_first,
+        dense_last=recipe.dense_last,
+    )
+    calibration = None
+    if c.method != "magnitude":
+        calibration = from_task(task, c.calib, c.timesteps, recipe.training.seed, c.batch_size)
+    prune_model(model, p, make_pruner(c.method, c.block_size, c.damp), calibration, c.sequential, progress=False)
+    masks = {fqn: site.mask.detach().clone() for fqn, site in sites(model).items()}
+    fold(model)  # the weights stay pruned (0 where masked); prepare injects the recipe's own parametrization
+    return masks
 
 
 def _describe(ref: str | os.PathLike | nn.Module) -> str:
