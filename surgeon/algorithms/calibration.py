@@ -82,10 +82,6 @@ class Calibration:
         if not len(self.padding) == len(self.weights) == len(self.batches):
             raise SurgeonError("padding and weights must have one entry per calibration batch", "check their lengths")
 
-    @property
-    def examples(self) -> int:
-        return self.info.get("examples") or len(self.batches)
-
     def to(self, device) -> Calibration:
         return Calibration(
             [to_device(b, device) for b in self.batches],

@@ -130,10 +130,6 @@ def _select(x: torch.Tensor, ctx: _Context) -> tuple[torch.Tensor, torch.Tensor 
     return rows, w.to(x.device).repeat_interleave(rows.shape[0] // x.shape[0])
 
 
-def _linear_rows(x: torch.Tensor, ctx: _Context):
-    return _select(x, ctx)
-
-
 def _conv_rows(module: nn.Module, x: torch.Tensor, ctx: _Context):
     cols = conv_columns(module, x)  # [B, P, columns]
     p = ctx.padding
@@ -265,7 +261,7 @@ def collecting(targets: Mapping[str, Target], hessian: bool) -> Iterator[tuple[d
                         ctx.padding = saved
                 return
             x = args[0]
-            rows, w = _conv_rows(mod, x, ctx) if group[0].kind == "conv" else _linear_rows(x, ctx)
+            rows, w = _conv_rows(mod, x, ctx) if group[0].kind == "conv" else _select(x, ctx)
             stats[group[0].fqn].add(rows, w)
 
         return module.register_forward_hook(hook, with_kwargs=True)
