@@ -27,6 +27,15 @@ def eval_models(
     n: Annotated[int, typer.Option("--n", help="Samples generated per model.")] = 2048,
     metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated: fid, kid.")] = "fid,kid",
     sample_steps: Annotated[int, typer.Option("--sample-steps", help="DDIM sampling steps.")] = 50,
+    clip_sample: Annotated[
+        bool | None,
+        typer.Option(
+            "--clip-sample/--no-clip-sample",
+            show_default=False,
+            help="Clip the predicted x0 to [-1, 1] at every sampling step, or not, overriding the model's recorded "
+            "setting. Default: the recorded one (pixel-space images clip; latent and sequence models do not).",
+        ),
+    ] = None,
     extractor: Annotated[
         str | None,
         typer.Option(
@@ -56,6 +65,7 @@ def eval_models(
         n=n,
         metrics=metrics,
         sample_steps=sample_steps,
+        clip_sample=clip_sample,
         extractor=extractor,
         out=out,
         force=force,

@@ -57,6 +57,9 @@ class Diffusion:
     beta_end: float | None = None
     beta_schedule: str = "linear"
     sample_steps: int = 50  # DDIM steps for sample grids
+    # clip the predicted x₀ to [-1, 1] at every sampling step; None: the task's default, resolved when a run starts
+    # (pixel-space images: true; latent and sequence models: false)
+    clip_sample: bool | None = None
 
 
 @dataclass

@@ -41,6 +41,7 @@ class ModelEval(Scores):
     flops_per_sample: float | None = None  # forward × sampling steps
     flops_train: float | None = None  # the whole recorded training run (per-example step FLOPs × batch × steps)
     heldout_loss: float | None = None
+    clip_sample: bool | None = None  # whether sampling clipped x₀ to [-1, 1] (the recorded setting or the override)
 
 
 @dataclass
@@ -103,7 +104,9 @@ def open_model(
         path = path / "model"
     model = load_model(str(path) if path.exists() else str(ref), trust_code=trust_code)
     recipe, vae = {}, None
-    if path.is_dir() and (path / "model.safetensors").is_file():
+    if (path.is_dir() and (path / "model.safetensors").is_file()) or (
+        path.is_file() and path.suffix == ".safetensors" and _written_by_surgeon(path)
+    ):
         from surgeon.formats.loading import find_autoencoder
         from surgeon.io.container import read_metadata
 
@@ -117,6 +120,18 @@ def open_model(
 
         vae = find_autoencoder(str(path))
     return model, recipe, vae, name
+
+
+def _written_by_surgeon(file: Path) -> bool:
+    from safetensors import safe_open
+
+    from surgeon.io.container import MARKER
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return (f.metadata() or {}).get("format") == MARKER
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: load_model reports it
+        return False
 
 
 def _training_flops(measured, recipe: dict) -> float | None:
@@ -175,8 +190,13 @@ def evaluate(
     console=None,
     limit: int | None = None,
     trust_code: bool = False,
+    clip_sample: bool | None = None,
 ) -> Evaluation:
     """FID/KID, held-out loss, parameters and FLOPs of each model; one table (:class:`Evaluation`).
+
+    ``clip_sample``: override the model's recorded sampler setting (clip x₀ to [-1, 1] at every step); None uses
+    the recorded one, or the task's default for a model that records none (pixel-space images clip; latent and
+    sequence models do not).
 
     ``trust_code``: let saved folders import the file or module their config names (see :func:`surgeon.load_model`).
 
@@ -224,6 +244,7 @@ def evaluate(
             )
         if recipe.get("diffusion"):
             apply_diffusion_settings(task, Recipe.from_dict(recipe).diffusion)
+        task.set_clip_sample(clip_sample)
         task.dataset("train")  # sequence tasks draw sample lengths from it; FLOPs use one real training example
         resolution = int(getattr(task, "image_size", 0))
         key = (resolution, type(task).__name__)
@@ -254,6 +275,7 @@ def evaluate(
                 flops_per_sample=None if steps_fwd is None else steps_fwd * sample_steps,
                 flops_train=_training_flops(measured, recipe),
                 heldout_loss=loss,
+                clip_sample=task.clip_sample,
             )
         )
         grids.append((Path(str(name)).name if not isinstance(ref, nn.Module) else name, images[:GRID_SAMPLES]))

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,7 +37,7 @@ def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
         nn.Module.to(model, opts.dtype)  # not diffusers' override, which warns about fp32 modules it keeps none of
     state = plain_state(model)
     if opts.pipeline is not None:
-        _write_pipeline(model, Path(opts.pipeline), out, opts.force)
+        _write_pipeline(model, Path(opts.pipeline), out, opts.force, recorded_clip_sample(opts.recipe))
     elif is_diffusers_class(type(model)) and out.suffix != ".safetensors":
         check_output(out, opts.force)
         with atomic_folder(out, opts.force) as tmp:
@@ -57,7 +58,14 @@ def denoiser_part(pipeline: Path) -> str:
     )
 
 
-def _write_pipeline(model: nn.Module, pipeline: Path, out: Path, force: bool) -> None:
+def recorded_clip_sample(recipe) -> bool | None:
+    """The sampler setting a saved model's recipe records (``diffusion.clip_sample``), None when it records none."""
+    recipe = recipe.to_dict() if hasattr(recipe, "to_dict") else recipe
+    value = ((recipe or {}).get("diffusion") or {}).get("clip_sample")
+    return value if isinstance(value, bool) else None
+
+
+def _write_pipeline(model: nn.Module, pipeline: Path, out: Path, force: bool, clip_sample: bool | None) -> None:
     if not is_diffusers_class(type(model)):
         raise SurgeonError(f"--pipeline needs a diffusers model, not {type(model).__name__}", "drop --pipeline")
     part = denoiser_part(pipeline)
@@ -68,6 +76,17 @@ def _write_pipeline(model: nn.Module, pipeline: Path, out: Path, force: bool) ->
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         model.save_pretrained(tmp / part, safe_serialization=True)
+        _record_clip_sample(tmp / "scheduler" / "scheduler_config.json", clip_sample)
+
+
+def _record_clip_sample(config: Path, clip_sample: bool | None) -> None:
+    """The exported pipeline's scheduler samples as the model was sampled when it was trained and scored."""
+    if clip_sample is None or not config.is_file():
+        return
+    data = read_json(config)
+    if "clip_sample" in data or data.get("_class_name") in ("DDIMScheduler", "DDPMScheduler"):
+        data["clip_sample"] = clip_sample
+        config.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def read(meta: Mapping, device: torch.device | str | None = None) -> nn.Module:

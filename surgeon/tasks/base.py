@@ -41,6 +41,25 @@ class Task:
     """Base class: subclasses implement the data, the noising, the forward call and sampling."""
 
     name: str = "task"
+    # Clip the predicted x₀ to the data range [-1, 1] at every sampling step (diffusers' ``clip_sample``): the
+    # standard for pixel-space DDPM/DDIM. ``clip_refused`` says why a task cannot take it (None: it can).
+    clip_sample: bool = False
+    clip_refused: str | None = "this task declares no data range to clip its samples to"
+
+    def set_clip_sample(self, value: bool | None) -> None:
+        """Turn x₀ clipping on or off for sampling; None keeps the task's default."""
+        if value is None:
+            return
+        if value and self.clip_refused is not None:
+            raise SurgeonError(
+                f"clip_sample cannot be turned on for this model: {self.clip_refused}",
+                "leave clip_sample unset (the task's default) or set it false",
+            )
+        self.clip_sample = bool(value)
+
+    def sampling_scheduler(self, cls, **config):
+        """A sampler (DDIMScheduler, DDPMScheduler) on the training noise schedule, clipping as the task says."""
+        return cls.from_config(self.scheduler.config, clip_sample=self.clip_sample, clip_sample_range=1.0, **config)
 
     def dataset(self, split: str = "train") -> Dataset:
         raise NotImplementedError
@@ -120,7 +139,8 @@ def ddpm_scheduler(
 
 
 def apply_diffusion_settings(task: Task, diffusion) -> None:
-    """Rebuild ``task.scheduler`` from a recipe's diffusion section; unset betas keep the task's defaults."""
+    """Rebuild ``task.scheduler`` from a recipe's diffusion section; unset betas and clip_sample keep the task's
+    defaults."""
     cfg = task.scheduler.config
     task.scheduler = ddpm_scheduler(
         diffusion.timesteps,
@@ -128,6 +148,7 @@ def apply_diffusion_settings(task: Task, diffusion) -> None:
         cfg.beta_end if diffusion.beta_end is None else diffusion.beta_end,
         diffusion.beta_schedule,
     )
+    task.set_clip_sample(diffusion.clip_sample)
 
 
 class EpsilonLoss:

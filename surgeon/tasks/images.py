@@ -64,6 +64,13 @@ class ImageTask(Task):
         self.classes: list[str] | None = None  # class names of the training data, once loaded
         self.data, self.limit = data, limit
         self.scheduler = ddpm_scheduler(1000, 0.0015, 0.0195, "linear")
+        # pixel space: x₀ lies in [-1, 1], so sampling clips to it (DDPM/ADM practice); a latent has no fixed range
+        self.clip_sample = self.vae is None
+        self.clip_refused = (
+            None
+            if self.vae is None
+            else "its x₀ is a latent of the autoencoder, which has no fixed range (decoded images are clamped)"
+        )
         self._datasets: dict[str, Dataset | None] = {}
 
     def dataset(self, split: str = "train") -> Dataset | None:
@@ -180,14 +187,15 @@ class ImageTask(Task):
         steps: int | None = None,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """DDIM sampling (η = 0); returns images in [-1, 1], ``[n, C, H, W]``.
+        """DDIM sampling (η = 0), x₀ clipped to [-1, 1] at every step when ``clip_sample`` (pixel space, the
+        default); returns images in [-1, 1], ``[n, C, H, W]``.
 
         Class-conditional models sample ``labels`` (``[n]``), by default every class in turn (``sample_labels``).
         """
         from diffusers import DDIMScheduler
 
         device = next(model.parameters()).device
-        ddim = DDIMScheduler.from_config(self.scheduler.config)
+        ddim = self.sampling_scheduler(DDIMScheduler)
         ddim.set_timesteps(steps or 50)
         x = torch.randn((n, self.latent_channels, self.latent_size, self.latent_size), generator=generator).to(device)
         if self.class_conditional:

@@ -31,6 +31,8 @@ class SequenceTask(Task):
         self.scheduler = DDPMScheduler(
             num_train_timesteps=1000, beta_start=1e-4, beta_end=2e-2, beta_schedule="linear", clip_sample=False
         )
+        # points span [-1, 1] and pen is 0/1, so clipping can be asked for; ChiroDiff samples without it
+        self.clip_sample, self.clip_refused = False, None
         self.lengths: torch.Tensor | None = None  # training lengths, the default length distribution of samples
         self._datasets: dict[str, Dataset] = {}
 
@@ -110,7 +112,7 @@ class SequenceTask(Task):
             raise SurgeonError(f"steps={steps} out of range", f"use 1..{T}")
         cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
         # trailing spacing: the first step is t = T-1, where x_T ~ N(0, I) really is the marginal
-        sched = cls.from_config(self.scheduler.config, timestep_spacing="trailing")
+        sched = self.sampling_scheduler(cls, timestep_spacing="trailing")
         sched.set_timesteps(steps)
         param = next(model.parameters())
         lens = self._sample_lengths(n, lengths, generator)

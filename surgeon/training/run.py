@@ -5,6 +5,7 @@ Both commands compose the same steps; each is a few lines that say what differs:
     acc       = open_run(out, recipe, force, resume)     # check the output folder before any process writes
     source    = load_source(model)                        # the denoiser (+ frozen autoencoder of a latent pipeline)
     task      = make_run_task(source, data, recipe)       # what is denoised, with the recipe's noise schedule
+    recipe    = with_task_defaults(recipe, task)          # the task's defaults written in (e.g. clip_sample)
     prepare(source.model, recipe, init)                   # re-initialize (scratch) and inject the recipe's masks
     objective = make_objective(task, recipe, teacher)     # ε-loss, or distillation from a frozen teacher
     summary   = execute(source, task, recipe, out, acc, objective, ...)   # train, save, summarize
@@ -170,6 +171,14 @@ def make_run_task(source: Source, data: str | Task, recipe: Recipe, limit: int |
     if len(task.dataset("train")) == 0:
         raise SurgeonError(f"no training examples in {data}", "check --data")
     return task
+
+
+def with_task_defaults(recipe: Recipe, task: Task) -> Recipe:
+    """The recipe with what the task chose for its unset fields, so ``recipe.yaml`` and the saved model record the
+    sampler that was used (``diffusion.clip_sample``: on for pixel-space images, off for latents and sequences)."""
+    if recipe.diffusion.clip_sample is None:
+        return recipe.override(**{"diffusion.clip_sample": task.clip_sample})
+    return recipe
 
 
 def prepare(
@@ -368,6 +377,7 @@ def sparsify(
     acc = open_run(out, recipe, force, resume)
     source = load_source(model, trust_code)
     task = make_run_task(source, data, recipe, limit)
+    recipe = with_task_defaults(recipe, task)
     objective = make_objective(task, recipe)  # before prepare: a recipe that needs a teacher fails untouched
     prepare(source.model, recipe, init)
     return execute(
@@ -453,6 +463,7 @@ def finetune(
     teacher_module = freeze(teacher_module)
     identity = {"source": _describe(teacher), "sha256": content_digest(teacher_module)}
     task = make_run_task(student, data, recipe, limit)
+    recipe = with_task_defaults(recipe, task)
     objective = make_objective(task, recipe, teacher_module)
     if recipe.prune is not None:
         masks = prune_first(student.model, task, recipe)

@@ -1,0 +1,170 @@
+"""The sampler: pixel-space images clip the predicted x₀ to [-1, 1] at every DDIM step (diffusers'
+``clip_sample=True``); latent and sequence models do not unless asked. The setting is chosen per task when a run
+starts, written into its recipe, and followed by every later sampling (load, export, resume, eval)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from helpers_train import SyntheticImageTask, one_thread, small_recipe  # noqa: F401
+from test_images_task import build_pipeline
+from typer.testing import CliRunner
+
+import surgeon
+from surgeon.cli.app import app
+from surgeon.data import cache
+from surgeon.errors import SurgeonError
+from surgeon.formats import loading
+from surgeon.io.container import read_metadata
+from surgeon.models import presets
+from surgeon.recipe import Recipe
+from surgeon.tasks import apply_diffusion_settings, make_task
+from surgeon.tasks.sequences import SequenceTask
+from surgeon.training.run import sparsify
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "cache"))
+
+
+def reference_ddim(model, n, shape, steps, clip, seed=0, decode=None):
+    """Sampling written out with diffusers' own DDIMScheduler, built from explicit arguments."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="linear", clip_sample=clip
+    )
+    ddim.set_timesteps(steps)
+    x = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            x = ddim.step(model(x, t.expand(n)).sample, t, x).prev_sample
+        return (decode(x) if decode else x).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("steps", [2, 4])  # one step: the final clamp alone equals the clip
+def test_pixel_ddim_step_equals_diffusers_with_clip_sample(steps):
+    model = presets.build("tiny-unet", seed=0).eval()
+    task = make_task(model, "kanjivg")
+    assert task.clip_sample is True
+    ours = task.sample(model, 3, generator=torch.Generator().manual_seed(0), steps=steps)
+    shape = (task.latent_channels, task.latent_size, task.latent_size)
+    clipped = reference_ddim(model, 3, shape, steps, clip=True)
+    unclipped = reference_ddim(model, 3, shape, steps, clip=False)
+    torch.testing.assert_close(ours, clipped, rtol=0, atol=1e-6)
+    assert (ours - unclipped).abs().max() > 1e-2  # the inputs are ones where clipping changes the result
+
+
+def test_latent_ddim_equals_diffusers_without_clipping(tmp_path):
+    build_pipeline(tmp_path / "pipe", "vae")
+    model = loading.load_model(str(tmp_path / "pipe")).eval()
+    task = make_task(model, "unused", vae=loading.find_autoencoder(str(tmp_path / "pipe")))
+    assert task.clip_sample is False
+    ours = task.sample(model, 2, generator=torch.Generator().manual_seed(0), steps=2)
+    shape = (task.latent_channels, task.latent_size, task.latent_size)
+    ref = reference_ddim(model, 2, shape, 2, clip=False, decode=task.decode)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    clipped = reference_ddim(model, 2, shape, 2, clip=True, decode=task.decode)
+    assert (ref - clipped).abs().max() > 1e-3
+
+
+def test_sequences_do_not_clip_unless_asked():
+    task = SequenceTask()
+    assert task.clip_sample is False
+    apply_diffusion_settings(task, Recipe.from_dict({"diffusion": {"clip_sample": True}}).diffusion)
+    assert task.clip_sample is True
+    from diffusers import DDIMScheduler
+
+    assert task.sampling_scheduler(DDIMScheduler).config.clip_sample is True
+
+
+def test_a_latent_model_refuses_clipping_in_one_line(tmp_path):
+    build_pipeline(tmp_path / "pipe", "vae")
+    model = loading.load_model(str(tmp_path / "pipe"))
+    task = make_task(model, "unused", vae=loading.find_autoencoder(str(tmp_path / "pipe")))
+    with pytest.raises(SurgeonError) as e:
+        task.set_clip_sample(True)
+    assert "latent" in e.value.message and "\n" not in e.value.message and e.value.hint
+    task.set_clip_sample(False)  # turning it off is always possible
+
+
+def _pixel_run(tmp_path, name="run", **changes):
+    model = presets.build("tiny-unet", seed=0)
+    recipe = small_recipe("rigl", **{"training.checkpoint_every": 6, **changes})
+    out = tmp_path / name
+    sparsify(model, recipe, SyntheticImageTask(model), out, progress=False)
+    return out
+
+
+def test_the_task_default_is_written_into_the_recipe_and_the_model(tmp_path):
+    out = _pixel_run(tmp_path)
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["diffusion"]["clip_sample"] is True
+    assert read_metadata(out / "model")["recipe"]["diffusion"]["clip_sample"] is True
+    off = _pixel_run(tmp_path, "off", **{"diffusion.clip_sample": False})
+    assert read_metadata(off / "model")["recipe"]["diffusion"]["clip_sample"] is False
+
+
+def _clip_used(ref, **kw) -> bool:
+    from surgeon.evaluation.evaluate import open_model
+
+    model, recipe, vae, _ = open_model(ref)
+    task = make_task(model, "unused", vae=vae)
+    if recipe.get("diffusion"):
+        apply_diffusion_settings(task, Recipe.from_dict(recipe).diffusion)
+    return task.clip_sample
+
+
+def test_the_setting_survives_save_load_export_and_resume(tmp_path):
+    out = _pixel_run(tmp_path, "off", **{"diffusion.clip_sample": False})
+    assert _clip_used(out) is False  # the run folder, as eval opens it
+    surgeon.export(out / "model", tmp_path / "packed", format="packed")
+    surgeon.export(out / "model", tmp_path / "one.safetensors", format="dense")
+    assert _clip_used(tmp_path / "packed") is False
+    assert _clip_used(tmp_path / "one.safetensors") is False
+    # resume: the interrupted run continues with the setting it recorded
+    model = presets.build("tiny-unet", seed=0)
+    recipe = small_recipe("rigl", **{"training.checkpoint_every": 6, "diffusion.clip_sample": False})
+    resumed = tmp_path / "resumed"
+    sparsify(model, recipe, SyntheticImageTask(model), resumed, progress=False, stop_after=6)
+    model = presets.build("tiny-unet", seed=0)
+    sparsify(model, recipe, SyntheticImageTask(model), resumed, progress=False, resume=resumed)
+    assert yaml.safe_load((resumed / "recipe.yaml").read_text())["diffusion"]["clip_sample"] is False
+    assert _clip_used(resumed) is False
+
+
+def test_a_model_saved_before_the_field_gets_the_task_default(tmp_path):
+    model = presets.build("tiny-unet", seed=0)
+    old = small_recipe("rigl").to_dict()
+    del old["diffusion"]["clip_sample"]  # what a recipe written before the field holds
+    surgeon.save(model, tmp_path / "old", recipe=old)
+    assert _clip_used(tmp_path / "old") is True
+
+
+def test_an_exported_pipeline_samples_as_the_model_recorded(tmp_path):
+    build_pipeline(tmp_path / "pipe", "vae")
+    (tmp_path / "pipe" / "scheduler").mkdir()
+    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "DDIMScheduler", "clip_sample": True})
+    )
+    model = loading.load_model(str(tmp_path / "pipe"))
+    surgeon.save(model, tmp_path / "saved", recipe=small_recipe("dense", **{"diffusion.clip_sample": False}))
+    surgeon.export(tmp_path / "saved", tmp_path / "deploy", format="dense", pipeline=tmp_path / "pipe")
+    config = json.loads((tmp_path / "deploy" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["clip_sample"] is False
+
+
+def test_eval_override_on_a_latent_model_is_one_error(tmp_path):
+    build_pipeline(tmp_path / "pipe", "vae")
+    result = CliRunner().invoke(
+        app, ["eval", str(tmp_path / "pipe"), "--clip-sample", "--n", "4", "--out", str(tmp_path / "ev")]
+    )
+    assert result.exit_code == 1, result.output
+    lines = [x for x in result.stderr.splitlines() if x.strip()]
+    assert lines[-2].startswith("error: ") and "clip_sample" in lines[-2] and "latent" in lines[-2]
+    assert lines[-1].startswith("hint: ")
+    assert "Traceback" not in result.output and not (tmp_path / "ev").exists()
