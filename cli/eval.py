@@ -25,7 +25,9 @@ def eval_models(
         str, typer.Option("--data", "-d", help="'kanjivg' (built in) or a folder with a validation/ split.")
     ] = "kanjivg",
     n: Annotated[int, typer.Option("--n", help="Samples generated per model.")] = 2048,
-    metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated: fid, kid.")] = "fid,kid",
+    metrics: Annotated[
+        str, typer.Option("--metrics", help="Comma-separated: fid, kid, pr (improved precision/recall, k = 3).")
+    ] = "fid,kid,pr",
     sample_steps: Annotated[int, typer.Option("--sample-steps", help="DDIM sampling steps.")] = 50,
     clip_sample: Annotated[
         bool | None,
@@ -49,6 +51,13 @@ def eval_models(
     ] = Path("runs/eval"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling noise.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per sampling batch.")] = 64,
+    group: Annotated[
+        bool,
+        typer.Option(
+            "--group",
+            help="The MODELs are runs of one configuration (its seeds): also report mean ± std of every metric.",
+        ),
+    ] = False,
     force: Force = False,
     trust_code: TrustCode = False,
     json_output: JsonOutput = False,
@@ -56,7 +65,7 @@ def eval_models(
 ) -> None:
     """Score MODELs' samples against the held-out data (FID, KID) next to their loss, parameters and FLOPs."""
     from surgeon.evaluation.evaluate import evaluate
-    from surgeon.evaluation.tables import eval_table, wide_console
+    from surgeon.evaluation.tables import eval_table, group_line, wide_console
 
     console = wide_console()
     result = evaluate(
@@ -74,10 +83,13 @@ def eval_models(
         progress=progress and not json_output,
         console=None if json_output else console,
         trust_code=trust_code,
+        group=group,
     )
     if json_output:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
     console.print(eval_table(result))
+    if result.group:
+        console.print(group_line(result), soft_wrap=True)
     for name, path in result.plots.items():
         console.print(f"{name}: {path}", soft_wrap=True)

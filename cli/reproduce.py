@@ -26,6 +26,23 @@ def reproduce(
         list[str] | None,
         typer.Option("--only", metavar="RUN", help="Run only these runs (repeatable), e.g. dense, rigl-s0.9-p0.05."),
     ] = None,
+    seeds: Annotated[
+        int | None,
+        typer.Option(
+            "--seeds",
+            show_default=False,
+            help="Train every run K times (seeds 0..K-1) and report mean ± std; a finding counts only when "
+            "Welch's t-test over the seeds resolves it. Default 1 (a resumed study keeps its own).",
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps",
+            show_default=False,
+            help="Training steps per run, instead of sharing out --budget-minutes by a calibration.",
+        ),
+    ] = None,
     force: Force = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
@@ -46,6 +63,8 @@ def reproduce(
         console=console,
         extractor=extractor,
         only=only,
+        seeds=seeds,
+        steps=None if steps is None else (steps, steps),
     )
     console.print(report.read_text(), soft_wrap=True, markup=False, highlight=False)
     console.print(f"report: {report}")

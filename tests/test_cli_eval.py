@@ -133,3 +133,40 @@ def test_two_models_one_table_with_the_extractor_named(tmp_path, data):
     assert_one_error(r, "exists")
     r = invoke("tiny-unet", "--data", data, "--out", out, "--n", 6, "--sample-steps", 2, "--no-progress", "--force")
     assert r.exit_code == 0 and "EfficientNet-Lite0 features" in r.stdout and "not comparable" in r.stdout
+
+
+def test_group_reports_mean_and_std_over_the_seeds_of_one_configuration(tmp_path, data):
+    import surgeon
+    from surgeon.models.presets import build
+    from surgeon.recipe import load_recipe
+
+    for seed in (0, 1):
+        model = build("tiny-unet", seed=seed)
+        surgeon.inject(model, surgeon.plan(model, sparsity=0.5), seed=seed)
+        surgeon.save(model, tmp_path / f"seed-{seed}", recipe=load_recipe("static").override(**{"training.seed": seed}))
+    args = ["--data", data, "--n", 6, "--sample-steps", 2, "--no-progress", "--group"]
+    r = invoke(tmp_path / "seed-0", tmp_path / "seed-1", *args, "--out", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    fids = [m["fid"] for m in result["models"]]
+    g = result["group"]
+    assert g["models"] == 2 and g["fid"]["values"] == fids and fids[0] != fids[1]
+    assert g["fid"]["mean"] == pytest.approx(sum(fids) / 2)
+    assert g["fid"]["std"] == pytest.approx(abs(fids[0] - fids[1]) / 2**0.5)
+    assert {"kid_mean", "precision", "recall", "heldout_loss"} <= g.keys()
+    r = invoke(tmp_path / "seed-0", tmp_path / "seed-1", *args, "--out", tmp_path / "o2")
+    assert r.exit_code == 0 and "mean ± std over 2 models: FID" in r.stdout
+    # runs of different configurations are not seeds of one: refused, nothing written
+    other = build("tiny-unet")
+    surgeon.save(other, tmp_path / "other", recipe=load_recipe("static").override(**{"optimizer.lr": 0.1}))
+    r = invoke(tmp_path / "seed-0", tmp_path / "other", *args, "--out", tmp_path / "o3")
+    assert_one_error(r, "optimizer.lr", "not only in its seed")
+    r = invoke(tmp_path / "seed-0", *args, "--out", tmp_path / "o4")
+    assert_one_error(r, "--group needs at least 2 models")
+    assert not (tmp_path / "o3").exists() and not (tmp_path / "o4").exists()
+
+
+def test_precision_recall_need_four_samples(tmp_path, data):
+    r = invoke("tiny-unet", "--data", data, "--n", 3, "--out", tmp_path / "o", "--no-progress")
+    assert_one_error(r, "--n 3", "PR", "at least 4", code=2)
+    assert not (tmp_path / "o").exists()

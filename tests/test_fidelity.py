@@ -184,3 +184,61 @@ def test_inception_weights_on_disk_are_used_and_read_without_unpickling(tmp_path
         inc.load_state_dict_from_url is not None and inc.load_state_dict_from_url.__name__ == "load_state_dict_from_url"
     )
     load_extractor.cache_clear()
+
+
+# --- improved precision and recall (Kynkäänniemi et al. 2019, k = 3) ------------------------------------------
+
+
+def _knn_precision_recall(gen: np.ndarray, real: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """The paper's definition written out: a point is covered when it lies within some other set's point's radius
+    (the distance to that point's k-th nearest neighbour in its own set, itself excluded)."""
+
+    def dist(a, b):
+        return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+
+    radius_real = np.sort(dist(real, real), axis=1)[:, k]  # column 0 is the point itself
+    radius_gen = np.sort(dist(gen, gen), axis=1)[:, k]
+    precision = (dist(gen, real) <= radius_real[None, :]).any(axis=1).mean()
+    recall = (dist(real, gen) <= radius_gen[None, :]).any(axis=1).mean()
+    return float(precision), float(recall)
+
+
+def test_precision_recall_equal_torch_fidelitys_and_the_definition_on_fixed_features():
+    from torch_fidelity.metric_prc import calculate_precision_recall_part
+
+    from surgeon.evaluation.fidelity import precision_recall
+
+    g = torch.Generator().manual_seed(3)
+    real = torch.randn(150, 12, generator=g, dtype=torch.float64)
+    gen = torch.randn(150, 12, generator=g, dtype=torch.float64) + 0.6  # overlapping, not identical
+    p, r, size = precision_recall(gen, real)
+    want_p, want_r = _knn_precision_recall(gen.numpy(), real.numpy())
+    assert size == 150 and 0.05 < p < 0.95 and 0.05 < r < 0.95  # a case where both numbers are informative
+    assert (p, r) == pytest.approx((want_p, want_r), abs=1e-6)
+    assert (p, r) == pytest.approx(calculate_precision_recall_part(gen, real, 3, 64), abs=1e-6)  # batched variant
+    # unequal sets are cut to the smaller size: the numbers are those of equal-size subsets
+    p2, r2, size2 = precision_recall(gen[:100], real)
+    assert size2 == 100 and 0.0 <= p2 <= 1.0 and 0.0 <= r2 <= 1.0
+
+
+def test_copies_of_heldout_data_score_near_one_and_noise_near_zero_precision():
+    ex = TinyExtractor()
+    heldout = _images(200, 0)
+    g = torch.Generator().manual_seed(9)
+    copies = (heldout.int() + torch.randint(-2, 3, heldout.shape, generator=g)).clamp(0, 255)
+    noise = torch.randint(0, 256, (100, 32, 32, 1), generator=g, dtype=torch.uint8)
+    noise = (noise.float() * 0 + 255 * (noise > 250)).to(torch.uint8)  # sparse white speckle on black
+    ref = extract_features(ex, heldout)
+    s = score(extract_features(ex, copies.to(torch.uint8)), ref, "pr")
+    assert s.precision > 0.9 and s.recall > 0.9 and s.pr_size == 200
+    assert score(extract_features(ex, noise), ref, "pr").precision < 0.1
+
+
+def test_precision_recall_need_k_plus_one_examples():
+    from surgeon.evaluation.fidelity import precision_recall
+
+    three = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(SurgeonError) as e:
+        precision_recall(three, torch.randn(50, 4, dtype=torch.float64))
+    assert "at least 4" in e.value.message and "k = 3" in e.value.message and "\n" not in e.value.message
+    assert e.value.hint

@@ -63,10 +63,27 @@ def test_a_micro_study_runs_scores_reports_and_resumes(tmp_path, monkeypatch):
         updates=1,
         only=["dense", "rigl-s0.9-p0.05", "chiro-dense"],
         steps=(2, 2),
+        seeds=2,
     )
     report = reproduce(1, out, **kw)
     text = report.read_text()
-    assert "not comparable with Inception FID" in text and "| rigl-s0.9-p0.05 | rigl | 0.90 | 0.05 |" in text
+    assert "not comparable with Inception FID" in text and "| rigl-s0.9-p0.05 | rigl | 0.90 | 0.05 | 2 |" in text
+    # two independent runs per configuration: seeds 0 and 1 draw different masks, and the table shows mean ± std
+    from surgeon.formats.loading import load_model
+    from surgeon.masking.surgery import sites
+
+    masks = [
+        {f: s.mask.clone() for f, s in sites(load_model(str(out / f"images/rigl-s0.9-p0.05/seed-{k}/model"))).items()}
+        for k in (0, 1)
+    ]
+    assert masks[0].keys() == masks[1].keys() and any(not (masks[0][f] == masks[1][f]).all() for f in masks[0])
+    seeds = [json.loads((out / f"images/dense/seed-{k}/eval.json").read_text())["fid"] for k in (0, 1)]
+    assert seeds[0] != seeds[1]
+    dense_line = next(line for line in text.splitlines() if line.startswith("| dense |"))
+    mean = sum(seeds) / 2
+    std = abs(seeds[0] - seeds[1]) / 2**0.5
+    assert f"{mean:.2f} ± {std:.2f}" in dense_line
+    assert "precision" in text and "Welch" in text
     assert "chiro-dense" in text and "## The paper's findings" in text
     for name in (
         "images/samples_side_by_side.png",
@@ -74,23 +91,23 @@ def test_a_micro_study_runs_scores_reports_and_resumes(tmp_path, monkeypatch):
         "images/fid_vs_flops.png",
         "images/loss_curves.png",
         "strokes/samples_side_by_side.png",
-        "images/dense/loss.png",
+        "images/dense/seed-0/loss.png",
     ):
         assert (out / name).stat().st_size > 1000, name
     plan = json.loads((out / "plan.json").read_text())
     assert plan["image_steps"] == 2 and plan["runs"] == ["dense", "rigl-s0.9-p0.05", "chiro-dense"]
-    rigl = json.loads((out / "images/rigl-s0.9-p0.05/eval.json").read_text())
+    rigl = json.loads((out / "images/rigl-s0.9-p0.05/seed-0/eval.json").read_text())
     assert rigl["sparsity"] == pytest.approx(0.9, abs=0.01) and rigl["fid"] > 0 and rigl["n_samples"] == 4
 
     # an interrupted run (no summary yet, a checkpoint left) continues; finished runs and scores are kept
-    dense_mtime = (out / "images/dense/summary.json").stat().st_mtime_ns
-    (out / "images/rigl-s0.9-p0.05/summary.json").unlink()
-    (out / "images/rigl-s0.9-p0.05/eval.json").unlink()
-    assert list((out / "images/rigl-s0.9-p0.05/checkpoints").glob("step-*.safetensors"))
+    dense_mtime = (out / "images/dense/seed-0/summary.json").stat().st_mtime_ns
+    (out / "images/rigl-s0.9-p0.05/seed-0/summary.json").unlink()
+    (out / "images/rigl-s0.9-p0.05/seed-0/eval.json").unlink()
+    assert list((out / "images/rigl-s0.9-p0.05/seed-0/checkpoints").glob("step-*.safetensors"))
     reproduce(1, out, **{**kw, "steps": (50, 50)})  # a resumed study keeps its plan
-    assert (out / "images/dense/summary.json").stat().st_mtime_ns == dense_mtime
-    assert json.loads((out / "images/rigl-s0.9-p0.05/summary.json").read_text())["steps"] == 2
-    assert (out / "images/rigl-s0.9-p0.05/eval.json").is_file()
+    assert (out / "images/dense/seed-0/summary.json").stat().st_mtime_ns == dense_mtime
+    assert json.loads((out / "images/rigl-s0.9-p0.05/seed-0/summary.json").read_text())["steps"] == 2
+    assert (out / "images/rigl-s0.9-p0.05/seed-0/eval.json").is_file()
 
 
 def test_bad_inputs(tmp_path):
@@ -102,6 +119,12 @@ def test_bad_inputs(tmp_path):
     assert r.exit_code == 2 and "error: --budget-minutes 0 must be positive" in r.stderr and "hint:" in r.stderr
     r = CliRunner().invoke(app, ["reproduce", "--only", "rigl-s0.33", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "unknown run(s): rigl-s0.33" in r.stderr
+    for bad in ("0", "-1"):
+        r = CliRunner().invoke(app, ["reproduce", "--seeds", bad, "--out", str(tmp_path / "o")])
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert lines == [lines[0], lines[1]] and lines[0].startswith(f"error: --seeds {bad} must be")
+        assert lines[1].startswith("hint: ")
     assert not (tmp_path / "o").exists()
 
 
@@ -134,26 +157,43 @@ def test_every_run_of_the_study_has_a_valid_recipe():
             assert r.sparsity == spec.sparsity
 
 
-def test_findings_are_judged_on_the_numbers_with_ties():
+def test_findings_are_shown_only_beyond_the_seeds_spread():
     from surgeon.study.report import findings
     from surgeon.study.reproduce import StudyRow
 
     specs = {r.name: r for r in study_runs()}
 
-    def row(name, fid):
-        return StudyRow(specs[name], {}, {"fid": fid, "sparsity": specs[name].sparsity}, "")
+    def rows(name, *fids):
+        return [
+            StudyRow(specs[name], {}, {"fid": f, "sparsity": specs[name].sparsity}, "", k) for k, f in enumerate(fids)
+        ]
 
-    rows = [
-        row("dense", 100.0),
-        row("static-s0.25", 100.5),
-        row("rigl-s0.25-p0.5", 90.0),
-        row("magran-s0.25-p0.5", 120.0),
-        row("rigl-s0.9-p0.05", 150.0),
-        row("rigl-s0.9-p0.5", 170.0),
-    ]
-    text = "\n".join(findings(rows))
-    assert "2 of 3 within 10 % of dense or better: holds" in text
-    assert "better in 1, tied (within 2 %) in 0, worse in 1 of 2 pairs" in text and "mixed" in text
-    assert "rigl: p = 0.05 150.00 vs p = 0.5 170.00: holds here" in text
-    rows[-2] = row("rigl-s0.9-p0.05", 169.0)  # within 2 %: a tie, not a win
-    assert "does not hold" in findings(rows)[-1]
+    study = (
+        rows("dense", 100.0, 101.0, 99.0)
+        + rows("static-s0.5", 100.5, 99.0, 101.5)  # within the spread of dense: not resolved
+        + rows("rigl-s0.5-p0.5", 90.0, 90.5, 89.5)  # far beyond the spread: resolved, dynamic better
+        + rows("magran-s0.5-p0.5", 80.0, 120.0, 100.0)  # a lower mean, but a wide spread: not resolved
+        + rows("rigl-s0.9-p0.05", 150.0, 151.0, 149.0)
+        + rows("rigl-s0.9-p0.5", 170.0, 171.0, 169.0)
+    )
+    text = "\n".join(findings(study))
+    assert "static-s0.5 100.33 ± 1.26 vs dense 100.00 ± 1.00: not resolved at this budget (Welch p = 0.7" in text
+    assert "rigl-s0.5-p0.5 90.00 ± 0.50 vs static-s0.5 100.33 ± 1.26: dynamic better (Welch p = 0.00" in text
+    assert "magran-s0.5-p0.5 100.00 ± 20.00 vs static-s0.5 100.33 ± 1.26: not resolved at this budget" in text
+    assert "dynamic better in 1, static better in 0, not resolved in 1 of 2" in text
+    assert "rigl-s0.9-p0.05 150.00 ± 1.00 vs rigl-s0.9-p0.5 170.00 ± 1.00: p = 0.05 better" in text
+    assert "Verdict: shown" in findings(study)[-1]
+    # one seed per run: no spread, so nothing is resolved, whatever the difference
+    single = [r for r in study if r.seed == 0]
+    assert all("not resolved" in f or "no pair differs" in f for f in findings(single)), findings(single)
+
+
+def test_welch_matches_reference_values():
+    from surgeon.evaluation.stats import t_two_sided_p, welch
+
+    # Student's t table, two-sided 95 %: t = 12.706 (df 1), 4.303 (df 2), 2.228 (df 10)
+    for t, df in ((12.706, 1), (4.303, 2), (2.228, 10)):
+        assert t_two_sided_p(t, df) == pytest.approx(0.05, abs=2e-4)
+    c = welch([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])  # scipy.stats.ttest_ind(..., equal_var=False): p = 0.02131
+    assert c.p == pytest.approx(0.021311641, rel=1e-6) and c.df == pytest.approx(4.0) and c.resolved
+    assert welch([1.0], [2.0, 3.0]).p is None

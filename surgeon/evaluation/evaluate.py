@@ -1,4 +1,4 @@
-"""``surgeon eval`` and ``surgeon.evaluate``: sample quality (FID, KID) and cost (parameters, FLOPs) of models.
+"""``surgeon eval`` and ``surgeon.evaluate``: sample quality (FID, KID, precision/recall) and cost (parameters, FLOPs) of models.
 
 For each model: generate ``n`` samples with the model's own sampler (DDIM for images; ChiroDiff strokes are
 rendered to images first), extract features with the chosen extractor, and compare them with the held-out split
@@ -54,6 +54,7 @@ class Evaluation:
     rows: list[ModelEval]
     out_dir: str | None = None
     plots: dict[str, str] = field(default_factory=dict)
+    group: dict | None = None  # with group=True: mean ± std of every metric over the models (seeds of one setup)
 
     @property
     def label(self) -> str:
@@ -70,6 +71,7 @@ class Evaluation:
             "models": [asdict(r) for r in self.rows],
             "out_dir": self.out_dir,
             "plots": self.plots,
+            "group": self.group,
         }
 
 
@@ -80,7 +82,7 @@ def check_inputs(n: int, metrics, sample_steps: int, extractor: str | None) -> t
     if not isinstance(n, int) or n < need:
         raise UsageError(
             f"--n {n}: {'/'.join(m.upper() for m in metrics)} need(s) at least {need} samples",
-            "use --n 2048 (the default) or any count >= 2; more samples give steadier numbers",
+            f"use --n 2048 (the default) or any count >= {need}; more samples give steadier numbers",
         )
     if not isinstance(sample_steps, int) or sample_steps < 1:
         raise UsageError(f"--sample-steps {sample_steps} must be at least 1", "50 DDIM steps is the default")
@@ -120,6 +122,44 @@ def open_model(
 
         vae = find_autoencoder(str(path))
     return model, recipe, vae, name
+
+
+GROUP_METRICS = ("fid", "kid_mean", "precision", "recall", "heldout_loss")
+
+
+def group_summary(rows: Sequence[ModelEval]) -> dict:
+    """Mean ± sample std of every metric over the models of one configuration (e.g. its seeds)."""
+    from surgeon.evaluation.stats import mean_std
+
+    out: dict = {"models": len(rows)}
+    for key in GROUP_METRICS:
+        values = [getattr(r, key) for r in rows if getattr(r, key) is not None]
+        if values:
+            mean, std = mean_std(values)
+            out[key] = {"mean": mean, "std": std, "values": values}
+    return out
+
+
+def check_one_configuration(recipes: Sequence[dict], names: Sequence[str]) -> None:
+    """The models of a group must differ in their seed only (their recorded recipes otherwise equal)."""
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        items: dict = {}
+        for k, v in d.items():
+            items.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return items
+
+    first = {k: v for k, v in flat(recipes[0]).items() if k != "training.seed"}
+    for recipe, name in zip(recipes[1:], names[1:]):
+        other = {k: v for k, v in flat(recipe).items() if k != "training.seed"}
+        differ = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if differ:
+            raise SurgeonError(
+                f"--group: {name} differs from {names[0]} in {differ[0]} ({other.get(differ[0])!r} vs "
+                f"{first.get(differ[0])!r}), not only in its seed",
+                "group only runs of one configuration (the seeds of one recipe); compare configurations without "
+                "--group",
+            )
 
 
 def _written_by_surgeon(file: Path) -> bool:
@@ -179,7 +219,7 @@ def evaluate(
     models: Sequence[str | os.PathLike | nn.Module] | str | nn.Module,
     data: str = "kanjivg",
     n: int = 2048,
-    metrics="fid,kid",
+    metrics="fid,kid,pr",
     sample_steps: int = 50,
     extractor: str | None = None,
     out: str | os.PathLike | None = None,
@@ -191,12 +231,16 @@ def evaluate(
     limit: int | None = None,
     trust_code: bool = False,
     clip_sample: bool | None = None,
+    group: bool = False,
 ) -> Evaluation:
     """FID/KID, held-out loss, parameters and FLOPs of each model; one table (:class:`Evaluation`).
 
     ``clip_sample``: override the model's recorded sampler setting (clip x₀ to [-1, 1] at every step); None uses
     the recorded one, or the task's default for a model that records none (pixel-space images clip; latent and
     sequence models do not).
+
+    ``group``: the models are runs of one configuration (seeds of one recipe): also report mean ± std of every
+    metric over them (:attr:`Evaluation.group`).
 
     ``trust_code``: let saved folders import the file or module their config names (see :func:`surgeon.load_model`).
 
@@ -217,6 +261,8 @@ def evaluate(
     if not models:
         raise UsageError("no model to evaluate", "pass one or more MODEL folders")
     metrics, info = check_inputs(n, metrics, sample_steps, extractor)
+    if group and len(models) < 2:
+        raise UsageError("--group needs at least 2 models", "pass the run folders of every seed of one configuration")
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         from surgeon.io.atomic import replaceable
@@ -231,6 +277,8 @@ def evaluate(
     feats_model = load_extractor(info)
     references: dict[tuple, torch.Tensor] = {}
     rows, grids = [], []
+    if group:  # every model's recipe checked before any is sampled
+        check_one_configuration([open_model(ref, trust_code)[1] for ref in models], [str(m) for m in models])
     for ref in models:
         model, recipe, vae, name = open_model(ref, trust_code)
         model.eval()
@@ -280,6 +328,8 @@ def evaluate(
         )
         grids.append((Path(str(name)).name if not isinstance(ref, nn.Module) else name, images[:GRID_SAMPLES]))
     result = Evaluation(data, info, n, sample_steps, metrics, rows, str(out_dir) if out_dir else None)
+    if group:
+        result.group = group_summary(rows)
     if out_dir is not None:
         write_outputs(result, grids, out_dir)
     return result

@@ -1,9 +1,11 @@
-"""FID and KID through torch-fidelity: features of image sets, cached reference features, the metrics.
+"""FID, KID and precision/recall through torch-fidelity: features of image sets, cached reference features, the
+metrics.
 
 Images are uint8 ``[N, H, W, C]`` (what ``Task.to_images`` returns; C = 1 or 3). The reference set is the
 held-out split of the data, rendered the way the model's samples are; its features are cached in the user cache
 per (data, resolution, extractor, split), keyed so that a change of the data (file names, sizes, times) or of
-the extractor recomputes them. FID and KID are torch-fidelity's own formulas on those features.
+the extractor recomputes them. FID, KID and improved precision/recall (Kynkäänniemi et al. 2019, k = 3) are
+torch-fidelity's own formulas on those features.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import torch
 
 from surgeon.errors import SurgeonError
 
-METRICS = ("fid", "kid")
-MIN_EXAMPLES = {"fid": 2, "kid": 2}  # a covariance needs two points; a KID subset needs two per side
+METRICS = ("fid", "kid", "pr")
+PR_NEIGHBOURS = 3  # k of improved precision/recall: a point's radius is the distance to its k-th nearest neighbour
+# a covariance needs two points; a KID subset needs two per side; a k-NN radius needs k other points
+MIN_EXAMPLES = {"fid": 2, "kid": 2, "pr": PR_NEIGHBOURS + 1}
 KID_SUBSETS = 100  # torch-fidelity's defaults
 KID_SUBSET_SIZE = 1000
 MAX_REFERENCE = 10_000  # held-out examples used at most (the cost is paid once: the features are cached)
@@ -126,6 +130,42 @@ def kid(
     return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD]), size
 
 
+def _subset(features: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    if len(features) == size:
+        return features
+    return features[torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:size]]
+
+
+def precision_recall(
+    features_1: torch.Tensor, features_2: torch.Tensor, k: int = PR_NEIGHBOURS, seed: int = 2020
+) -> tuple[float, float, int]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of samples ``features_1`` against real
+    ``features_2``; returns (precision, recall, set size).
+
+    Precision: the fraction of samples inside the real manifold (the union of balls around each real point with
+    the radius to its k-th nearest real neighbour); recall: the fraction of real points inside the samples'
+    manifold. Both sets are cut to the smaller one's size (a seeded random subset), as the paper compares sets of
+    equal size: a larger set has smaller radii, which would bias both numbers. torch-fidelity's own formula.
+    """
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    size = min(len(features_1), len(features_2))
+    if size < k + 1:
+        raise SurgeonError(
+            f"precision/recall need at least {k + 1} images per set (k = {k} nearest neighbours), got {size}",
+            "generate more samples (--n) or give more held-out data",
+        )
+    out = prc_features_to_metric(
+        _subset(features_1, size, seed).double(),
+        _subset(features_2, size, seed + 1).double(),
+        prc_neighborhood=k,
+        prc_batch_size=10000,
+        save_cpu_ram=False,
+        verbose=False,
+    )
+    return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL]), size
+
+
 @dataclass
 class Scores:
     fid: float | None
@@ -134,6 +174,9 @@ class Scores:
     kid_subset_size: int | None
     n_samples: int
     n_reference: int
+    precision: float | None = None  # improved precision/recall, k = 3, on pr_size samples and real examples
+    recall: float | None = None
+    pr_size: int | None = None
 
 
 def score(features: torch.Tensor, reference: torch.Tensor, metrics=METRICS) -> Scores:
@@ -142,7 +185,10 @@ def score(features: torch.Tensor, reference: torch.Tensor, metrics=METRICS) -> S
     km = ks = size = None
     if "kid" in metrics:
         km, ks, size = kid(features, reference)
-    return Scores(f, km, ks, size, len(features), len(reference))
+    p = r = pr_size = None
+    if "pr" in metrics:
+        p, r, pr_size = precision_recall(features, reference)
+    return Scores(f, km, ks, size, len(features), len(reference), p, r, pr_size)
 
 
 def data_fingerprint(data: str, split: str) -> dict:

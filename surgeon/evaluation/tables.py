@@ -21,6 +21,10 @@ def format_kid(mean: float | None, std: float | None) -> str:
     return "n/a" if mean is None or std is None else f"{mean:.4f} ± {std:.4f}"
 
 
+def format_fraction(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def _loss(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
@@ -70,13 +74,16 @@ def eval_table(result) -> Table:
         caption=f"{result.data}, n = {result.n} samples, {result.sample_steps} sampling steps; FLOPs per denoiser call",
     )
     table.add_column("model", overflow="fold", min_width=10)
-    for col in ("FID", "KID", "held-out", "params kept", "sparsity", "fwd FLOPs", "train FLOPs"):
+    cols = ("FID", "KID", "precision", "recall", "held-out", "params kept", "sparsity", "fwd FLOPs", "train FLOPs")
+    for col in cols:
         table.add_column(col, justify="right", no_wrap=True)
     for r in result.rows:
         table.add_row(
             r.name,
             "n/a" if r.fid is None else f"{r.fid:.2f}",
             format_kid(r.kid_mean, r.kid_std),
+            format_fraction(r.precision),
+            format_fraction(r.recall),
             _loss(r.heldout_loss),
             _params(r.params_kept, r.params_total),
             f"{r.sparsity:.3f}",
@@ -94,13 +101,16 @@ def comparison_table(summaries, result, title: str = "surgeon") -> Table:
         f"{result.sample_steps} DDIM steps; FLOPs after Evci et al. (fwd: one denoiser call)",
     )
     table.add_column("run", overflow="fold", min_width=6)
-    for col in ("FID", "KID", "train loss", "held-out", "params kept", "fwd FLOPs", "train FLOPs", "time"):
+    cols = ("FID", "KID", "precision", "recall", "train loss", "held-out", "params kept", "fwd FLOPs", "train FLOPs")
+    for col in (*cols, "time"):
         table.add_column(col, justify="right", no_wrap=True)
     for s, r in zip(summaries, result.rows):
         table.add_row(
             s.recipe,
             "n/a" if r.fid is None else f"{r.fid:.2f}",
             format_kid(r.kid_mean, r.kid_std),
+            format_fraction(r.precision),
+            format_fraction(r.recall),
             f"{s.final_loss:.4f}",
             _loss(s.val_loss),
             _params(s.params_kept, s.params_total),
@@ -116,3 +126,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def group_line(result) -> str:
+    """``surgeon eval --group``: every metric as mean ± std over the models of one configuration."""
+    from surgeon.evaluation.stats import format_mean_std
+
+    g = result.group or {}
+    parts = []
+    for key, label, digits in (
+        ("fid", "FID", 2),
+        ("kid_mean", "KID", 4),
+        ("precision", "precision", 3),
+        ("recall", "recall", 3),
+        ("heldout_loss", "held-out", 4),
+    ):
+        if key in g:
+            parts.append(f"{label} {format_mean_std(g[key]['mean'], g[key]['std'], digits)}")
+    return f"mean ± std over {g.get('models', 0)} models: " + ", ".join(parts)

@@ -39,7 +39,7 @@ def recipes(steps: int = STEPS) -> list:
                         "optimizer.lr": 2e-3,
                         "training.ema_decay": 0.995,
                         "training.checkpoint_every": steps,
-                        "training.num_samples": 36,
+                        "training.num_samples": 64,  # the seeded 8×8 grid in samples.png
                         "diffusion.sample_steps": 50,
                         "training.log_every": max(1, steps // 60),
                         "dst.delta_t": max(1, steps // 10) if sparsity else None,  # mask updates: RigL only

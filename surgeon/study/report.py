@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from surgeon.evaluation.tables import format_flops, format_kid, markdown_table
+from surgeon.evaluation.stats import RULE, Comparison, format_mean_std, mean_std, welch
+from surgeon.evaluation.tables import format_flops, markdown_table
 
 MAIN_P, LOW_P = 0.5, 0.05  # the paper's main drop fraction, and the one it recommends
 
@@ -18,121 +21,145 @@ def _ratio(x: float | None, ref: float | None) -> str:
     return f"{format_flops(x)} ({x / ref:.2f}×)"
 
 
-def _fid(x) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
+@dataclass
+class Group:
+    """The seeds of one run of the study: its rows (one per seed) and their scores' mean ± std."""
+
+    spec: Any
+    rows: list
+
+    def values(self, key: str, source: str = "scores") -> list[float]:
+        return [v for r in self.rows if (v := getattr(r, source).get(key)) is not None]
+
+    def cell(self, key: str, digits: int, source: str = "scores") -> str:
+        values = self.values(key, source)
+        return format_mean_std(*mean_std(values), digits=digits) if values else "n/a"
+
+    def first(self, key: str, source: str = "scores"):
+        values = self.values(key, source)
+        return values[0] if values else None
+
+
+def groups(rows) -> list[Group]:
+    """Rows grouped by run, in the study's order; each group holds every seed of that run."""
+    out: dict[str, Group] = {}
+    for r in rows:
+        out.setdefault(r.spec.name, Group(r.spec, [])).rows.append(r)
+    return list(out.values())
+
+
+# every metric of a model, as the table shows it: (column, score key, digits)
+METRICS = (
+    ("FID", "fid", 2),
+    ("KID", "kid_mean", 4),
+    ("precision", "precision", 3),
+    ("recall", "recall", 3),
+    ("held-out loss", "heldout_loss", 4),
+)
 
 
 def study_table(rows) -> str:
-    dense = next((r for r in rows if r.spec.algorithm == "dense"), None)
-    d_inf = dense.scores.get("flops_forward") if dense else None
-    d_train = dense.summary.get("flops_train") if dense else None
-    header = [
-        "run",
-        "method",
-        "S",
-        "p",
-        "FID",
-        "KID",
-        "held-out loss",
-        "params kept",
-        "inference FLOPs",
-        "training FLOPs",
-        "train time",
-    ]
+    """One line per run: every metric as mean ± std over its seeds, then the cost (the same for every seed)."""
+    gs = groups(rows)
+    dense = next((g for g in gs if g.spec.algorithm == "dense"), None)
+    d_inf = dense.first("flops_forward") if dense else None
+    d_train = dense.first("flops_train", "summary") if dense else None
+    header = ["run", "method", "S", "p", "seeds", *(m[0] for m in METRICS)]
+    header += ["params kept", "inference FLOPs", "training FLOPs", "train time"]
     body = []
-    for r in rows:
-        s, sc = r.spec, r.scores
+    for g in gs:
+        first = g.rows[0].scores
+        seconds = g.values("seconds", "summary")
         body.append(
             [
-                r.spec.name,
-                s.algorithm,
-                f"{sc['sparsity']:.2f}",
-                "" if s.p is None else f"{s.p:g}",
-                _fid(sc.get("fid")),
-                format_kid(sc.get("kid_mean"), sc.get("kid_std")),
-                "n/a" if sc.get("heldout_loss") is None else f"{sc['heldout_loss']:.4f}",
-                f"{sc['params_kept']:,} / {sc['params_total']:,}",
-                _ratio(sc.get("flops_forward"), d_inf),
-                _ratio(r.summary.get("flops_train"), d_train),
-                f"{r.summary.get('seconds', 0):.0f}s",
+                g.spec.name,
+                g.spec.algorithm,
+                f"{first['sparsity']:.2f}",
+                "" if g.spec.p is None else f"{g.spec.p:g}",
+                str(len(g.rows)),
+                *(g.cell(key, digits) for _, key, digits in METRICS),
+                f"{first['params_kept']:,} / {first['params_total']:,}",
+                _ratio(g.first("flops_forward"), d_inf),
+                _ratio(g.first("flops_train", "summary"), d_train),
+                f"{sum(seconds) / len(seconds):.0f}s" if seconds else "n/a",
             ]
         )
     return markdown_table(header, body)
 
 
-def _get(rows, algorithm: str, s: float, p: float | None = None):
-    for r in rows:
-        if r.spec.algorithm == algorithm and math.isclose(r.spec.sparsity, s) and (p is None or r.spec.p == p):
-            return r
+def _find(gs, algorithm: str, s: float, p: float | None = None) -> Group | None:
+    for g in gs:
+        if g.spec.algorithm == algorithm and math.isclose(g.spec.sparsity, s) and (p is None or g.spec.p == p):
+            return g
     return None
 
 
-TIE = 0.02  # FIDs closer than 2 % are called a tie: with a few hundred samples they are within sampling noise
+def _pair(a: Group, b: Group) -> tuple[str, Comparison]:
+    c = welch(a.values("fid"), b.values("fid"))
+    return (
+        f"{a.spec.name} {format_mean_std(c.mean_a, c.std_a)} vs {b.spec.name} {format_mean_std(c.mean_b, c.std_b)}",
+        c,
+    )
 
 
-def _beats(a: float, b: float) -> bool:
-    return a < b * (1 - TIE)
-
-
-def _verdict(wins: int, losses: int) -> str:
-    return "holds" if wins > losses else "does not hold" if losses > wins else "mixed (as many wins as losses)"
+def _tally(pairs: list[tuple[str, Comparison]], better: str, worse: str) -> str:
+    won = sum(c.resolved and c.mean_a < c.mean_b for _, c in pairs)
+    lost = sum(c.resolved and c.mean_a > c.mean_b for _, c in pairs)
+    open_ = len(pairs) - won - lost
+    detail = "; ".join(f"{text}: {c.describe(better, worse)}" for text, c in pairs)
+    if won == lost == 0:
+        verdict = "not resolved at this budget"
+    elif lost == 0 and open_ == 0:
+        verdict = "shown"
+    elif won == 0 and open_ == 0:
+        verdict = "contradicted"
+    else:
+        verdict = f"{better} in {won}, {worse} in {lost}, not resolved in {open_} of {len(pairs)}"
+    return f"{detail}. Verdict: {verdict}."
 
 
 def findings(rows) -> list[str]:
-    """The paper's three findings, each checked on this study's FIDs; differences under 2 % count as ties."""
+    """The paper's three findings, each checked on the FIDs of this study's seeds.
 
-    dense = _get(rows, "dense", 0.0)
-    fid = lambda r: None if r is None else r.scores.get("fid")  # noqa: E731
-    out = []
-    if dense is None or fid(dense) is None:
+    A difference counts as shown only when Welch's t-test over the seeds rejects equal means at 95 % (two-sided);
+    otherwise the comparison is "not resolved at this budget". With one seed per run nothing can be resolved."""
+    gs = groups(rows)
+    dense = _find(gs, "dense", 0.0)
+    if dense is None or not dense.values("fid"):
         return ["no dense run: nothing to compare with"]
-    d = fid(dense)
-    low = [
-        r
-        for r in rows
-        if r.spec.algorithm != "dense" and r.spec.sparsity <= 0.5 and fid(r) is not None and r.spec.p in (None, MAIN_P)
-    ]
+    out = []
+    low = [g for g in gs if g.spec.algorithm != "dense" and g.spec.sparsity <= 0.5 and g.values("fid")]
     if low:
-        ratios = ", ".join(f"{r.spec.name} {fid(r) / d:.2f}×" for r in low)
-        near = sum(fid(r) <= 1.1 * d for r in low)
-        out.append(
-            f"**Sparse ≈ dense at S = 0.25–0.5** (paper: yes). FID relative to dense ({d:.2f}): {ratios}. "
-            f"{near} of {len(low)} within 10 % of dense or better: "
-            f"{'holds' if near >= len(low) / 2 else 'does not hold'} here."
+        pairs = [_pair(g, dense) for g in low]
+        won = sum(c.resolved and c.mean_a < c.mean_b for _, c in pairs)
+        lost = sum(c.resolved and c.mean_a > c.mean_b for _, c in pairs)
+        detail = "; ".join(f"{text}: {c.describe('sparse better', 'dense better')}" for text, c in pairs)
+        verdict = (
+            f"contradicted: dense is better in {lost} of {len(pairs)}"
+            if lost
+            else "no pair differs by more than the seeds' spread (the paper's claim is not contradicted, but a "
+            "non-difference at this budget is not a proof of equality)"
+            if not won
+            else f"sparse better in {won} of {len(pairs)}, none worse"
         )
-    wins = ties = total = 0
-    detail = []
-    for s in sorted({r.spec.sparsity for r in rows if r.spec.algorithm == "static"}):
-        st = fid(_get(rows, "static", s))
-        for algo in ("rigl", "magran"):
-            dy = fid(_get(rows, algo, s, MAIN_P))
-            if st is not None and dy is not None:
-                total += 1
-                wins += _beats(dy, st)
-                ties += not _beats(dy, st) and not _beats(st, dy)
-                detail.append(f"{algo} {dy:.2f} vs static {st:.2f} at S = {s:g}")
-    if total:
-        out.append(
-            f"**Dynamic ≥ static** (paper: mostly, and clearly with p = 0.05 at high sparsity). Dynamic better "
-            f"in {wins}, tied (within 2 %) in {ties}, worse in {total - wins - ties} of {total} pairs "
-            f"({'; '.join(detail)}): {_verdict(wins, total - wins - ties)} here."
-        )
+        out.append(f"**Sparse ≈ dense at S ≤ 0.5** (paper: yes). FID {detail}. Verdict: {verdict}.")
+    pairs = []
+    for s in sorted({g.spec.sparsity for g in gs if g.spec.algorithm == "static"}):
+        static = _find(gs, "static", s)
+        for g in gs:
+            if g.spec.algorithm in ("rigl", "magran") and math.isclose(g.spec.sparsity, s) and g.values("fid"):
+                pairs.append(_pair(g, static))
+    if pairs:
+        text = _tally(pairs, "dynamic better", "static better")
+        out.append(f"**Dynamic ≥ static** (paper: mostly, clearly with p = 0.05 at high sparsity). FID {text}")
     pairs = []
     for algo in ("rigl", "magran"):
-        lo, hi = fid(_get(rows, algo, 0.9, LOW_P)), fid(_get(rows, algo, 0.9, MAIN_P))
+        lo, hi = _find(gs, algo, 0.9, LOW_P), _find(gs, algo, 0.9, MAIN_P)
         if lo is not None and hi is not None:
-            pairs.append((algo, lo, hi))
+            pairs.append(_pair(lo, hi))
     if pairs:
-        better = sum(_beats(lo, hi) for _, lo, hi in pairs)
-        text = "; ".join(f"{a}: p = {LOW_P:g} {lo:.2f} vs p = {MAIN_P:g} {hi:.2f}" for a, lo, hi in pairs)
-        verdict = (
-            "holds"
-            if better == len(pairs)
-            else f"holds for {better} of {len(pairs)}"
-            if better
-            else "does not hold (differences under 2 % count as ties)"
-        )
-        out.append(f"**p = {LOW_P:g} better than p = {MAIN_P:g} at S = 0.9** (paper: yes). {text}: {verdict} here.")
+        text = _tally(pairs, f"p = {LOW_P:g} better", f"p = {MAIN_P:g} better")
+        out.append(f"**p = {LOW_P:g} better than p = {MAIN_P:g} at S = 0.9** (paper: yes). FID {text}")
     return out
 
 
@@ -144,7 +171,9 @@ def _grid_panels(rows):
         path = Path(r.run_dir) / "samples.png"
         if path.is_file():
             with Image.open(path) as im:
-                panels.append((f"{r.spec.name}\nFID {_fid(r.scores.get('fid'))}", np.asarray(im.convert("L"))))
+                fid = r.scores.get("fid")
+                label = f"{r.spec.name} seed {r.seed}\nFID {'n/a' if fid is None else f'{fid:.2f}'}"
+                panels.append((label, np.asarray(im.convert("L"))))
     return panels
 
 
@@ -159,7 +188,7 @@ def write_plots(out: Path, rows, study: str, label: str) -> dict[str, Path]:
         "samples": grids_side_by_side(_grid_panels(sub), folder / "samples_side_by_side.png", title=label),
         "loss": loss_curves(
             [
-                (r.spec.name, Path(r.run_dir) / "metrics.jsonl")
+                (f"{r.spec.name} seed {r.seed}", Path(r.run_dir) / "metrics.jsonl")
                 for r in sub
                 if (Path(r.run_dir) / "metrics.jsonl").is_file()
             ],
@@ -167,7 +196,8 @@ def write_plots(out: Path, rows, study: str, label: str) -> dict[str, Path]:
             title=f"{study}: training loss",
         ),
     }
-    dense = next((r.scores.get("fid") for r in sub if r.spec.algorithm == "dense"), None)
+    dense_fids = [r.scores["fid"] for r in sub if r.spec.algorithm == "dense" and r.scores.get("fid") is not None]
+    dense = sum(dense_fids) / len(dense_fids) if dense_fids else None
     points = [
         {
             "method": r.spec.method,
@@ -205,10 +235,14 @@ def write_report(out: Path, plan, rows, elapsed: float) -> Path:
         f"Budget {plan.budget_minutes:g} min; this invocation took {elapsed / 60:.1f} min (a resumed study counts only "
         f"its last invocation). Image runs: `{plan.image_model}`, {plan.image_steps} steps each; ChiroDiff runs: "
         f"`{plan.chiro_model}`, {plan.chiro_steps} steps each; batch {plan.batch_size}, {plan.updates} mask updates "
-        f"per run, n = {plan.n} samples per model ({plan.sample_steps} DDIM steps).",
+        f"per run, n = {plan.n} samples per model ({plan.sample_steps} DDIM steps, x₀ clipped to [-1, 1] for "
+        f"pixel-space images); every run trained with {plan.seeds} seed(s) (0..{plan.seeds - 1}: masks, initial "
+        "weights, data order, noise).",
         "",
-        f"Metric: {label}. KID is mean ± std over subsets. FLOPs after Evci et al.: inference = one denoiser call on "
-        "one example; training = the whole run; ratios are to the dense run of the same study.",
+        f"Metric: {label}. Every metric is mean ± std over the seeds (sample std; a single seed shows its value). "
+        "Precision and recall: improved precision/recall (Kynkäänniemi et al. 2019, k = 3) on the same features. "
+        "FLOPs after Evci et al.: inference = one denoiser call on one example; training = the whole run; ratios "
+        "are to the dense run of the same study.",
         "",
     ]
     for study, title in (("images", "Glyph images (UNet)"), ("strokes", "Strokes (ChiroDiff), rendered")):
@@ -218,7 +252,13 @@ def write_report(out: Path, plan, rows, elapsed: float) -> Path:
         plots = write_plots(out, rows, study, label)
         lines += [f"## {title}", "", study_table(sub)]
         lines += [f"![{name}]({p.relative_to(out)})" for name, p in plots.items()] + [""]
-    lines += ["## The paper's findings, checked on these numbers", ""]
+    lines += [
+        "## The paper's findings, checked on these numbers",
+        "",
+        f"Rule: a difference in FID counts as shown only when {RULE} rejects equal means (p < 0.05); otherwise "
+        "it is not resolved at this budget.",
+        "",
+    ]
     lines += [f"- {f}" for f in findings([r for r in rows if r.spec.study == "images"])] + [""]
     path = out / "README.md"
     with atomic_path(path) as tmp:

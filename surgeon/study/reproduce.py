@@ -9,6 +9,10 @@ The budget decides the steps: a short calibration times a training step of each 
 sample, and the remaining time is shared out (80 % images, 20 % strokes, after the evaluation's estimated cost).
 The plan (steps and every setting) is written to ``plan.json`` first; re-running the command resumes from it:
 finished runs and scores are kept, an interrupted run continues from its last checkpoint.
+
+Seed repeats (``seeds`` = K): every run is trained K times, with seeds 0..K-1 (masks, initial weights, data order,
+noise), in ``<study>/<run>/seed-<k>/``; every model is trained before any is scored, and the report gives mean ±
+std over the seeds and calls a finding shown only when Welch's t-test over the seeds resolves it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from surgeon.study.report import LOW_P, MAIN_P
 SPARSITIES = (0.25, 0.5, 0.75, 0.9)
 IMAGE_SHARE = 0.8  # of the training time; the rest goes to ChiroDiff
 SAFETY = 0.85  # plan to finish within this fraction of the budget (the machine may get busier)
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: seed repeats, one folder per (run, seed)
 
 
 @dataclass(frozen=True)
@@ -76,17 +80,19 @@ class StudyPlan:
     extractor: str
     runs: list[str]
     calibration: dict = field(default_factory=dict)
+    seeds: int = 1  # every run is trained with seeds 0..seeds-1
     version: int = PLAN_VERSION
 
     def delta_t(self, study: str) -> int:
         return max(1, (self.image_steps if study == "images" else self.chiro_steps) // self.updates)
 
 
-def _recipe(spec: RunSpec, plan: StudyPlan):
+def _recipe(spec: RunSpec, plan: StudyPlan, seed: int = 0):
     from surgeon.recipe import load_recipe
 
     steps = plan.image_steps if spec.study == "images" else plan.chiro_steps
     changes = {
+        "training.seed": seed,
         "training.steps": steps,
         "training.batch_size": plan.batch_size,
         "optimizer.lr": plan.lr if spec.study == "images" else plan.chiro_lr,
@@ -210,12 +216,13 @@ def make_plan(
     runs: Sequence[RunSpec],
     steps: tuple[int, int] | None = None,
     console=None,
+    seeds: int = 1,
 ) -> StudyPlan:
     """Calibrate and share out the budget, or take ``steps`` = (image steps, ChiroDiff steps) as given."""
     from surgeon.evaluation.extractors import resolve_extractor
 
     info = resolve_extractor(extractor)
-    n_img = sum(r.study == "images" for r in runs)
+    n_img = sum(r.study == "images" for r in runs) * seeds
     timing: dict = {}
     if steps is not None:
         image_steps, chiro_steps = steps
@@ -224,7 +231,7 @@ def make_plan(
         timing = _calibrate(image_model, chiro_model, batch_size, lr, limit, out, sample_steps, info.name)
         timing["calibration_s"] = time.perf_counter() - started
         image_steps, chiro_steps, timing["eval_estimate_s"] = allocate(
-            budget_minutes, timing, n, n_img, len(runs) - n_img, updates, timing["calibration_s"]
+            budget_minutes, timing, n, n_img, len(runs) * seeds - n_img, updates, timing["calibration_s"]
         )
         if console is not None:
             console.print(
@@ -249,6 +256,7 @@ def make_plan(
         info.name,
         [r.name for r in runs],
         timing,
+        seeds,
     )
 
 
@@ -272,7 +280,7 @@ def _write_json(path: Path, data) -> None:
         tmp.write_text(json.dumps(data, indent=2))
 
 
-def _train(spec: RunSpec, plan: StudyPlan, run_dir: Path, progress: bool) -> dict:
+def _train(spec: RunSpec, plan: StudyPlan, seed: int, run_dir: Path, progress: bool) -> dict:
     from surgeon.training.checkpoint import list_checkpoints
     from surgeon.training.run import sparsify
 
@@ -282,7 +290,7 @@ def _train(spec: RunSpec, plan: StudyPlan, run_dir: Path, progress: bool) -> dic
     model = plan.image_model if spec.study == "images" else plan.chiro_model
     summary = sparsify(
         model,
-        _recipe(spec, plan),
+        _recipe(spec, plan, seed),
         "kanjivg",
         run_dir,
         limit=plan.limit,
@@ -315,10 +323,25 @@ def _score(run_dir: Path, plan: StudyPlan, progress: bool) -> dict:
 
 @dataclass
 class StudyRow:
+    """One trained and scored model: a run of the study with one seed."""
+
     spec: RunSpec
     summary: dict
     scores: dict
     run_dir: str
+    seed: int = 0
+
+
+def check_seeds(seeds) -> None:
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise UsageError(
+            f"--seeds {seeds} must be a whole number of at least 1",
+            "--seeds 2 trains every run twice (seeds 0 and 1) and reports mean ± std",
+        )
+
+
+def run_dir_of(out: Path, spec: RunSpec, seed: int) -> Path:
+    return out / spec.study / spec.name / f"seed-{seed}"
 
 
 def reproduce(
@@ -339,10 +362,12 @@ def reproduce(
     extractor: str | None = None,
     only: Sequence[str] | None = None,
     steps: tuple[int, int] | None = None,
+    seeds: int | None = None,
 ) -> Path:
     """Run (or resume) the study in ``out``; returns the path of its report (``README.md``).
 
     ``steps`` = (steps per image run, steps per ChiroDiff run) skips the calibration and the budget's share-out.
+    ``seeds`` = K trains every run with seeds 0..K-1 (default 1; a resumed study keeps its plan's).
     ``only`` restricts the study to the named runs; ``limit`` uses only the first N examples of each split.
     """
     import shutil
@@ -351,6 +376,10 @@ def reproduce(
         raise UsageError(f"--budget-minutes {budget_minutes:g} must be positive", "e.g. --budget-minutes 60")
     if n < 2:
         raise UsageError(f"--n {n}: FID/KID need at least 2 samples", "the default is 256")
+    if seeds is not None:
+        check_seeds(seeds)
+    if steps is not None and min(steps) < 1:
+        raise UsageError(f"--steps {min(steps)} must be at least 1", "e.g. --steps 1000, or give --budget-minutes")
     runs = study_runs()
     if only:
         unknown = sorted(set(only) - {r.name for r in runs})
@@ -368,6 +397,11 @@ def reproduce(
     started = time.perf_counter()
     if plan_path.is_file():
         plan = _load_plan(plan_path)
+        if seeds is not None and seeds != plan.seeds:
+            raise SurgeonError(
+                f"the study in {out} was planned with --seeds {plan.seeds}, not {seeds}",
+                f"re-run with --seeds {plan.seeds} (or without it) to resume, or pass --force to start over",
+            )
         runs = [r for r in study_runs() if r.name in plan.runs]
         if console is not None:
             console.print(f"resuming the study in {out} ({plan.image_steps} steps per image run; --force starts over)")
@@ -389,16 +423,22 @@ def reproduce(
             runs,
             steps,
             console,
+            seeds or 1,
         )
         _write_json(plan_path, asdict(plan))
-    rows = []
-    for i, spec in enumerate(runs, 1):
-        run_dir = out / spec.study / spec.name
+    # every model is trained before any is scored: an interrupted study resumes per (run, seed) either way
+    # seed-major: a study stopped early has every run with seed 0 before any with seed 1
+    jobs = [(spec, seed, run_dir_of(out, spec, seed)) for seed in range(plan.seeds) for spec in runs]
+    summaries = []
+    for i, (spec, seed, run_dir) in enumerate(jobs, 1):
         if console is not None:
-            console.print(f"[bold]{i}/{len(runs)} {spec.name}[/]")
-        summary = _train(spec, plan, run_dir, progress)
-        scores = _score(run_dir, plan, progress)
-        rows.append(StudyRow(spec, summary, scores, str(run_dir)))
+            console.print(f"[bold]train {i}/{len(jobs)} {spec.name} seed {seed}[/]")
+        summaries.append(_train(spec, plan, seed, run_dir, progress))
+    rows = []
+    for i, ((spec, seed, run_dir), summary) in enumerate(zip(jobs, summaries), 1):
+        if console is not None:
+            console.print(f"[bold]score {i}/{len(jobs)} {spec.name} seed {seed}[/]")
+        rows.append(StudyRow(spec, summary, _score(run_dir, plan, progress), str(run_dir), seed))
     elapsed = time.perf_counter() - started
     from surgeon.study.report import write_report
 
