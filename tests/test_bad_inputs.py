@@ -296,7 +296,7 @@ CLI_CASES = {
     # eval
     "eval/no-model": Cli("eval", "Missing argument", 2),
     "eval/metric": Cli("eval tiny-unet --metrics fid,lpips --data images --out o", "lpips"),
-    "eval/n-zero": Cli("eval tiny-unet --n 0 --data images --out o", "--n 0: FID/KID need(s) at least 2 samples", 2),
+    "eval/n-zero": Cli("eval tiny-unet --n 0 --data images --out o", "--n 0: FID/KID/PR need(s) at least 4 samples", 2),
     "eval/sample-steps-zero": Cli(
         "eval tiny-unet --sample-steps 0 --data images --out o", "--sample-steps 0 must be at least 1", 2
     ),

@@ -50,7 +50,7 @@ def assert_one_error(result, *words, code=None):
 @pytest.mark.parametrize(
     "args, words, code",
     [
-        (["--n", "0"], ["--n 0", "at least 2"], 2),
+        (["--n", "0"], ["--n 0", "at least 4"], 2),
         (["--metrics", "fid,inception-score"], ["unknown metric 'inception-score'"], 1),
         (["--extractor", "clip"], ["unknown feature extractor 'clip'", "efficientnet-lite0"], 1),
         (["--extractor", "inception-v3-compat"], ["not available offline", "--extractor efficientnet-lite0"], 1),

@@ -1,12 +1,14 @@
 """``make demo``: a small UNet on KanjiVG glyphs, trained dense and with RigL at S = 0.5, then scored side by side.
 
 Everything is embedded: the model is built from a config (preset ``unet-kanji``, 32×32 glyphs), the glyphs are
-rendered from the pip package ``kanjivg``, and FID/KID use the offline EfficientNet-Lite0 extractor (not comparable
-with Inception FID); nothing is downloaded. Outputs go to ``runs/demo/``: each run's folder (model, samples.png,
-loss.png, metrics) and ``eval/`` (the two sample grids side by side, results.json).
+rendered from the pip package ``kanjivg``, and FID/KID/precision/recall use the offline EfficientNet-Lite0 extractor
+(not comparable with Inception FID); nothing is downloaded. Samples clip x₀ to [-1, 1] at every DDIM step (pixel
+space). Outputs go to ``runs/demo/``: each run's folder (model, samples.png: a seeded 8×8 grid, loss.png, metrics)
+and ``eval/`` (the two sample grids side by side, results.json).
 
-Sizes are chosen to finish in about six minutes on two idle CPU cores (measured: 6.0 min): ``SURGEON_DEMO_STEPS`` (default 1000)
-training steps per model, ``SURGEON_DEMO_N`` (default 192) samples scored per model.
+Sizes are chosen to finish in about six minutes on two idle CPU cores (6.0 min measured with a 36-sample grid):
+``SURGEON_DEMO_STEPS`` (default 1000) training steps per model, ``SURGEON_DEMO_N`` (default 192) samples scored per
+model.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def run(out: Path = OUT, steps: int = STEPS, n: int = N, progress: bool = True) 
     console = wide_console()
     console.print(
         f"[bold]surgeon demo[/]: UNet2DModel (preset unet-kanji, 32×32) on KanjiVG glyphs, {steps} steps "
-        f"each, then FID/KID on {n} samples each"
+        f"each, then FID/KID/precision/recall on {n} samples each"
     )
     summaries = []
     for name, sparsity, recipe in recipes(steps):
