@@ -157,11 +157,12 @@ def test_conv_columns_are_f_unfold_in_nhwc_order_and_the_nm_grouping(conv, shape
     assert torch.equal(from_matrix(w2d, conv.weight.shape), conv.weight.detach())
 
 
-def test_a_gru_layers_statistics_come_from_its_own_inputs_and_hidden_states():
-    """Layer 1 sees what layer 0 outputs (computed here by torch's own one-layer GRU), and each weight_hh the
+@pytest.mark.parametrize("rnn", [nn.GRU, nn.LSTM])
+def test_a_recurrent_layers_statistics_come_from_its_own_inputs_and_hidden_states(rnn):
+    """Layer 1 sees what layer 0 outputs (computed here by torch's own one-layer GRU/LSTM), and each weight_hh the
     hidden states its own layer and direction feed back; the model's input reaches only layer 0."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.GRU(4, 5, num_layers=2, bidirectional=True, batch_first=True))
+    model = nn.Sequential(nn.Linear(3, 4), rnn(4, 5, num_layers=2, bidirectional=True, batch_first=True))
     gru = model[1]
     x = torch.randn(2, 6, 3)
     targets = {f: t for f, t in find_targets(model).items() if t.kind == "rnn"}
@@ -169,7 +170,7 @@ def test_a_gru_layers_statistics_come_from_its_own_inputs_and_hidden_states():
         run_pass(model, Calibration([{"x": x}], lambda m, i: m(i["x"])), ctx)
     with torch.no_grad():
         h_in = model[0](x)
-        first = nn.GRU(4, 5, num_layers=1, bidirectional=True, batch_first=True)
+        first = rnn(4, 5, num_layers=1, bidirectional=True, batch_first=True)
         for name in first._flat_weights_names:
             getattr(first, name).copy_(getattr(gru, name))
         between, _ = first(h_in)  # [2, 6, 10]: layer 1's input
