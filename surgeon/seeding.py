@@ -26,11 +26,13 @@ def own_rng() -> Iterator[None]:
 def seeded(seed: int) -> Iterator[None]:
     """Run the body with the global CPU RNG seeded to ``seed`` (e.g. to build a model's initial weights)."""
     with own_rng():
-        torch.default_generator.manual_seed(int(seed))
+        torch.default_generator.manual_seed(derive_seed(seed))
         yield
 
 
-SEED_MODULUS = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
+# the low 63 bits: every value fits a signed 64-bit seed, and no run seed the recipe accepts (0 .. 2**63 - 1)
+# wraps onto another
+SEED_MODULUS = 2**63
 
 
 def derive_seed(*parts: int) -> int:

@@ -225,3 +225,16 @@ def test_tiny_end_to_end_run_writes_everything_and_restores_masks(tmp_path, imag
     state, loaded_state = model.state_dict(), loaded.state_dict()
     assert state.keys() == loaded_state.keys()
     assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+
+
+@pytest.mark.parametrize("recipe", ["rigl", "magran"])
+def test_the_largest_seed_the_recipe_accepts_trains_through_a_mask_update(tmp_path, images, recipe):
+    out = tmp_path / "out"
+    seed = 2**63 - 1  # the recipe's upper bound; the update's generator once overflowed torch's seed range here
+    args = [recipe, "--s", 0.5, "--data", images, "--out", out, "--steps", 4, "--batch-size", 4, "--delta-t", 2]
+    r = invoke("tiny-unet", "--recipe", *args, "--seed", seed, "--no-progress", "--no-samples")
+    assert r.exit_code == 0, r.output
+    assert load_recipe(out / "recipe.yaml").training.seed == seed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "mask_update" in r] == [2]
+    assert records[-1]["step"] == 4

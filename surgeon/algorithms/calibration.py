@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgeon import seeding
 from surgeon.errors import SurgeonError, check_arg
 from surgeon.tasks.base import Task, to_device
 
@@ -120,7 +121,7 @@ def from_task(task: Task, n: int, timesteps: str = "uniform", seed: int = 0, bat
     data = task.dataset("train")
     if data is None or len(data) == 0:
         raise SurgeonError("no training examples to calibrate on", "check --data")
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = seeding.generator(seed)
     order = torch.randperm(len(data), generator=gen)[: min(n, len(data))].tolist()
     T = task.scheduler.config.num_train_timesteps  # noqa: N806
     t_all = draw_timesteps(len(order), T, timesteps, gen)

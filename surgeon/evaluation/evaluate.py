@@ -23,6 +23,7 @@ from torch import nn
 from surgeon.errors import SurgeonError, UsageError
 from surgeon.evaluation.extractors import ExtractorInfo, load_extractor, resolve_extractor
 from surgeon.evaluation.fidelity import MIN_EXAMPLES, Scores, extract_features, parse_metrics, reference_features, score
+from surgeon.seeding import generator
 
 GRID_SAMPLES = 36
 
@@ -186,7 +187,7 @@ def _training_flops(measured, recipe: dict) -> float | None:
 @torch.no_grad()
 def generate_images(task, model: nn.Module, n: int, steps: int, seed: int, batch_size: int, progress=None):
     """``n`` samples as uint8 images ``[n, H, W, C]``, in batches, from one seeded generator."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     chunks = []
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from surgeon.errors import SurgeonError
+from surgeon.seeding import generator
 
 METRICS = ("fid", "kid", "pr")
 PR_NEIGHBOURS = 3  # k of improved precision/recall: a point's radius is the distance to its k-th nearest neighbour
@@ -133,7 +134,7 @@ def kid(
 def _subset(features: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     if len(features) == size:
         return features
-    return features[torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:size]]
+    return features[torch.randperm(len(features), generator=generator(seed))[:size]]
 
 
 def precision_recall(

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgeon.seeding import generator
 from surgeon.tasks import is_image_model, is_sequence_model
 
 
@@ -20,7 +21,7 @@ def denoising_step(
     Image models get latents of their ``sample_size`` and ``in_channels`` plus their conditioning (an empty
     prompt, class 0); sequence models ``length`` points of their ``features``, all real (no padding).
     """
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     t = torch.randint(0, 1000, (batch,), generator=g)
     if is_sequence_model(model):
         features = int(dict(getattr(model, "config", None) or {}).get("features", 3))

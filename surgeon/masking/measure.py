@@ -27,6 +27,7 @@ from torch import nn
 
 from surgeon.masking.surgery import get_plan, sites
 from surgeon.masking.targets import find_targets
+from surgeon.seeding import generator
 from surgeon.tasks.base import to_device
 
 
@@ -218,7 +219,7 @@ def task_inputs(task, model: nn.Module) -> tuple[dict, Callable]:
         index = order[len(order) // 2]
     batch = task.collate([data[index]])
     device = next(model.parameters()).device
-    inputs, _, _ = task.noisy_batch(to_device(batch, device), torch.Generator().manual_seed(0))
+    inputs, _, _ = task.noisy_batch(to_device(batch, device), generator(0))
     return inputs, task.predict
 
 

@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 from surgeon.errors import SurgeonError, check_arg, check_module
 from surgeon.masking.masks import Mask, NMMask
 from surgeon.masking.plan import LayerPlan, Plan
+from surgeon.seeding import generator
 from surgeon.sparsity.patterns import random_mask, topk_mask
 
 INITS = ("random", "magnitude")
@@ -173,7 +174,7 @@ def inject(
     if init not in INITS:
         raise SurgeonError(f"unknown mask init {init!r}", f"choose one of: {', '.join(INITS)}")
     existing = sites(model)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = generator(seed)
     # check every planned tensor before touching any, so a bad plan leaves the model as it was
     todo = []
     for fqn, lp in plan.layers.items():

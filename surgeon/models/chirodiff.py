@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from surgeon.errors import SurgeonError
+from surgeon.seeding import generator
 
 
 class BiGRULayer(nn.Module):
@@ -76,7 +77,7 @@ class ChiroDiffNet(ModelMixin, ConfigMixin):
             raise SurgeonError(
                 f"time_features={time_features} must be a positive even number", "it holds sin/cos pairs"
             )
-        gen = torch.Generator().manual_seed(int(seed))
+        gen = generator(seed)
         # seeded, so from_config alone rebuilds the same embedding; persistent, so a state_dict carries it anyway
         self.register_buffer("fourier_freqs", torch.randn(time_features // 2, generator=gen) * fourier_scale)
         n_in = features + coords + time_features

@@ -36,7 +36,7 @@ from surgeon.masking.inspection import nm_coverage
 from surgeon.masking.plan import plan as make_plan
 from surgeon.masking.surgery import inject, sites
 from surgeon.recipe import NM, Recipe, dump_recipe
-from surgeon.seeding import seeded
+from surgeon.seeding import generator, seeded
 from surgeon.sparsity.patterns import nm_mask
 from surgeon.tasks import Task, apply_diffusion_settings, make_task
 from surgeon.training.objectives import DistillLoss, EpsilonLoss
@@ -333,7 +333,7 @@ def execute(
 def save_samples(model: nn.Module, task, path: Path, n: int, steps: int, seed: int) -> Path:
     from surgeon.data.render import render_grid
 
-    images = task.to_images(task.sample(model, n, generator=torch.Generator().manual_seed(seed), steps=steps))
+    images = task.to_images(task.sample(model, n, generator=generator(seed), steps=steps))
     grid = render_grid(images, nrow=max(1, int(n**0.5)))
     with atomic_path(path) as tmp:
         grid.save(tmp, format="PNG")
