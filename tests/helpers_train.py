@@ -12,6 +12,7 @@ from surgeon.masking.surgery import sites
 from surgeon.models import presets
 from surgeon.recipe import DYNAMIC, Recipe, load_recipe
 from surgeon.tasks.images import ImageTask
+from surgeon.training.loop import train
 from surgeon.training.run import prepare
 
 
@@ -71,6 +72,21 @@ def tiny_model(recipe: Recipe, seed: int = 0):
     """presets tiny-unet (45K parameters), re-initialized and injected as ``recipe`` says."""
     model = presets.build("tiny-unet", seed=seed)
     return prepare(model, recipe)
+
+
+CHECKPOINTED = {
+    "training.steps": 8,
+    "training.log_every": 3,
+    "training.checkpoint_every": 4,
+    "training.keep_checkpoints": 0,
+}
+
+
+def train_checkpointed(out, resume=None, stop_after=None, **changes):
+    """RigL on tiny-unet and synthetic images: 8 steps, logged every 3, a checkpoint every 4, all kept."""
+    recipe = small_recipe("rigl", **{**CHECKPOINTED, **changes})
+    model = tiny_model(recipe)
+    return train(model, SyntheticImageTask(model), recipe, out, resume=resume, progress=False, stop_after=stop_after)
 
 
 def masks_of(model) -> dict[str, torch.Tensor]:

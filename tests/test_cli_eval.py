@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
-
-from surgeon.cli.app import app
+from helpers import assert_one_error, invoke, write_images
 
 
 @pytest.fixture(autouse=True)
@@ -22,45 +18,25 @@ def _isolated(monkeypatch, tmp_path):
 
 @pytest.fixture
 def data(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("validation", 8)):
-        (tmp_path / "data" / split).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "data" / split / f"{i}.png")
+    write_images(tmp_path / "data" / "train", n=8, seed=0)
+    write_images(tmp_path / "data" / "validation", n=8, seed=1)
     return tmp_path / "data"
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, ["eval", *map(str, args)])
-
-
-def assert_one_error(result, *words, code=None):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    assert lines[errors[0] + 1].startswith("hint: "), result.stderr
-    for w in words:
-        assert w in "\n".join(lines[errors[0] :]), result.stderr
-    if code is not None:
-        assert result.exit_code == code
-
-
 @pytest.mark.parametrize(
-    "args, words, code",
+    "args, words, hint, code",
     [
-        (["--n", "0"], ["--n 0", "at least 4"], 2),
-        (["--metrics", "fid,inception-score"], ["unknown metric 'inception-score'"], 1),
-        (["--extractor", "clip"], ["unknown feature extractor 'clip'", "efficientnet-lite0"], 1),
-        (["--extractor", "inception-v3-compat"], ["not available offline", "--extractor efficientnet-lite0"], 1),
-        (["--sample-steps", "0"], ["--sample-steps 0"], 2),
+        (["--n", "0"], ["--n 0", "at least 4"], [], 2),
+        (["--metrics", "fid,inception-score"], ["unknown metric 'inception-score'"], [], 1),
+        (["--extractor", "clip"], ["unknown feature extractor 'clip'"], ["efficientnet-lite0"], 1),
+        (["--extractor", "inception-v3-compat"], ["not available offline"], ["--extractor efficientnet-lite0"], 1),
+        (["--sample-steps", "0"], ["--sample-steps 0"], [], 2),
     ],
 )
-def test_bad_inputs(tmp_path, data, args, words, code):
+def test_bad_inputs(tmp_path, data, args, words, hint, code):
     out = tmp_path / "out"
-    r = invoke("tiny-unet", "--data", data, "--out", out, *args)
-    assert_one_error(r, *words, code=code)
+    r = invoke("eval", "tiny-unet", "--data", data, "--out", out, *args)
+    assert_one_error(r, *words, hint=hint, code=code)
     assert not out.exists()
 
 
@@ -68,7 +44,7 @@ def test_too_few_heldout_examples(tmp_path, data):
     for p in list((data / "validation").iterdir())[1:]:
         p.unlink()
     out = tmp_path / "out"
-    r = invoke("tiny-unet", "--data", data, "--out", out, "--n", 4, "--sample-steps", 1, "--no-progress")
+    r = invoke("eval", "tiny-unet", "--data", data, "--out", out, "--n", 4, "--sample-steps", 1, "--no-progress")
     assert_one_error(r, "1 held-out example")
     assert not (out / "results.json").exists()
 
@@ -88,7 +64,7 @@ def test_samples_that_cannot_be_rendered(tmp_path, data):
         norm_num_groups=4,
     ).save_pretrained(folder)
     out = tmp_path / "out"
-    r = invoke(folder, "--data", data, "--out", out, "--n", 4, "--no-progress")
+    r = invoke("eval", folder, "--data", data, "--out", out, "--n", 4, "--no-progress")
     assert_one_error(r, "4 channels and cannot be rendered")
     assert not (out / "results.json").exists()
 
@@ -102,6 +78,7 @@ def test_two_models_one_table_with_the_extractor_named(tmp_path, data):
     surgeon.save(sparse, tmp_path / "sparse")
     out = tmp_path / "out"
     r = invoke(
+        "eval",
         "tiny-unet",
         tmp_path / "sparse",
         "--data",
@@ -129,9 +106,11 @@ def test_two_models_one_table_with_the_extractor_named(tmp_path, data):
         assert (out / name).stat().st_size > 1000, name
     assert json.loads((out / "results.json").read_text())["models"][1]["fid"] == sparse_row["fid"]
     # the table names the extractor in words; the output folder is not replaced without --force
-    r = invoke("tiny-unet", "--data", data, "--out", out, "--n", 6, "--sample-steps", 2, "--no-progress")
+    r = invoke("eval", "tiny-unet", "--data", data, "--out", out, "--n", 6, "--sample-steps", 2, "--no-progress")
     assert_one_error(r, "exists")
-    r = invoke("tiny-unet", "--data", data, "--out", out, "--n", 6, "--sample-steps", 2, "--no-progress", "--force")
+    r = invoke(
+        "eval", "tiny-unet", "--data", data, "--out", out, "--n", 6, "--sample-steps", 2, "--no-progress", "--force"
+    )
     assert r.exit_code == 0 and "EfficientNet-Lite0 features" in r.stdout and "not comparable" in r.stdout
 
 
@@ -145,7 +124,7 @@ def test_group_reports_mean_and_std_over_the_seeds_of_one_configuration(tmp_path
         surgeon.inject(model, surgeon.plan(model, sparsity=0.5), seed=seed)
         surgeon.save(model, tmp_path / f"seed-{seed}", recipe=load_recipe("static").override(**{"training.seed": seed}))
     args = ["--data", data, "--n", 6, "--sample-steps", 2, "--no-progress", "--group"]
-    r = invoke(tmp_path / "seed-0", tmp_path / "seed-1", *args, "--out", tmp_path / "o", "--json")
+    r = invoke("eval", tmp_path / "seed-0", tmp_path / "seed-1", *args, "--out", tmp_path / "o", "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     fids = [m["fid"] for m in result["models"]]
@@ -154,19 +133,19 @@ def test_group_reports_mean_and_std_over_the_seeds_of_one_configuration(tmp_path
     assert g["fid"]["mean"] == pytest.approx(sum(fids) / 2)
     assert g["fid"]["std"] == pytest.approx(abs(fids[0] - fids[1]) / 2**0.5)
     assert {"kid_mean", "precision", "recall", "heldout_loss"} <= g.keys()
-    r = invoke(tmp_path / "seed-0", tmp_path / "seed-1", *args, "--out", tmp_path / "o2")
+    r = invoke("eval", tmp_path / "seed-0", tmp_path / "seed-1", *args, "--out", tmp_path / "o2")
     assert r.exit_code == 0 and "mean ± std over 2 models: FID" in r.stdout
     # runs of different configurations are not seeds of one: refused, nothing written
     other = build("tiny-unet")
     surgeon.save(other, tmp_path / "other", recipe=load_recipe("static").override(**{"optimizer.lr": 0.1}))
-    r = invoke(tmp_path / "seed-0", tmp_path / "other", *args, "--out", tmp_path / "o3")
+    r = invoke("eval", tmp_path / "seed-0", tmp_path / "other", *args, "--out", tmp_path / "o3")
     assert_one_error(r, "optimizer.lr", "not only in its seed")
-    r = invoke(tmp_path / "seed-0", *args, "--out", tmp_path / "o4")
-    assert_one_error(r, "--group needs at least 2 models")
+    r = invoke("eval", tmp_path / "seed-0", *args, "--out", tmp_path / "o4")
+    assert_one_error(r, "--group needs at least 2 models", code=2)
     assert not (tmp_path / "o3").exists() and not (tmp_path / "o4").exists()
 
 
 def test_precision_recall_need_four_samples(tmp_path, data):
-    r = invoke("tiny-unet", "--data", data, "--n", 3, "--out", tmp_path / "o", "--no-progress")
+    r = invoke("eval", "tiny-unet", "--data", data, "--n", 3, "--out", tmp_path / "o", "--no-progress")
     assert_one_error(r, "--n 3", "PR", "at least 4", code=2)
     assert not (tmp_path / "o").exists()

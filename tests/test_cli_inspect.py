@@ -8,19 +8,12 @@ import sys
 
 import pytest
 import torch
+from helpers import invoke
 from torch import nn
-from typer.testing import CliRunner
 
 import surgeon
-from surgeon.cli.app import app
 from surgeon.masking.inspection import report
 from surgeon.models.presets import build
-
-runner = CliRunner()
-
-
-def invoke(*args: str, **kwargs):
-    return runner.invoke(app, list(args), **kwargs)
 
 
 @pytest.fixture

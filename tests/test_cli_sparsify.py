@@ -8,15 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import assert_one_error, invoke, write_images
 from helpers_train import one_thread  # noqa: F401
 from PIL import Image
 from safetensors import safe_open
 from torch import nn
-from typer.testing import CliRunner
 
 import surgeon
 import surgeon.training.loop as train_mod
-from surgeon.cli.app import app
 from surgeon.masking.surgery import sites
 from surgeon.recipe import load_recipe
 from surgeon.training.checkpoint import save_checkpoint
@@ -27,35 +26,11 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def write_images(folder, n: int = 16, size: int = 16) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L").save(folder / f"img{i:02d}.png")
-
-
 @pytest.fixture
 def images(tmp_path):
     folder = tmp_path / "images"
     write_images(folder)
     return folder
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, ["sparsify", *map(str, args)])
-
-
-def assert_one_error(result, *words: str) -> None:
-    assert result.exit_code != 0, result.output
-    text = result.stderr
-    assert "Traceback" not in result.output and "Traceback" not in text
-    lines = [line for line in text.splitlines() if line.strip()]
-    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
-    assert len(errors) == 1, text
-    i = errors[0]
-    assert i + 1 < len(lines) and lines[i + 1].startswith("hint: "), text
-    for w in words:
-        assert w in lines[i], lines[i]
 
 
 def assert_nothing_written(out) -> None:
@@ -64,7 +39,7 @@ def assert_nothing_written(out) -> None:
 
 def test_unknown_recipe_name(tmp_path, images):
     out = tmp_path / "out"
-    r = invoke("tiny-unet", "--recipe", "riggle", "--data", images, "--out", out, "--steps", 2)
+    r = invoke("sparsify", "tiny-unet", "--recipe", "riggle", "--data", images, "--out", out, "--steps", 2)
     assert_one_error(r, "unknown recipe 'riggle'")
     assert_nothing_written(out)
 
@@ -73,14 +48,14 @@ def test_recipe_yaml_with_an_unknown_key(tmp_path, images):
     bad = tmp_path / "bad.yaml"
     bad.write_text("algorithm: rigl\nsparsity: 0.5\ndst: {delta_t: 10, regrow: gradient}\n")
     out = tmp_path / "out"
-    r = invoke("tiny-unet", "--recipe", bad, "--data", images, "--out", out)
+    r = invoke("sparsify", "tiny-unet", "--recipe", bad, "--data", images, "--out", out)
     assert_one_error(r, "unknown key 'dst.regrow'")
     assert_nothing_written(out)
 
 
 def test_sparsity_out_of_range(tmp_path, images):
     out = tmp_path / "out"
-    r = invoke("tiny-unet", "--recipe", "rigl", "--s", 1.2, "--data", images, "--out", out)
+    r = invoke("sparsify", "tiny-unet", "--recipe", "rigl", "--s", 1.2, "--data", images, "--out", out)
     assert_one_error(r, "sparsity 1.2")
     assert_nothing_written(out)
 
@@ -93,7 +68,7 @@ def test_data_folder_without_images(tmp_path, content):
         (data / "notes.txt").write_text("not an image")
         (data / "fake.png").write_bytes(b"not a png either")
     out = tmp_path / "out"
-    r = invoke("tiny-unet", "--data", data, "--out", out, "--steps", 2)
+    r = invoke("sparsify", "tiny-unet", "--data", data, "--out", out, "--steps", 2)
     assert_one_error(r, "no images found")
     assert_nothing_written(out)
 
@@ -107,7 +82,7 @@ def test_data_folder_without_images(tmp_path, content):
 )
 def test_model_that_is_neither_folder_id_nor_file_class(tmp_path, images, ref, words):
     out = tmp_path / "out"
-    r = invoke(ref, "--data", images, "--out", out, "--steps", 2)
+    r = invoke("sparsify", ref, "--data", images, "--out", out, "--steps", 2)
     assert_one_error(r, "cannot load model", words)
     assert_nothing_written(out)
 
@@ -121,27 +96,12 @@ def test_resume_from_a_checkpoint_of_another_model(tmp_path, images):
         tmp_path / "other" / "checkpoints" / "step-0000002.safetensors", 2, other, opt, ["0.weight", "0.bias"], {}
     )
     out = tmp_path / "out"
-    r = invoke(
-        "tiny-unet",
-        "--data",
-        images,
-        "--out",
-        out,
-        "--steps",
-        4,
-        "--batch-size",
-        4,
-        "--resume",
-        ckpt,
-        "--no-progress",
-        "--no-samples",
-    )
+    base = ["sparsify", "tiny-unet", "--data", images, "--out", out, "--steps", 4, "--no-progress"]
+    r = invoke(*base, "--batch-size", 4, "--resume", ckpt, "--no-samples")
     assert_one_error(r, "belongs to another model")
     assert_nothing_written(out)
     # a run folder as --resume is resolved to its latest checkpoint, with the same refusal
-    r = invoke(
-        "tiny-unet", "--data", images, "--out", out, "--steps", 4, "--resume", tmp_path / "other", "--no-progress"
-    )
+    r = invoke(*base, "--resume", tmp_path / "other")
     assert_one_error(r, "belongs to another model")
     assert_nothing_written(out)
 
@@ -150,7 +110,7 @@ def test_existing_output_folder_is_not_overwritten(tmp_path, images):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = invoke("tiny-unet", "--data", images, "--out", out, "--steps", 2)
+    r = invoke("sparsify", "tiny-unet", "--data", images, "--out", out, "--steps", 2)
     assert_one_error(r, "exists")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
@@ -173,6 +133,7 @@ def test_tiny_end_to_end_run_writes_everything_and_restores_masks(tmp_path, imag
     monkeypatch.setattr(train_mod, "train", capture)
     out = tmp_path / "run"
     r = invoke(
+        "sparsify",
         "tiny-unet",
         "--recipe",
         "rigl",
@@ -232,7 +193,7 @@ def test_the_largest_seed_the_recipe_accepts_trains_through_a_mask_update(tmp_pa
     out = tmp_path / "out"
     seed = 2**63 - 1  # the recipe's upper bound; the update's generator once overflowed torch's seed range here
     args = [recipe, "--s", 0.5, "--data", images, "--out", out, "--steps", 4, "--batch-size", 4, "--delta-t", 2]
-    r = invoke("tiny-unet", "--recipe", *args, "--seed", seed, "--no-progress", "--no-samples")
+    r = invoke("sparsify", "tiny-unet", "--recipe", *args, "--seed", seed, "--no-progress", "--no-samples")
     assert r.exit_code == 0, r.output
     assert load_recipe(out / "recipe.yaml").training.seed == seed
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

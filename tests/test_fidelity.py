@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import write_images
 from PIL import Image
 
 from surgeon.errors import SurgeonError
@@ -57,11 +58,8 @@ def test_bad_metric_and_too_few_examples():
 
 
 def _folder(root, n_val, seed=0):
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", 4), ("validation", n_val)):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(root / split / f"{i}.png")
+    write_images(root / "train", n=4, seed=seed)
+    write_images(root / "validation", n=n_val, seed=seed + 100)
     return root
 
 

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import assert_one_error, invoke, write_images
 from helpers_train import SyntheticImageTask, one_thread, state_of  # noqa: F401
 from torch import nn
 from typer.testing import CliRunner
@@ -288,30 +289,6 @@ def test_a_bare_teacher_file_finds_its_architecture(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- the command line
-def write_images(folder, n: int = 16) -> None:
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L").save(folder / f"{i:02d}.png")
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, ["finetune", *map(str, args)])
-
-
-def assert_one_error(result, *words, code: int = 1) -> None:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 2, result.stderr
-    assert lines[0].startswith("error: ") and lines[1].startswith("hint: "), result.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
 @pytest.fixture
 def images(tmp_path):
     write_images(tmp_path / "images")
@@ -322,6 +299,7 @@ def test_cli_finetunes_and_inspect_reports_every_converted_layer_valid(tmp_path,
     _, file = _diffusers_folder(tmp_path)
     out = tmp_path / "out"
     r = invoke(
+        "finetune",
         "--teacher",
         file,
         "--nm",
@@ -365,7 +343,7 @@ def test_cli_finetunes_and_inspect_reports_every_converted_layer_valid(tmp_path,
 )
 def test_bad_patterns_and_stages(tmp_path, images, args, words, code):
     out = tmp_path / "out"
-    r = invoke("--teacher", "tiny-unet", "--data", images, "--out", out, "--steps", 4, *args)
+    r = invoke("finetune", "--teacher", "tiny-unet", "--data", images, "--out", out, "--steps", 4, *args)
     assert_one_error(r, words, code=code)
     assert not out.exists()
 
@@ -374,19 +352,22 @@ def test_bad_teachers(tmp_path, images):
     out = tmp_path / "out"
     pickle = tmp_path / "teacher.ckpt"
     pickle.write_bytes(b"\x80\x04not a safetensors file")
-    assert_one_error(invoke("--teacher", pickle, "--data", images, "--out", out), "is not a .safetensors file")
+    assert_one_error(
+        invoke("finetune", "--teacher", pickle, "--data", images, "--out", out), "is not a .safetensors file"
+    )
     fake = tmp_path / "fake.safetensors"
     fake.write_bytes(b"\x80\x04not a safetensors file")
-    assert_one_error(invoke("--teacher", fake, "--data", images, "--out", out), "is not a safetensors file")
+    assert_one_error(invoke("finetune", "--teacher", fake, "--data", images, "--out", out), "is not a safetensors file")
     _, file = _diffusers_folder(tmp_path)
     alone = tmp_path / "alone.safetensors"
     shutil.copy(file, alone)
-    assert_one_error(invoke("--teacher", alone, "--data", images, "--out", out), "cannot tell which model")
+    assert_one_error(invoke("finetune", "--teacher", alone, "--data", images, "--out", out), "cannot tell which model")
     assert_one_error(
-        invoke("tiny-dit", "--teacher", alone, "--data", images, "--out", out), "does not fit DiTTransformer2DModel"
+        invoke("finetune", "tiny-dit", "--teacher", alone, "--data", images, "--out", out),
+        "does not fit DiTTransformer2DModel",
     )
     assert_one_error(
-        invoke("tiny-unet-cond", "--teacher", "tiny-unet", "--data", images, "--out", out),
+        invoke("finetune", "tiny-unet-cond", "--teacher", "tiny-unet", "--data", images, "--out", out),
         "MODEL and TEACHER differ at",
     )
     assert not out.exists()
@@ -410,12 +391,12 @@ def test_resume_with_a_different_teacher_is_refused(tmp_path, images):
     _, second = _diffusers_folder(tmp_path, "second", seed=2)
     out = tmp_path / "out"
     common = ["--data", images, "--out", out, "--recipe", recipe, "--no-progress", "--no-samples"]
-    assert invoke("--teacher", first, *common).exit_code == 0
+    assert invoke("finetune", "--teacher", first, *common).exit_code == 0
     listing = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    r = invoke("--teacher", second, *common, "--resume", out)
+    r = invoke("finetune", "--teacher", second, *common, "--resume", out)
     assert_one_error(r, "the checkpoint was trained with teacher", str(first.resolve()), str(second.resolve()))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == listing  # nothing written
-    assert invoke("--teacher", first, *common, "--resume", out).exit_code == 0  # the same teacher resumes
+    assert invoke("finetune", "--teacher", first, *common, "--resume", out).exit_code == 0  # the same teacher resumes
 
 
 # ------------------------------------------------------------------------------------- every kind of model

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import assert_one_error, invoke
 from helpers_train import SyntheticImageTask, one_thread  # noqa: F401
 from torch import nn
 from torch.nn import functional as F
@@ -296,20 +297,6 @@ def test_timestep_schemes():
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
-def invoke(*args):
-    return CliRunner().invoke(app, ["prune", *map(str, args)])
-
-
-def assert_one_error(result, *words, code: int = 1) -> None:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 2, result.stderr
-    assert lines[0].startswith("error: ") and lines[1].startswith("hint: "), result.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -324,7 +311,7 @@ def assert_one_error(result, *words, code: int = 1) -> None:
 )
 def test_bad_options_are_one_error_and_write_nothing(tmp_path, args, words):
     out = tmp_path / "out"
-    assert_one_error(invoke("tiny-unet", "--nm", "2:4", "--out", out, *args), words)
+    assert_one_error(invoke("prune", "tiny-unet", "--nm", "2:4", "--out", out, *args), words)
     assert not out.exists()
 
 
@@ -333,7 +320,7 @@ def test_a_model_masked_by_another_pattern_is_refused(tmp_path):
     surgeon.inject(model, surgeon.plan(model, sparsity=0.9, distribution="uniform"))
     surgeon.save(model, tmp_path / "sparse")
     out = tmp_path / "out"
-    r = invoke(tmp_path / "sparse", "--nm", "2:4", "--method", "magnitude", "--out", out)
+    r = invoke("prune", tmp_path / "sparse", "--nm", "2:4", "--method", "magnitude", "--out", out)
     assert_one_error(r, "already masked by another pattern")
     assert not out.exists()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_images
 from helpers_train import (  # noqa: F401
     REPO,
     SyntheticImageTask,
@@ -132,16 +133,6 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
     assert result.mask_updates == full.mask_updates  # the algorithm's history survives the checkpoint
     # the log reads like one uninterrupted run: lines past the checkpoint were dropped, losses are bit-equal
     assert _records(killed / "metrics.jsonl") == _records(tmp_path / "reference" / "metrics.jsonl")
-
-
-def write_images(folder: Path, n: int = 16) -> None:
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L").save(folder / f"{i:02d}.png")
 
 
 CLI_RECIPE = """\
