@@ -64,6 +64,43 @@ def test_topk_exact_count_and_largest(sk, seed, integer_scores):
             assert kept_idx.max() < dropped_idx.min()
 
 
+def _stable_sort_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    order = torch.sort(scores.reshape(-1).float(), descending=True, stable=True).indices[:k]
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[order] = True
+    return mask.view(scores.shape)
+
+
+@st.composite
+def tied_scores(draw):
+    """Scores with many ties: few distinct values, -inf (masked-out positions), ±0.0, sometimes NaN."""
+    n = draw(st.integers(1, 300))
+    palette = draw(st.lists(st.sampled_from([-math.inf, -1.0, -0.0, 0.0, 0.5, 1.0, 2.0, math.inf]), min_size=1))
+    if draw(st.booleans()):
+        palette.append(math.nan)
+    values = draw(st.lists(st.sampled_from(palette), min_size=n, max_size=n))
+    return torch.tensor(values).view(draw(st.sampled_from([(n,), (1, n)]))), draw(st.integers(0, n))
+
+
+@FAST
+@given(tied_scores())
+def test_topk_keeps_the_stable_sorts_set(case):
+    scores, k = case
+    assert torch.equal(topk_mask(scores, k), _stable_sort_topk(scores, k))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_topk_keeps_the_stable_sorts_set_on_large_tied_tensors(seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (64, 32, 3, 3)
+    scores = torch.randint(0, 7, shape, generator=g).float() / 4  # 7 distinct values over 18k positions
+    scores[torch.rand(shape, generator=g) < 0.3] = -torch.inf
+    for k in (1, 777, scores.numel() // 2, scores.numel() - 3):
+        assert torch.equal(topk_mask(scores, k), _stable_sort_topk(scores, k))
+    dense = torch.randn(shape, generator=g)
+    assert torch.equal(topk_mask(dense, 5000), _stable_sort_topk(dense, 5000))
+
+
 def test_topk_independent_example_and_bounds():
     scores = torch.tensor([[0.1, 3.0, -5.0], [2.0, 2.0, 0.0]])
     # |.| is the caller's business: topk ranks the scores as given
