@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_scale.py [--model sd15,dit-xl] [--only step,rigl,inject,io,export]
                                                [--rounds 2] [--steps 2] [--warmup 1] [--device cpu|cuda]
-                                               [--mem-cap-gb 17] [--tiny] [--write-results]
+                                               [--mem-cap-gb 17] [--wait-free-gb 18] [--tiny] [--write-results]
 
 Models, built from their public configs with random weights (no downloads):
   sd15    UNet2DConditionModel(sample_size=64, cross_attention_dim=768): Stable Diffusion 1.5's UNet, 860M
@@ -148,6 +148,12 @@ def peak_bytes(device: str) -> int:
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
 
 
 def watch_memory(cap_gb: float) -> None:
@@ -311,6 +317,8 @@ def spawn(args, kind: str, config: str = "", tmp: str = "") -> dict:
     cmd += ["--warmup", str(args.warmup), "--rounds", str(args.rounds), "--mem-cap-gb", str(args.mem_cap_gb)]
     cmd += ["--tiny"] if args.tiny else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    while args.wait_free_gb and available_bytes() < args.wait_free_gb * GB:  # a shared machine: never crowd it out
+        time.sleep(10)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     result = json.loads(lines[-1]) if lines else {}
@@ -455,6 +463,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default=None, help="cpu (default without CUDA) or cuda")
     ap.add_argument("--mem-cap-gb", type=float, default=17.0, help="stop a child whose RSS passes this (CPU)")
+    ap.add_argument("--wait-free-gb", type=float, default=0, help="start each child only once this much is available")
     ap.add_argument("--tiny", action="store_true", help="small configs: checks the script, measures nothing real")
     ap.add_argument("--write-results", action="store_true", help="write the table into benchmarks/RESULTS.md")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

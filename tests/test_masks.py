@@ -62,18 +62,70 @@ def test_mask_effective_weight_and_forward_exact(mode):
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_mask_conv_forward_ignores_values_stored_at_pruned_positions(mode):
+def test_mask_stores_zero_at_pruned_positions_whatever_is_written(mode):
+    # the forward reads the stored tensor as it is, so every way a weight gets in must store 0 where pruned
     g = _gen(1)
     conv = nn.Conv2d(3, 4, 3)
     mask = torch.rand(conv.weight.shape, generator=g) < 0.5
     parametrize.register_parametrization(conv, "weight", Mask(mask))
-    with torch.no_grad():  # whatever sits in the stored tensor at pruned positions must never reach the forward
-        conv.parametrizations.weight.original[~mask] = 1e6
-    kept_w = conv.parametrizations.weight.original.detach() * mask
+    stored = conv.parametrizations.weight.original
+    assert (stored[~mask] == 0).all() and (stored[mask] != 0).all()
     getattr(conv, mode)()
+    dense = torch.randn(conv.weight.shape, generator=g) + 5.0
+    conv.weight = dense  # through Mask.right_inverse
+    assert conv.parametrizations.weight.original is stored  # the optimizer's parameter, updated in place
+    assert torch.equal(stored, dense * mask)
     x = torch.randn(2, 3, 6, 6, generator=g)
     assert (conv.weight[~mask] == 0).all()
-    assert torch.equal(conv(x), F.conv2d(x, kept_w, conv.bias))
+    assert torch.equal(conv(x), F.conv2d(x, dense * mask, conv.bias))
+
+
+def _masked_net(seed: int) -> nn.Module:
+    from surgeon.masking.plan import plan
+    from surgeon.masking.surgery import inject
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(128, 5))
+    return inject(net, plan(net, sparsity=0.6, distribution="uniform"), init="random", seed=seed)
+
+
+def test_mask_load_state_dict_of_dense_values_stores_zero_at_pruned_positions():
+    from surgeon.masking.surgery import sites
+
+    net = _masked_net(0)
+    state = {k: torch.full_like(v, 7.0) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    net.load_state_dict(state)
+    for site in sites(net).values():
+        assert (site.original[~site.mask] == 0).all() and (site.original[site.mask] == 7.0).all()
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_mask_pruned_weights_and_adamw_state_stay_exactly_zero_while_training(accumulate):
+    # fails if any gradient, moment or weight-decay term reaches a pruned position (the forward would then use it)
+    from surgeon.masking.surgery import sites
+
+    net = _masked_net(1)
+    found = sites(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.1)
+    g = _gen(4)
+    for _ in range(4):
+        for _ in range(accumulate):
+            x = torch.randn(4, 3, 6, 6, generator=g)
+            (net(x) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for site in found.values():
+            w, keep = site.original, site.mask
+            assert (w[~keep] == 0).all() and (site.effective()[~keep] == 0).all()
+            assert int((w != 0).sum()) == int(keep.sum())  # every kept weight moved off 0, none appeared
+            for value in opt.state[w].values():
+                if torch.is_tensor(value) and value.shape == w.shape:
+                    assert (value[~keep] == 0).all() and (value[keep] != 0).any()
+    x = torch.randn(2, 3, 6, 6, generator=g)
+    conv0, conv1, lin = found["0.weight"], found["2.weight"], found["4.weight"]
+    h = F.conv2d(x, conv0.original.detach() * conv0.mask, net[0].bias, padding=1)
+    h = F.conv2d(F.silu(h), conv1.original.detach() * conv1.mask, net[2].bias)
+    assert torch.equal(net(x), F.linear(h.flatten(1), lin.original.detach() * lin.mask, net[4].bias))
 
 
 def test_mask_gradient_zero_at_pruned_equals_masked_dense_grad_at_kept():

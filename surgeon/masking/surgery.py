@@ -143,6 +143,13 @@ def _own_class(module: nn.Module) -> None:
     module.__class__ = type(shared.__name__, shared.__bases__, body)
 
 
+def _zero_pruned_after_load(plist: parametrize.ParametrizationList, incompatible_keys) -> None:
+    """load_state_dict post hook: the forward reads the stored tensor as it is, so a loaded one is re-zeroed where
+    pruned (its mask, a child buffer, is loaded first), whatever the state dict held there."""
+    with torch.no_grad():
+        plist.original.masked_fill_(~plist[0].mask, 0.0)
+
+
 def _initial_mask(w: torch.Tensor, lp: LayerPlan, init: str, gen: torch.Generator) -> torch.Tensor:
     if init == "random":
         return random_mask(w.shape, lp.kept, generator=gen, device=w.device)
@@ -161,7 +168,8 @@ def inject(
 
     init: "magnitude" keeps the largest |w| (pruning a trained checkpoint), "random" draws an exact-count random
     mask (sparse training from scratch, Static-DM). ``masks`` gives explicit masks by FQN (used by load).
-    Weights at pruned positions are set to 0, so original == effective for fixed masks.
+    Weights at pruned positions are set to 0 and kept 0 (the forward reads them as stored, the gradient is masked,
+    loading a state dict re-zeros them), so original == effective for fixed masks.
     """
     check_module(model)
     check_arg(
@@ -215,9 +223,10 @@ def inject(
         if mask is None:
             mask = _initial_mask(w, lp, init, gen)
         with torch.no_grad():
-            w.mul_(mask)
+            w.masked_fill_(~mask, 0.0)
         _own_class(module)
         parametrize.register_parametrization(module, name, Mask(mask, plan, lp), unsafe=True)
+        module.parametrizations[name].register_load_state_dict_post_hook(_zero_pruned_after_load)
     for module in {id(m): m for m in (s.module for s in sites(model).values())}.values():
         if isinstance(module, nn.RNNBase) and _rnn_release_flat_weights not in module._forward_hooks.values():
             module.register_forward_hook(_rnn_release_flat_weights)
