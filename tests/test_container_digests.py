@@ -36,3 +36,30 @@ def test_a_damaged_training_checkpoint_is_refused_naming_the_tensor(tmp_path):
     swap_two_bits(path, name)
     with pytest.raises(SurgeonError, match=f"damaged file: {name}"):
         train_checkpointed(tmp_path / "run", resume=path)
+
+
+def test_files_with_the_older_blake2b_digests_still_load_and_their_damage_still_shows(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from surgeon.io.container import tensor_digest
+
+    model = surgeon.load_model("tiny-unet")
+    surgeon.inject(model, surgeon.plan(model, sparsity=0.5), init="random")
+    surgeon.save(model, tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        raw = f.metadata()
+    tensors = load_file(str(path))
+    assert all(d.startswith("b3:") for d in json.loads(raw["digests"]).values())
+    legacy = {name: tensor_digest(t, legacy=True) for name, t in tensors.items()}
+    assert all(len(d) == 32 and ":" not in d for d in legacy.values())
+    save_file(tensors, str(path), metadata={**raw, "digests": json.dumps(legacy)})
+    reloaded = surgeon.load(tmp_path / "m")
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    mask = f"{next(iter(surgeon.masking.surgery.sites(model)))}.mask"
+    swap_two_bits(path, mask)
+    with pytest.raises(SurgeonError, match=rf"^damaged file: {mask} in "):
+        surgeon.load(tmp_path / "m")

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import blake3
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -32,7 +33,7 @@ WEIGHTS = "model.safetensors"
 DEFAULT_LAYOUT = "packed"
 _PLAIN = ("format", "format_version", "surgeon_version", "class", "layout")
 _REQUIRED = ("tensors", "plan", "recipe", "extra")
-DIGESTS = "digests"  # {tensor name: BLAKE2b-128 hex}, JSON; written with every file, checked on every read
+DIGESTS = "digests"  # {tensor name: "b3:" + BLAKE3-128 hex (older files: BLAKE2b-128 hex)}, JSON; written with every file, checked on every read
 _DAMAGED_HINT = "the file changed after it was saved (a disk or copy error, or an edit); save or copy it again"
 
 
@@ -86,12 +87,22 @@ def write_file(
     save_file(tensors, str(path), metadata=metadata)
 
 
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """BLAKE2b-128 of a tensor's dtype, shape and bytes: any changed bit (even a swap that keeps a count) shows."""
+_BLAKE3 = "b3:"  # digests written since BLAKE3; unprefixed ones (older files) are BLAKE2b-128
+
+
+def tensor_digest(tensor: torch.Tensor, legacy: bool = False) -> str:
+    """``b3:`` + BLAKE3-128 of a tensor's dtype, shape and bytes: any changed bit (even a swap that keeps a count)
+    shows. The bytes are hashed where they lie (no copy); ``legacy``: the BLAKE2b-128 of files written before."""
     t = tensor.detach().to("cpu").contiguous()
-    h = hashlib.blake2b(f"{t.dtype}:{list(t.shape)};".encode(), digest_size=16)
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    head = f"{t.dtype}:{list(t.shape)};".encode()
+    data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+    if legacy:
+        old = hashlib.blake2b(head, digest_size=16)
+        old.update(data)
+        return old.hexdigest()
+    h = blake3.blake3(head)
+    h.update(data)
+    return _BLAKE3 + h.hexdigest(length=16)
 
 
 def digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -109,7 +120,9 @@ def verify_digests(tensors: Mapping[str, torch.Tensor], recorded: str | None, fi
     if not isinstance(expected, dict):
         raise SurgeonError(f"damaged file: {file} has unreadable digests", _DAMAGED_HINT)
     for name in sorted(set(expected) | set(tensors)):
-        if name not in tensors or name not in expected or tensor_digest(tensors[name]) != expected[name]:
+        recorded_one = expected.get(name)
+        legacy = isinstance(recorded_one, str) and not recorded_one.startswith(_BLAKE3)
+        if name not in tensors or recorded_one is None or tensor_digest(tensors[name], legacy) != recorded_one:
             raise SurgeonError(
                 f"damaged file: {name} in {file} does not match the digest recorded when it was saved", _DAMAGED_HINT
             )
