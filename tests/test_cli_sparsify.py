@@ -199,3 +199,20 @@ def test_the_largest_seed_the_recipe_accepts_trains_through_a_mask_update(tmp_pa
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "mask_update" in r] == [2]
     assert records[-1]["step"] == 4
+
+
+@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_a_requested_fsdp_or_deepspeed_run_is_refused_before_training(tmp_path, images, monkeypatch, var):
+    # what `accelerate launch --use_fsdp` / `--use_deepspeed` set for every process; on CPU Accelerate would
+    # otherwise quietly run plain DDP, and under real sharding the mask updates would see local shards
+    monkeypatch.setenv(var, "true")
+    out = tmp_path / "out"
+    r = invoke("tiny-unet", "--data", images, "--out", out, "--steps", 2)
+    if var == "ACCELERATE_USE_DEEPSPEED":
+        assert_one_error(r, "does not train under DeepSpeed")
+    elif torch.cuda.is_available():
+        assert_one_error(r, "does not train under FSDP yet")
+    else:
+        assert_one_error(r, "Accelerate enables FSDP only on GPUs", "silently be plain DDP")
+    assert "accelerate launch --multi_gpu" in r.stderr
+    assert_nothing_written(out)

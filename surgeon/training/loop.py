@@ -46,7 +46,42 @@ class TrainResult:
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     """CPU-only machines run several processes over gloo (``accelerate launch --multi_gpu`` alone would not)."""
+    refuse_sharded_training()
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+_DDP = "train with DDP: accelerate launch --multi_gpu --num_processes N (every rank holds the whole model)"
+
+
+def refuse_sharded_training(accelerator: Accelerator | None = None) -> None:
+    """Refuse FSDP and DeepSpeed before training starts, whether requested (``accelerate launch --use_fsdp`` /
+    ``--use_deepspeed``) or set up by the caller's Accelerator: never a run that silently becomes something else.
+
+    Accelerate enables FSDP only on accelerators, so on CPU ``--use_fsdp`` would quietly run plain DDP. Where it
+    does shard, surgeon's work outside the forward (mask updates, EMA, measure, save, checkpoints) would see local
+    shards and miscount; DeepSpeed ZeRO keeps its own fp32 copy of the weights, which a mask update never reaches.
+    """
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    kind = accelerator.distributed_type if accelerator is not None else None
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or kind == DistributedType.DEEPSPEED:
+        raise SurgeonError(
+            "surgeon does not train under DeepSpeed: ZeRO keeps its own fp32 copy of the weights, "
+            "so pruned weights would come back after a mask update",
+            _DDP,
+        )
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") or kind == DistributedType.FSDP:
+        if not torch.cuda.is_available() and kind != DistributedType.FSDP:
+            raise SurgeonError(
+                "FSDP was requested (--use_fsdp), but Accelerate enables FSDP only on GPUs: "
+                "this run would silently be plain DDP",
+                "drop --use_fsdp to train with DDP on CPU (accelerate launch --multi_gpu --num_processes N)",
+            )
+        raise SurgeonError(
+            "surgeon does not train under FSDP yet: mask updates, EMA, measure and save need whole tensors, "
+            "which FSDP shards",
+            _DDP,
+        )
 
 
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -91,6 +126,7 @@ def train(
     t = recipe.training
     out_dir = Path(out_dir)
     acc = accelerator or make_accelerator(t.mixed_precision)
+    refuse_sharded_training(acc)
     device = acc.device
     model.to(device).train()
     objective = (objective or EpsilonLoss(task)).to(device)
