@@ -61,7 +61,7 @@ def _write_packed(model: nn.Module, out: Path, opts: Options) -> list[Row]:
 def _read_packed(meta: Mapping, device: torch.device | str | None = None) -> nn.Module:
     tensors = read_tensors(meta["file"])
     packed.check_tensor_info(meta)
-    model = packed.restore(packed.build(meta, tensors), meta, tensors)
+    model = packed.restore(packed.build(meta, tensors, empty=True), meta, tensors)
     return model.to(device) if device is not None else model
 
 

@@ -1,7 +1,8 @@
 """``surgeon.export``: turn a (sparse) model into a deployable artifact in one of the formats of :mod:`surgeon.formats`.
 
 The model is resolved (any reference :func:`surgeon.load_model` takes, or a module), the request is checked before
-anything is written, and the format's writer gets a deep copy: the input is never changed.
+anything is written, and the format's writer gets a deep copy of a module the caller passed (the input is never
+changed) or the model it loaded itself, uncopied.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def export(
             raise UsageError(f"{flag} is for --format {allowed}, not {format}", f"drop {flag}")
     out = Path(out)
     meta = None
-    if not isinstance(model, nn.Module):
+    callers = isinstance(model, nn.Module)
+    if not callers:
         source = Path(model).expanduser()
         if source.exists() and _inside(out, source):
             raise SurgeonError(f"--out {out} is inside the model {source}", "write the export somewhere else")
@@ -130,7 +132,8 @@ def export(
         recipe=meta["recipe"] if meta else None,
         extra=extra,
     )
-    work = copy_model(model)  # the writers fold, cast and swap modules: never on the caller's model
+    # the writers fold, cast and swap modules: never on the caller's model; one loaded here is no one else's
+    work = copy_model(model) if callers else model
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rows = fmt.write(work, out, opts)

@@ -272,11 +272,20 @@ def restore_masked(
         raise SurgeonError("the model already has masks", "load into a plain model (surgeon.remove or fold first)")
     match_state(model, plain, {fqn: mask.shape for fqn, (_, mask) in entries.items()}, path.parent)
     # everything is checked: only now is the model touched
-    model.load_state_dict(dict(plain), strict=False)  # the plain tensors; match_state vouched for the rest
+    # a model built empty (parameters on the meta device) takes the file's tensors themselves: no second copy
+    empty = any(p.is_meta for p in model.parameters())
+    model.load_state_dict(dict(plain), strict=False, assign=empty)  # match_state vouched for the rest
     with torch.no_grad():
         for fqn, (values, mask) in entries.items():
             param = model.get_parameter(fqn)
-            param.zero_().masked_scatter_(mask.to(param.device), values.to(param.device, param.dtype))
+            if param.is_meta:
+                full = torch.zeros(param.shape, dtype=param.dtype).masked_scatter_(mask, values.to(param.dtype))
+                module_name, _, name = fqn.rpartition(".")
+                model.get_submodule(module_name).register_parameter(name, nn.Parameter(full, param.requires_grad))
+            else:
+                param.zero_().masked_scatter_(mask.to(param.device), values.to(param.device, param.dtype))
+    if any(p.is_meta for p in model.parameters()):  # match_state makes this impossible; never hand out a shell
+        raise SurgeonError(f"{path} does not hold every tensor of the model", "save the model again")
     if entries:
         nm = {fqn for fqn, info in meta["tensors"].items() if info["nm"]}
         inject(model, _injection_plan(meta, path), masks={f: m for f, (_, m) in entries.items() if f not in nm})
@@ -314,11 +323,16 @@ def load_into(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
 
 
 def build(
-    meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None
+    meta: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any] | None = None,
+    empty: bool = False,
 ) -> nn.Module:
     """A fresh model of the class a file records, in the floating dtype its tensors have.
 
     ``config`` is the model's config record; by default the file's own ``config`` entry or ``config.json`` next to it.
+    ``empty``: parameters on the meta device where the class allows it (:func:`build_from_record`), for a reader
+    that assigns all of them.
     """
     file = meta["file"]
     if config is None and isinstance(meta.get("config"), dict):  # a one-file export carries its config inside
@@ -329,7 +343,7 @@ def build(
         where = file.parent / CONFIG
     else:
         where = file
-    model = build_from_record(config, where)
+    model = build_from_record(config, where, empty)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1 and dtypes != {p.dtype for p in model.parameters()}:
         # built in fp32 from the config; a half-precision save stays half precision (nn.Module.to, not diffusers'
@@ -346,4 +360,4 @@ def load(folder: str | os.PathLike, trust_code: bool = False) -> nn.Module:
     """
     meta, tensors = read(folder)
     with trusting_code(trust_code):
-        return restore(build(meta, tensors), meta, tensors)
+        return restore(build(meta, tensors, empty=True), meta, tensors)

@@ -189,11 +189,20 @@ def config_record(model: nn.Module) -> str:
         ) from None
 
 
-def build_from_record(config: Mapping[str, Any], where: Path | str) -> nn.Module:
-    """Build a fresh model (random weights) from a :func:`config_record`; ``where`` names the file in errors."""
+def build_from_record(config: Mapping[str, Any], where: Path | str, empty: bool = False) -> nn.Module:
+    """Build a fresh model (random weights) from a :func:`config_record`; ``where`` names the file in errors.
+
+    ``empty``: a diffusers model gets its parameters on the meta device (no memory, no random initialisation), for
+    a loader that assigns every one of them from a file; other classes are built as usual.
+    """
     if "_class_name" in config:
         cls = diffusers_class(config["_class_name"])
         try:
+            if empty:
+                from accelerate import init_empty_weights
+
+                with init_empty_weights():
+                    return cls.from_config(dict(config))
             return cls.from_config(dict(config))
         except Exception as e:  # a damaged or hand-edited config: diffusers' own message, one line
             raise SurgeonError(
