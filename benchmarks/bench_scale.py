@@ -45,6 +45,8 @@ HERE = Path(__file__).resolve().parent
 DELTA_T = 100
 SPARSITY = 0.5
 GB = 1024**3
+# the share of --wait-free-gb each child needs (a training step holds weights, gradients and AdamW's two moments)
+NEEDS = {"step": 1.0, "rigl": 1.0, "inject": 0.5, "io": 0.7, "export": 0.6}
 
 
 # --- the models ----------------------------------------------------------------------------------------------------
@@ -317,7 +319,8 @@ def spawn(args, kind: str, config: str = "", tmp: str = "") -> dict:
     cmd += ["--warmup", str(args.warmup), "--rounds", str(args.rounds), "--mem-cap-gb", str(args.mem_cap_gb)]
     cmd += ["--tiny"] if args.tiny else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    while args.wait_free_gb and available_bytes() < args.wait_free_gb * GB:  # a shared machine: never crowd it out
+    need = args.wait_free_gb * NEEDS[kind]
+    while available_bytes() < need * GB:  # a shared machine: never crowd the others out
         time.sleep(10)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
