@@ -11,7 +11,8 @@ alike, after a warm-up, reporting the median:
 - surgeon.load_into / load_file + load_state_dict, both into an already built plain model
 - one masked forward+backward / one dense forward+backward on the same input (same weights, dense kernels)
 
-The masks cost one multiply per masked weight in the forward and one in the backward, whatever the batch, so the
+A fixed mask costs one select per masked weight in the backward (the stored weight is already 0 where pruned, so
+the forward reads it as it is), whatever the batch, so the
 fwd+bwd ratio falls towards 1 as the batch (or the resolution) grows.
 """
 

@@ -37,7 +37,7 @@ from surgeon.formats.common import (
 from surgeon.formats.packed import header_fields, plain_state, write_model
 from surgeon.io.bitpack import pack_mask
 from surgeon.io.container import read_tensors
-from surgeon.masking.surgery import fold
+from surgeon.masking.surgery import remove
 from surgeon.sparsity.patterns import nm_groups, nm_mask, nm_skip_reason, nm_ungroup
 
 LAYOUT = "semi-structured"
@@ -82,9 +82,11 @@ def decompress(values: torch.Tensor, meta: torch.Tensor, shape) -> torch.Tensor:
 
 def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
     kinds, masks = target_kinds(model), masks_of(model)
-    fold(model)
+    remove(model)  # the stored weights, then each mask applied as taken above: an N:M mask is computed once
     storage, notes, not_24, pruned = {}, {}, [], []
     with torch.no_grad():
+        for fqn, mask in masks.items():
+            model.get_parameter(fqn).mul_(mask.to(model.get_parameter(fqn).device))
         for fqn, (_, shape) in kinds.items():
             w = model.get_parameter(fqn)
             reason = nm_skip_reason(shape, 4)
