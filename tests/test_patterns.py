@@ -89,8 +89,28 @@ def test_topk_keeps_the_stable_sorts_set(case):
     assert torch.equal(topk_mask(scores, k), _stable_sort_topk(scores, k))
 
 
+@FAST
+@given(tied_scores())
+def test_topk_keeps_the_stable_sorts_set_through_the_sampled_bracket(case):
+    # the bracket a strided sample gives large tensors, forced on small ones (with a tiny sample it often misses)
+    from surgeon.sparsity import patterns
+
+    scores, k = case
+    saved = patterns._SAMPLED_SELECTION_FROM, patterns._SAMPLE
+    patterns._SAMPLED_SELECTION_FROM, patterns._SAMPLE = 8, 4
+    try:
+        assert torch.equal(topk_mask(scores, k), _stable_sort_topk(scores, k))
+    finally:
+        patterns._SAMPLED_SELECTION_FROM, patterns._SAMPLE = saved
+
+
+@pytest.mark.parametrize("sampled_from", [1 << 20, 1000])
 @pytest.mark.parametrize("seed", range(4))
-def test_topk_keeps_the_stable_sorts_set_on_large_tied_tensors(seed):
+def test_topk_keeps_the_stable_sorts_set_on_large_tied_tensors(seed, sampled_from, monkeypatch):
+    from surgeon.sparsity import patterns
+
+    monkeypatch.setattr(patterns, "_SAMPLED_SELECTION_FROM", sampled_from)
+    monkeypatch.setattr(patterns, "_SAMPLE", 256)
     g = torch.Generator().manual_seed(seed)
     shape = (64, 32, 3, 3)
     scores = torch.randint(0, 7, shape, generator=g).float() / 4  # 7 distinct values over 18k positions
@@ -99,6 +119,9 @@ def test_topk_keeps_the_stable_sorts_set_on_large_tied_tensors(seed):
         assert torch.equal(topk_mask(scores, k), _stable_sort_topk(scores, k))
     dense = torch.randn(shape, generator=g)
     assert torch.equal(topk_mask(dense, 5000), _stable_sort_topk(dense, 5000))
+    levels = torch.randint(0, 300, shape, generator=g).float()  # ties inside a bracket that spans many values
+    for k in (5000, 12345):
+        assert torch.equal(topk_mask(levels, k), _stable_sort_topk(levels, k))
 
 
 def test_topk_independent_example_and_bounds():
