@@ -52,11 +52,13 @@ class Site:
         return getattr(self.module, self.name)
 
     def set_mask(self, mask: torch.Tensor) -> None:
-        """Replace a fixed mask in place (same shape, exact bool)."""
+        """Replace a fixed mask in place (same shape, exact bool); the weights it prunes are set to 0."""
         p = self.parametrization
         if not isinstance(p, Mask):
             raise TypeError(f"{self.fqn} has an N:M mask; it is recomputed every forward")
         p.mask.copy_(mask.to(p.mask.device))
+        with torch.no_grad():  # the forward reads the stored tensor: what the new mask prunes must be 0 there now
+            self.original.masked_fill_(~p.mask, 0.0)
 
 
 def _split(fqn: str) -> tuple[str, str]:
