@@ -396,6 +396,9 @@ def measure_model(args, only: set[str]) -> list[tuple[str, str, str]]:
             rows.append(("    model built from config", f"{r['build_s']:.2f} s", ""))
         if "io" in only or "export" in only:
             r = spawn(args, "io", tmp=tmp)
+            if "over_cap_gb" in r:
+                rows.append(("save / load", "-", f"stopped: over {r['over_cap_gb']} GB"))
+                return rows
             save = r["surgeon.save_s"] / r["save_file_s"]
             rows.append(
                 (
