@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from surgeon.formats.packed import header_fields, plain_state, write_model
 from surgeon.io.atomic import atomic_folder, check_output
 from surgeon.io.classes import is_diffusers_class, read_json
 from surgeon.io.container import read_tensors
+from surgeon.io.folders import copy_folder, inside
 from surgeon.masking.surgery import fold
 
 LAYOUT = "dense"
@@ -49,7 +49,8 @@ def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
 
 def denoiser_part(pipeline: Path) -> str:
     """Which subfolder of a pipeline holds the denoiser (``unet`` or ``transformer``)."""
-    index = read_json(pipeline / "model_index.json") if (pipeline / "model_index.json").is_file() else {}
+    index_file = pipeline / "model_index.json"
+    index = read_json(inside(pipeline, index_file)) if index_file.is_file() else {}
     for part in DENOISER_PARTS:
         if part in index and (pipeline / part).is_dir():
             return part
@@ -71,10 +72,8 @@ def _write_pipeline(model: nn.Module, pipeline: Path, out: Path, force: bool, cl
     part = denoiser_part(pipeline)
     check_output(out, force)
     with atomic_folder(out, force) as tmp:
-        for item in pipeline.iterdir():  # every other component as it is: scheduler, autoencoder, model_index.json
-            if item.name == part or item.name.startswith("."):
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        # every other component as it is (scheduler, autoencoder, model_index.json), never a file linked from outside
+        copy_folder(pipeline, tmp, skip={part})
         model.save_pretrained(tmp / part, safe_serialization=True)
         _record_clip_sample(tmp / "scheduler" / "scheduler_config.json", clip_sample)
 

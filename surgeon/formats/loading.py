@@ -18,6 +18,7 @@ from surgeon.errors import SurgeonError, brief, check_arg
 from surgeon.formats import load
 from surgeon.io.atomic import missing_target_error
 from surgeon.io.classes import built_without_arguments, diffusers_class, import_file, read_json, trusting_code
+from surgeon.io.folders import inside
 from surgeon.models import presets
 
 # the only weights a model folder may hold; loading never unpickles
@@ -39,13 +40,13 @@ def _load_folder(folder: Path) -> nn.Module:
     if (folder / "model" / "model.safetensors").is_file() and not (folder / "config.json").exists():
         return load(folder / "model")  # a run folder of surgeon sparsify/finetune stands for the model it saved
     if (folder / "model_index.json").is_file():
-        index = read_json(folder / "model_index.json")
+        index = read_json(inside(folder, folder / "model_index.json"))
         for part in _PIPELINE_PARTS:
             if part in index and (folder / part).is_dir():
                 return _load_folder(folder / part)
         raise SurgeonError(f"pipeline {folder} has no unet or transformer folder", "give the model's own folder")
     if (folder / "config.json").is_file():
-        config = read_json(folder / "config.json")
+        config = read_json(inside(folder, folder / "config.json"))
         if "_class_name" not in config:
             raise SurgeonError(f"{folder / 'config.json'} has no _class_name", "is this a diffusers model folder?")
         return load_diffusers_folder(folder, diffusers_class(config["_class_name"]))
@@ -65,6 +66,9 @@ def load_diffusers_folder(folder: Path, cls: type[nn.Module]) -> nn.Module:
             f"{folder} has no safetensors weights{found}",
             "convert the weights to safetensors, e.g. save_pretrained(..., safe_serialization=True)",
         )
+    for file in folder.iterdir():  # what diffusers reads: its config and weights, never through a link out
+        if file.suffix == ".json" or ".safetensors" in file.name:
+            inside(folder, file)
     try:
         return cls.from_pretrained(folder, use_safetensors=True)
     except Exception as e:
@@ -140,7 +144,7 @@ def load_safetensors_file(
     if header.get("format") == "surgeon":
         return load(path, trust_code=trust_code)
     if (path.parent / "config.json").is_file():
-        config = read_json(path.parent / "config.json")
+        config = read_json(inside(path.parent, path.parent / "config.json"))
         if "_class_name" not in config:
             raise SurgeonError(f"{path.parent / 'config.json'} has no _class_name", "is this a diffusers model folder?")
         model = diffusers_class(config["_class_name"]).from_config(config)
@@ -240,6 +244,6 @@ def find_autoencoder(ref: str) -> nn.Module | None:
         cfg = root / sub / "config.json"
         if cfg.is_file():
             return load_diffusers_folder(
-                root / sub, diffusers_class(read_json(cfg).get("_class_name", "AutoencoderKL"))
+                root / sub, diffusers_class(read_json(inside(root, cfg)).get("_class_name", "AutoencoderKL"))
             )
     return None

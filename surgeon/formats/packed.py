@@ -27,6 +27,7 @@ from surgeon.io.atomic import atomic_folder, atomic_path, check_output
 from surgeon.io.bitpack import pack_mask, packed_shape, unpack_mask
 from surgeon.io.classes import build_from_record, class_path, config_record, read_json, trusting_code
 from surgeon.io.container import WEIGHTS, read_metadata, read_tensors, write_file
+from surgeon.io.folders import inside
 from surgeon.masking.plan import LayerPlan, Plan
 from surgeon.masking.surgery import Site, get_plan, inject, masked_fqns, sites
 
@@ -339,7 +340,7 @@ def build(
         config = meta["config"]
     if config is None:
         config_file = file.parent / CONFIG
-        config = read_json(config_file) if config_file.is_file() else {}
+        config = read_json(inside(file.parent, config_file)) if config_file.is_file() else {}
         where = file.parent / CONFIG
     else:
         where = file

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from surgeon.errors import SurgeonError, brief
 from surgeon.io.atomic import missing_target_error
+from surgeon.io.folders import inside
 from surgeon.version import __version__
 
 MARKER = "surgeon"
@@ -50,6 +51,7 @@ def weights_file(path: str | os.PathLike) -> Path:
                 f"{path} holds no {WEIGHTS}",
                 "give a folder written by surgeon.save, `surgeon sparsify` or `surgeon export`",
             )
+        inside(path, file)  # never a file linked from outside the folder
         return file
     if not path.is_file():
         raise SurgeonError(f"{path} does not exist", "give a .safetensors file written by surgeon export")
