@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import types
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -37,6 +38,8 @@ TRUST_HINT = (
 # modules whose classes a saved record may name without an opt-in: installed, reviewed code that builds models
 OWN_MODELS = "surgeon.models"
 TRUSTED_MODULES = ("diffusers", OWN_MODELS)
+# inside them, modules that define no model classes of their own (presets holds builder functions)
+UNTRUSTED_MODULES = ("surgeon.models.presets",)
 _TRUST_CODE: ContextVar[bool] = ContextVar("surgeon_trust_code", default=False)
 # module name -> file, for the files import_file imported under a made-up module name
 _IMPORTED_FILES: dict[str, str] = {}
@@ -85,7 +88,12 @@ def _named_class(name: str):
 
 def diffusers_class(name: str) -> type[nn.Module]:
     cls = _named_class(str(name))
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "from_config")):
+    if not (
+        isinstance(cls, type)
+        and issubclass(cls, nn.Module)
+        and hasattr(cls, "from_config")
+        and is_trusted_module(cls.__module__)
+    ):
         import diffusers
 
         raise SurgeonError(
@@ -136,11 +144,16 @@ def class_path(cls: type) -> str:
 
 def resolve_class(spec: str, source: Path | str = "the file") -> type:
     """The inverse of :func:`class_path`. Imports only diffusers and surgeon's own models unless code is trusted;
-    ``source`` names the file that recorded ``spec`` in errors."""
+    ``source`` names the file that recorded ``spec`` in errors.
+
+    The allowlist is checked twice: on the module a record names (nothing else is imported) and on the class the
+    name resolves to, which must itself be defined in an allowed module and be reached without passing through
+    another module (``surgeon.models.chirodiff:torch.nn.Linear`` names torch's class, not surgeon's)."""
     where, _, qualname = str(spec).rpartition(":")
     if not where or not qualname:
         raise SurgeonError(f"malformed class path {spec!r}", _LOAD_INTO_HINT)
-    if (where.endswith(".py") or not is_trusted_module(where)) and not _TRUST_CODE.get():
+    trusted = _TRUST_CODE.get()
+    if (where.endswith(".py") or not is_trusted_module(where)) and not trusted:
         what = "the Python file" if where.endswith(".py") else "the module"
         raise SurgeonError(
             f"{source} names code to run ({what} {where}, class {qualname}); nothing was run", TRUST_HINT
@@ -149,13 +162,30 @@ def resolve_class(spec: str, source: Path | str = "the file") -> type:
         obj = import_file(Path(where)) if where.endswith(".py") else importlib.import_module(where)
         for part in qualname.split("."):
             obj = getattr(obj, part)
+            if isinstance(obj, types.ModuleType) and not trusted:
+                raise SurgeonError(
+                    f"{source} names class {qualname} through the module {obj.__name__}, outside {where}; "
+                    "nothing was built",
+                    TRUST_HINT,
+                )
     except SurgeonError:
         raise
     except (ImportError, AttributeError) as e:
         raise SurgeonError(f"cannot find class {spec}: {brief(e)}", _LOAD_INTO_HINT) from None
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
         raise SurgeonError(f"{spec} is not a torch.nn.Module class", _LOAD_INTO_HINT)
+    if not trusted and not is_trusted_class(obj):
+        raise SurgeonError(
+            f"{source} names {spec}, which is {obj.__module__}.{obj.__qualname__}: code outside diffusers and "
+            "surgeon's own models; nothing was built",
+            TRUST_HINT,
+        )
     return obj
+
+
+def is_trusted_class(cls: type) -> bool:
+    """A model class that loads without an opt-in: defined in diffusers or in surgeon's own model modules."""
+    return is_trusted_module(cls.__module__) and cls.__module__ not in UNTRUSTED_MODULES
 
 
 def read_json(path: Path) -> dict:
