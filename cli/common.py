@@ -142,10 +142,19 @@ def print_error(err: BaseException) -> int:
         message, hint, code = err.message, err.hint, err.exit_code
     else:
         message, hint, code = f"{type(err).__name__}: {brief(err)}", "set SURGEON_DEBUG=1 to see the traceback", 1
-    console.print(Text(f"error: {' '.join(message.split())}", style="bold red"))
+    console.print(Text(f"error: {printable(' '.join(message.split()))}", style="bold red"))
     if hint:
-        console.print(Text(f"hint: {hint}", style="yellow"))
+        console.print(Text(f"hint: {printable(hint)}", style="yellow"))
     return code
+
+
+def printable(text: str) -> str:
+    """``text`` as the terminal can show it: bytes of a path that are not valid UTF-8 (surrogate escapes) as \\xNN."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _is_usage_error(err: BaseException) -> bool:
@@ -168,6 +177,8 @@ class SurgeonGroup(TyperGroup):
                 command = err.ctx.command_path if getattr(err, "ctx", None) is not None else ctx.command_path
                 raise UsageError(err.format_message(), f"see `{command} --help`") from None
         except (TyperException, typer.Exit, typer.Abort):  # exits, and Typer's own signals: Typer reports them
+            raise
+        except BrokenPipeError:  # the reader went away (`surgeon ... | head`): click ends the command quietly
             raise
         except KeyboardInterrupt as err:  # Ctrl-C outside a training loop (which stops at a step boundary itself)
             interrupted = Interrupted(

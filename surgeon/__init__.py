@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 
 from surgeon.errors import SurgeonError
-from surgeon.version import __version__
 
 # public name → the module that defines it, imported on first access (PEP 562)
 _PUBLIC = {
@@ -41,7 +40,9 @@ __all__ = ["SurgeonError", "__version__", *sorted(_PUBLIC)]
 
 
 def __getattr__(name: str):
-    if name in _PUBLIC:
+    if name == "__version__":  # lazy: importlib.metadata costs tens of ms before the CLI's Ctrl-C guard is up
+        from surgeon.version import __version__ as value
+    elif name in _PUBLIC:
         value = getattr(importlib.import_module(_PUBLIC[name]), name)
     else:  # a subpackage: ``import surgeon; surgeon.masking``
         try:
@@ -55,4 +56,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_PUBLIC})
+    return sorted({*globals(), *_PUBLIC, "__version__"})

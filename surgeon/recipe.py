@@ -358,6 +358,9 @@ def _check(r: Recipe) -> None:
     if d.beta_start is not None and d.beta_end is not None and d.beta_start > d.beta_end:
         bad(f"diffusion.beta_start {d.beta_start} is above beta_end {d.beta_end}", "noise grows over time: start < end")
     t = r.training
+    for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
+        if getattr(t, name) > MAX_SEED:  # step counters and batch positions are 64-bit integers in torch
+            bad(f"training.{name} {getattr(t, name)} is beyond 2**63 - 1", "use a count that fits in 63 bits")
     if t.steps < 0:
         bad(f"training.steps must be ≥ 0 (0: prune without training), got {t.steps}")
     for name in ("batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_batches"):

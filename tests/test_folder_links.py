@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_integrity import resign
 
 import surgeon
 from surgeon.errors import SurgeonError
@@ -140,6 +141,7 @@ def test_a_record_cannot_walk_through_a_module_to_an_untrusted_class(tmp_path, s
     (tmp_path / "m" / "config.json").write_text(
         json.dumps({"_surgeon_class": spec, "_surgeon_init": {"in_features": 3, "out_features": 3}})
     )
+    resign(tmp_path / "m")  # a crafted folder, digests and all: the allowlist must stand on its own
     with pytest.raises(SurgeonError, match="nothing was built") as info:
         surgeon.load(tmp_path / "m")
     assert "--trust-code" in info.value.hint

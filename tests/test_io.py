@@ -261,7 +261,7 @@ def raw_metadata(folder) -> dict[str, str]:
     "key, value, message",
     [
         ("tensors", "{not json", "corrupt metadata"),
-        ("tensors", '{"conv_in.weight": {"shape": "8x1x3x3"}}', "corrupt metadata (tensors)"),
+        ("tensors", '{"conv_in.weight": {"shape": "8x1x3x3"}}', "corrupt metadata in "),
         ("format_version", "3", "format version '3'"),
     ],
 )

@@ -7,6 +7,7 @@ names numbered 0..K-1, and items are ``(image, label)`` pairs instead of bare im
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -16,7 +17,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, brief
+
+log = logging.getLogger("surgeon")
 
 __all__ = ["COMMON_EXTENSIONS", "ImageFolder", "class_folders", "image_extensions"]
 
@@ -58,19 +61,31 @@ def class_folders(root: str | os.PathLike) -> list[str] | None:
     return _classes(root, _image_files(root)) if root.is_dir() else None
 
 
-def _readable(path: Path) -> bool:
-    # verify() checks the file's structure without decoding pixels: a broken file is skipped here, at start-up,
-    # instead of crashing a training run hours later.
+# what Pillow raises on a damaged, hostile or unsupported file (SyntaxError on some bad headers; a decompression
+# bomb, an image claiming billions of pixels, is refused before it is decoded)
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+_WIDE = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit (and 32-bit integer) gray: scaled to 8 bits, not clipped
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be used as an image, or None. verify() checks the file's structure without decoding
+    pixels: a broken file is skipped here, at start-up, instead of crashing a training run hours later."""
     try:
         with Image.open(path) as im:
+            if im.mode == "F" or im.mode.startswith("BGR"):
+                return f"its pixel mode {im.mode} is not supported"
             im.verify()
-        return True
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):  # Pillow raises SyntaxError on some bad headers
-        return False
+        return None
+    except DECODE_ERRORS as e:
+        return brief(e)
 
 
 def _to_mode(im: Image.Image, mode: str) -> Image.Image:
-    """Convert to ``mode``; transparent images are flattened onto white, as an image viewer would show them."""
+    """Convert to ``mode``; transparent images are flattened onto white, as an image viewer would show them, and
+    16-bit ones are scaled to 8 bits (Pillow's own conversion would clip them, mostly to white)."""
+    if im.mode in _WIDE:
+        wide = np.asarray(im, dtype=np.float64) / 257.0
+        im = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), mode="L")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -137,11 +152,32 @@ class ImageFolder(Dataset):
         if limit is not None:
             candidates = random.Random(seed).sample(candidates, len(candidates))
         files: list[Path] = []
+        skipped: list[tuple[Path, str]] = []
         for p in candidates:
             if limit is not None and len(files) >= limit:
                 break
-            if _readable(p):
+            reason = _unreadable(p)
+            if reason is None:
                 files.append(p)
+            else:
+                skipped.append((p, reason))
+        if skipped and files:  # one line, not one per file, and never silent
+            first, why = skipped[0]
+            log.warning(
+                "warning: skipped %d of %d image files in %s that cannot be read (e.g. %s: %s)",
+                len(skipped),
+                len(files) + len(skipped),
+                root,
+                first.relative_to(root),
+                why,
+            )
+        if not files and skipped:
+            first, why = skipped[0]
+            raise SurgeonError(
+                f"no readable images in {root}: all {len(skipped)} image files were skipped "
+                f"(e.g. {first.relative_to(root)}: {why})",
+                "replace the damaged files, or convert them to 8-bit PNG or JPEG",
+            )
         if not files:
             raise SurgeonError(
                 f"no images found in {root}",
@@ -160,7 +196,16 @@ class ImageFolder(Dataset):
 
     def image(self, i: int) -> torch.Tensor:
         """The ``i``-th image alone, ``[channels, size, size]`` in [-1, 1], whether or not the folder has classes."""
-        with Image.open(self.files[i]) as im:
+        try:
+            return self._decode(self.files[i])
+        except DECODE_ERRORS as e:  # damage that verify() cannot see (a truncated JPEG): the file is named
+            raise SurgeonError(
+                f"cannot decode image {self.files[i]}: {brief(e)}",
+                "remove or replace that file, then continue the run with --resume",
+            ) from None
+
+    def _decode(self, file: Path) -> torch.Tensor:
+        with Image.open(file) as im:
             im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
             im = _to_mode(im, _MODES[self.channels])
             scale = self.size / min(im.size)

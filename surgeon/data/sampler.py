@@ -14,6 +14,11 @@ class BatchSampler:
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         if n == 0:
             raise SurgeonError("the training data is empty", "point --data at a folder with images, or use kanjivg")
+        if batch_size > n:  # a batch repeats examples, and a huge one builds a list of its indices for minutes
+            raise SurgeonError(
+                f"batch size {batch_size} is larger than the {n} training examples",
+                f"use --batch-size {n} or less, or train on more data",
+            )
         if batch_size % world:
             raise SurgeonError(f"batch size {batch_size} is not divisible by {world} processes", "pick a multiple")
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world

@@ -14,6 +14,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from torch import nn
 from surgeon.errors import SurgeonError, UsageError
 from surgeon.evaluation.extractors import ExtractorInfo, load_extractor, resolve_extractor
 from surgeon.evaluation.fidelity import MIN_EXAMPLES, Scores, extract_features, parse_metrics, reference_features, score
+from surgeon.io.lock import exclusive
 from surgeon.seeding import generator
 
 GRID_SAMPLES = 36
@@ -76,8 +78,13 @@ class Evaluation:
         }
 
 
-def check_inputs(n: int, metrics, sample_steps: int, extractor: str | None) -> tuple[tuple[str, ...], ExtractorInfo]:
-    """Validate everything cheap before any model is loaded; returns (metrics, extractor)."""
+def check_inputs(
+    n: int, metrics, sample_steps: int, extractor: str | None, batch_size: int = 64, seed: int = 0
+) -> tuple[tuple[str, ...], ExtractorInfo]:
+    """Validate everything cheap before any model is loaded, as a training run checks its own; returns (metrics,
+    extractor)."""
+    from surgeon.recipe import MAX_SEED
+
     metrics = parse_metrics(metrics)
     need = max(MIN_EXAMPLES[m] for m in metrics)
     if not isinstance(n, int) or n < need:
@@ -87,6 +94,12 @@ def check_inputs(n: int, metrics, sample_steps: int, extractor: str | None) -> t
         )
     if not isinstance(sample_steps, int) or sample_steps < 1:
         raise UsageError(f"--sample-steps {sample_steps} must be at least 1", "50 DDIM steps is the default")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= MAX_SEED:
+        raise UsageError(f"--batch-size {batch_size} must be at least 1", "64 samples per batch is the default")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(
+            f"--seed {seed} is outside [0, 2**63 - 1]", "use a non-negative seed that fits in 63 bits, e.g. --seed 0"
+        )
     return metrics, resolve_extractor(extractor)
 
 
@@ -261,88 +274,106 @@ def evaluate(
         models = [models]
     if not models:
         raise UsageError("no model to evaluate", "pass one or more MODEL folders")
-    metrics, info = check_inputs(n, metrics, sample_steps, extractor)
+    metrics, info = check_inputs(n, metrics, sample_steps, extractor, batch_size, seed)
     if group and len(models) < 2:
         raise UsageError("--group needs at least 2 models", "pass the run folders of every seed of one configuration")
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
-        from surgeon.io.atomic import replaceable
+        from surgeon.io.atomic import check_apart, replaceable
 
+        check_apart(out_dir, "model", *models)
         if not (replaceable(out_dir) or force):
             raise SurgeonError(f"output folder {out_dir} exists", "pass --force to overwrite it")
-    if console is not None:
-        console.print(
-            f"[bold]surgeon eval[/]: {len(models)} model(s) on {data}, n = {n}, {sample_steps} sampling steps; "
-            f"{info.label}"
-        )
-    feats_model = load_extractor(info)
-    references: dict[tuple, torch.Tensor] = {}
-    rows, grids = [], []
-    if group:  # every model's recipe checked before any is sampled
-        check_one_configuration([open_model(ref, trust_code)[1] for ref in models], [str(m) for m in models])
-    for ref in models:
-        model, recipe, vae, name = open_model(ref, trust_code)
-        model.eval()
-        task = make_task(model, data, vae=vae, limit=limit)
-        channels = getattr(task, "image_channels", None)
-        if channels is not None and channels not in (1, 3):
-            raise SurgeonError(
-                f"samples of {name} have {channels} channels and cannot be rendered to images",
-                "FID/KID score 1- or 3-channel images; evaluate a latent model through its pipeline "
-                "folder (with its vae/)",
+    with exclusive(out_dir) if out_dir is not None else nullcontext():  # one writer per output folder
+        if console is not None:
+            console.print(
+                f"[bold]surgeon eval[/]: {len(models)} model(s) on {data}, n = {n}, {sample_steps} sampling steps; "
+                f"{info.label}"
             )
-        if recipe.get("diffusion"):
-            apply_diffusion_settings(task, Recipe.from_dict(recipe).diffusion)
-        task.set_clip_sample(clip_sample)
-        task.dataset("train")  # sequence tasks draw sample lengths from it; FLOPs use one real training example
-        resolution = int(getattr(task, "image_size", 0))
-        key = (resolution, type(task).__name__)
-        if key not in references:
-            with WorkProgress("reference features", 1, enabled=progress) as bar:
-                references[key] = reference_features(
-                    task, data, info.name, feats_model, resolution, metrics, limit=limit
+        feats_model = load_extractor(info)
+        references: dict[tuple, torch.Tensor] = {}
+        rows, grids = [], []
+        if group:  # every model's recipe checked before any is sampled
+            check_one_configuration([open_model(ref, trust_code)[1] for ref in models], [str(m) for m in models])
+        for ref in models:
+            model, recipe, vae, name = open_model(ref, trust_code)
+            model.eval()
+            task = make_task(model, data, vae=vae, limit=limit)
+            channels = getattr(task, "image_channels", None)
+            if channels is not None and channels not in (1, 3):
+                raise SurgeonError(
+                    f"samples of {name} have {channels} channels and cannot be rendered to images",
+                    "FID/KID score 1- or 3-channel images; evaluate a latent model through its pipeline "
+                    "folder (with its vae/)",
                 )
-                bar.advance()
-        with WorkProgress(f"sampling {Path(str(name)).name}", n, enabled=progress) as bar:
-            images = generate_images(task, model, n, sample_steps, seed, batch_size, bar)
-        with WorkProgress("features", n, enabled=progress) as bar:
-            feats = extract_features(feats_model, images, progress=bar.set)
-        s = score(feats, references[key], metrics)
-        measured = measure_task(model, task)
-        loss = heldout_loss(model, task, EpsilonLoss(task), min(batch_size, 32), 4, seed)
-        steps_fwd = measured.flops_sparse
-        rows.append(
-            ModelEval(
-                **asdict(s),
-                name=name,
-                algorithm=recipe.get("algorithm"),
-                sparsity=measured.sparsity,
-                params_total=measured.params_total,
-                params_kept=measured.params_kept,
-                flops_forward=steps_fwd,
-                flops_forward_dense=measured.flops_dense,
-                flops_per_sample=None if steps_fwd is None else steps_fwd * sample_steps,
-                flops_train=_training_flops(measured, recipe),
-                heldout_loss=loss,
-                clip_sample=task.clip_sample,
+            if recipe.get("diffusion"):
+                apply_diffusion_settings(task, Recipe.from_dict(recipe).diffusion)
+            timesteps = task.scheduler.config.num_train_timesteps
+            if sample_steps > timesteps:
+                raise UsageError(
+                    f"--sample-steps {sample_steps} is beyond the {timesteps} timesteps of {name}'s noise schedule",
+                    f"use --sample-steps {timesteps} or less (50 is the default)",
+                )
+            task.set_clip_sample(clip_sample)
+            task.dataset("train")  # sequence tasks draw sample lengths from it; FLOPs use one real training example
+            resolution = int(getattr(task, "image_size", 0))
+            key = (resolution, type(task).__name__)
+            if key not in references:
+                with WorkProgress("reference features", 1, enabled=progress) as bar:
+                    references[key] = reference_features(
+                        task, data, info.name, feats_model, resolution, metrics, limit=limit
+                    )
+                    bar.advance()
+            with WorkProgress(f"sampling {Path(str(name)).name}", n, enabled=progress) as bar:
+                images = generate_images(task, model, n, sample_steps, seed, batch_size, bar)
+            with WorkProgress("features", n, enabled=progress) as bar:
+                feats = extract_features(feats_model, images, progress=bar.set)
+            s = score(feats, references[key], metrics)
+            measured = measure_task(model, task)
+            loss = heldout_loss(model, task, EpsilonLoss(task), min(batch_size, 32), 4, seed)
+            steps_fwd = measured.flops_sparse
+            rows.append(
+                ModelEval(
+                    **asdict(s),
+                    name=name,
+                    algorithm=recipe.get("algorithm"),
+                    sparsity=measured.sparsity,
+                    params_total=measured.params_total,
+                    params_kept=measured.params_kept,
+                    flops_forward=steps_fwd,
+                    flops_forward_dense=measured.flops_dense,
+                    flops_per_sample=None if steps_fwd is None else steps_fwd * sample_steps,
+                    flops_train=_training_flops(measured, recipe),
+                    heldout_loss=loss,
+                    clip_sample=task.clip_sample,
+                )
             )
-        )
-        grids.append((Path(str(name)).name if not isinstance(ref, nn.Module) else name, images[:GRID_SAMPLES]))
-    result = Evaluation(data, info, n, sample_steps, metrics, rows, str(out_dir) if out_dir else None)
-    if group:
-        result.group = group_summary(rows)
-    if out_dir is not None:
-        write_outputs(result, grids, out_dir)
-    return result
+            grids.append((Path(str(name)).name if not isinstance(ref, nn.Module) else name, images[:GRID_SAMPLES]))
+        result = Evaluation(data, info, n, sample_steps, metrics, rows, str(out_dir) if out_dir else None)
+        if group:
+            result.group = group_summary(rows)
+        if out_dir is not None:
+            write_outputs(result, grids, out_dir)
+        return result
 
 
 def write_outputs(result: Evaluation, grids, out_dir: Path) -> None:
-    """samples.png (grids side by side), one grid per model, FID plots for several models, results.json."""
+    """samples.png (grids side by side), one grid per model, FID plots for several models, results.json.
+
+    The folder is written whole or not at all (:func:`surgeon.io.atomic.atomic_folder`): a forced run replaces
+    every file of the previous one, and a run killed while writing leaves the previous folder or nothing."""
+    from surgeon.io.atomic import atomic_folder
+
+    with atomic_folder(out_dir, force=True) as tmp:  # the caller refused an existing folder without --force
+        _write_outputs(result, grids, tmp)
+        result.plots = {name: str(out_dir / Path(path).name) for name, path in result.plots.items()}
+        (tmp / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
+
+
+def _write_outputs(result: Evaluation, grids, folder: Path) -> None:
     from surgeon.data.render import render_grid
     from surgeon.evaluation.plots import grids_side_by_side, metric_vs
-    from surgeon.io.atomic import atomic_path
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     pictures = []
     for row, (label, images) in zip(result.rows, grids):
         k = len(images)
@@ -353,7 +384,7 @@ def write_outputs(result: Evaluation, grids, out_dir: Path) -> None:
             )
         )
     result.plots["samples"] = str(
-        grids_side_by_side([(lbl, _array(g)) for lbl, g in pictures], out_dir / "samples.png", title=result.label)
+        grids_side_by_side([(lbl, _array(g)) for lbl, g in pictures], folder / "samples.png", title=result.label)
     )
     fids = [r for r in result.rows if r.fid is not None]
     if len(fids) > 1:
@@ -364,7 +395,7 @@ def write_outputs(result: Evaluation, grids, out_dir: Path) -> None:
         ]
         ref = dense[0] if dense else None
         result.plots["fid_vs_sparsity"] = str(
-            metric_vs(points, "sparsity", "fid", out_dir / "fid_vs_sparsity.png", "sparsity S", result.label, dense=ref)
+            metric_vs(points, "sparsity", "fid", folder / "fid_vs_sparsity.png", "sparsity S", result.label, dense=ref)
         )
         if all(p["flops"] is not None for p in points):
             result.plots["fid_vs_flops"] = str(
@@ -372,14 +403,12 @@ def write_outputs(result: Evaluation, grids, out_dir: Path) -> None:
                     points,
                     "flops",
                     "fid",
-                    out_dir / "fid_vs_flops.png",
+                    folder / "fid_vs_flops.png",
                     "inference FLOPs per denoiser call",
                     result.label,
                     dense=ref,
                 )
             )
-    with atomic_path(out_dir / "results.json") as tmp:
-        tmp.write_text(json.dumps(result.to_dict(), indent=2))
 
 
 def _array(grid):

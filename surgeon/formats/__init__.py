@@ -20,7 +20,7 @@ from surgeon.errors import SurgeonError, check_path
 from surgeon.formats import csr, dense, packed, semi_structured
 from surgeon.formats.common import DTYPES, Options, Row, nbytes, target_kinds
 from surgeon.io.classes import trusting_code
-from surgeon.io.container import read_metadata, read_tensors
+from surgeon.io.container import read_metadata, read_tensors, verify_integrity
 from surgeon.masking.surgery import sites
 
 
@@ -116,7 +116,9 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None, trus
     for fmt in FORMATS.values():
         if fmt.layout == meta["layout"]:
             with trusting_code(trust_code):
-                return fmt.read(meta, device)
+                model = fmt.read(meta, device)
+            verify_integrity(meta)  # last: a format's own checks name what they find first
+            return model
     raise SurgeonError(
         f"{meta['file']} holds the {meta['layout']!r} layout, which this surgeon cannot read", "upgrade surgeon"
     )

@@ -22,9 +22,10 @@ from surgeon.formats.common import Options, Row, dtype_name, parse_dtype
 from surgeon.formats.dense import denoiser_part
 from surgeon.formats.inputs import denoising_step
 from surgeon.formats.loading import load_model
-from surgeon.io.atomic import check_output
+from surgeon.io.atomic import check_apart, check_output
 from surgeon.io.classes import copy_model
 from surgeon.io.container import read_metadata
+from surgeon.io.lock import exclusive
 
 
 @dataclass
@@ -38,11 +39,6 @@ class Exported:
 
 def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _inside(out: Path, source: Path) -> bool:
-    out, source = out.resolve(), source.resolve()
-    return out == source or source in out.parents
 
 
 def _source_metadata(ref: Path) -> dict | None:
@@ -98,8 +94,7 @@ def export(
     callers = isinstance(model, nn.Module)
     if not callers:
         source = Path(model).expanduser()
-        if source.exists() and _inside(out, source):
-            raise SurgeonError(f"--out {out} is inside the model {source}", "write the export somewhere else")
+        check_apart(out, "model", source)
         meta = _source_metadata(source) if source.exists() else None
         pipeline_of_ref = source if (source / "model_index.json").is_file() else None
         model = load_model(model, trust_code=trust_code)
@@ -116,28 +111,29 @@ def export(
     if pipeline:
         pipeline = Path(pipeline)
         denoiser_part(pipeline)  # refuses a folder that is not a pipeline, before any work
-        if _inside(out, pipeline):
-            raise SurgeonError(f"--out {out} is inside the pipeline {pipeline}", "write the export somewhere else")
+        check_apart(out, "pipeline", pipeline)
     check_output(out, force)
-    if format == "csr" and layers == "auto" and example is None:
-        example = denoising_step(model)
-    opts = Options(
-        dtype=torch_dtype,
-        force=force,
-        pipeline=str(pipeline) if pipeline else None,
-        prune=prune,
-        layers=layers,
-        example=example,
-        progress=progress,
-        recipe=meta["recipe"] if meta else None,
-        extra=extra,
-    )
-    # the writers fold, cast and swap modules: never on the caller's model; one loaded here is no one else's
-    work = copy_model(model) if callers else model
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rows = fmt.write(work, out, opts)
-    notes = [str(w.message) for w in caught]
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return Exported(format, out, rows, _size(out), notes)
+    with exclusive(out):  # one writer per output
+        check_output(out, force)  # again, now that no other writer can change it
+        if format == "csr" and layers == "auto" and example is None:
+            example = denoising_step(model)
+        opts = Options(
+            dtype=torch_dtype,
+            force=force,
+            pipeline=str(pipeline) if pipeline else None,
+            prune=prune,
+            layers=layers,
+            example=example,
+            progress=progress,
+            recipe=meta["recipe"] if meta else None,
+            extra=extra,
+        )
+        # the writers fold, cast and swap modules: never on the caller's model; one loaded here is no one else's
+        work = copy_model(model) if callers else model
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows = fmt.write(work, out, opts)
+        notes = [str(w.message) for w in caught]
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return Exported(format, out, rows, _size(out), notes)

@@ -70,12 +70,21 @@ def load_diffusers_folder(folder: Path, cls: type[nn.Module]) -> nn.Module:
         if file.suffix == ".json" or ".safetensors" in file.name:
             inside(folder, file)
     try:
-        return cls.from_pretrained(folder, use_safetensors=True)
+        model = cls.from_pretrained(folder, use_safetensors=True)
     except Exception as e:
         raise SurgeonError(
             f"cannot load {cls.__name__} from {folder}: {brief(e)}",
             "the folder needs a config.json and safetensors weights that match it",
         ) from e
+    # tensors the weights file lacks are left on the meta device by diffusers: name them now, not at first use
+    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        shown = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        raise SurgeonError(
+            f"{folder} has no weights for {len(empty)} tensors of {cls.__name__}: {shown}",
+            "the weights file is incomplete or belongs to another model than config.json describes",
+        )
+    return model
 
 
 def _load_file_class(ref: str, file: str, name: str) -> nn.Module:

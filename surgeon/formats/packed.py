@@ -26,8 +26,9 @@ from surgeon.errors import SurgeonError, check_module, check_path
 from surgeon.io.atomic import atomic_folder, atomic_path, check_output
 from surgeon.io.bitpack import pack_mask, packed_shape, unpack_mask
 from surgeon.io.classes import build_from_record, class_path, config_record, read_json, trusting_code
-from surgeon.io.container import WEIGHTS, read_metadata, read_tensors, write_file
+from surgeon.io.container import WEIGHTS, corrupt_metadata, read_metadata, read_tensors, verify_integrity, write_file
 from surgeon.io.folders import inside
+from surgeon.io.lock import exclusive
 from surgeon.masking.plan import LayerPlan, Plan
 from surgeon.masking.surgery import Site, get_plan, inject, masked_fqns, sites
 
@@ -119,6 +120,18 @@ def write_model(
     ``out`` ending in ``.safetensors`` becomes one self-describing file, the config record inside its metadata
     (``config``); anything else a folder with ``config.json`` and ``model.safetensors``.
     """
+    with exclusive(out):  # one writer per output, also across threads
+        return _write_model(model, out, tensors, layout, fields, force)
+
+
+def _write_model(
+    model: nn.Module,
+    out: Path,
+    tensors: Mapping[str, torch.Tensor],
+    layout: str,
+    fields: Mapping[str, Any],
+    force: bool,
+) -> Path:
     check_output(out, force)
     config = config_record(model)
     if out.suffix == ".safetensors":
@@ -134,7 +147,7 @@ def write_model(
         return out
     with atomic_folder(out, force) as tmp:
         (tmp / CONFIG).write_text(config)
-        write_file(tmp / WEIGHTS, tensors, cls=class_path(type(model)), layout=layout, fields=fields)
+        write_file(tmp / WEIGHTS, tensors, cls=class_path(type(model)), layout=layout, fields=fields, config=config)
     return out
 
 
@@ -166,24 +179,35 @@ def save(
 
 
 def check_tensor_info(meta: Mapping[str, Any]) -> None:
-    """Refuse a header whose per-tensor entries are malformed (before any tensor is read)."""
+    """Refuse a header whose per-tensor entries are malformed (before any tensor is read), naming the entry."""
 
-    def entry_ok(i: Any) -> bool:
+    def positive_ints(v: Any, length: int | None = None) -> bool:
         return (
-            isinstance(i, dict)
-            and isinstance(i.get("shape"), list)
-            and len(i["shape"]) > 0
-            and all(isinstance(n, int) and n > 0 for n in i["shape"])
-            and isinstance(i.get("dtype"), str)
-            and isinstance(i.get("kept"), int)
-            and isinstance(i.get("kind"), str)
-            and (i.get("nm") is None or (isinstance(i["nm"], list) and len(i["nm"]) == 2))
-            and (i.get("lambda_w") is None or isinstance(i["lambda_w"], (int, float)))
+            isinstance(v, list)
+            and len(v) > 0
+            and (length is None or len(v) == length)
+            and all(type(n) is int and n > 0 for n in v)
         )
 
+    checks = (
+        ("shape", lambda v: positive_ints(v), "a list of positive integers"),
+        ("dtype", lambda v: isinstance(v, str), "a dtype name"),
+        ("kept", lambda v: type(v) is int and v >= 0, "a count"),
+        ("kind", lambda v: isinstance(v, str), "a layer kind"),
+        ("nm", lambda v: v is None or positive_ints(v, 2), "null or [N, M]"),
+        ("lambda_w", lambda v: v is None or (type(v) in (int, float)), "null or a number"),
+    )
     info = meta["tensors"]
-    if not (isinstance(info, dict) and all(entry_ok(i) for i in info.values())):
-        raise SurgeonError(f"{meta['file']} has corrupt metadata (tensors)", "save the model again")
+    for fqn, entry in info.items():
+        if not isinstance(entry, dict):
+            raise corrupt_metadata(meta["file"], "tensors", f"entry {fqn} is not a JSON object")
+        for field_name, ok, expected in checks:
+            if not ok(entry.get(field_name)):  # nm and lambda_w may be absent (files of surgeon 0.1 lack them)
+                raise corrupt_metadata(
+                    meta["file"],
+                    "tensors",
+                    f"entry {fqn}: {field_name} {entry.get(field_name)!r:.40} is not {expected}",
+                )
 
 
 def corrupt(path: Path, fqn: str, why: str) -> SurgeonError:
@@ -232,7 +256,10 @@ def plan_of(model: nn.Module, info: Mapping[str, Mapping]) -> Plan:
 
 
 def _injection_plan(meta: Mapping, path: Path) -> Plan:
-    p = Plan.from_dict(meta["plan"]) if meta["plan"] is not None else None
+    try:
+        p = Plan.from_dict(meta["plan"]) if meta["plan"] is not None else None
+    except (SurgeonError, AttributeError) as e:
+        raise corrupt_metadata(meta["file"], "plan", f"is malformed ({getattr(e, 'message', e)})") from None
     if p is None or masked_fqns(p) != set(meta["tensors"]):
         raise SurgeonError(f"{path} is corrupt: its plan and its masked tensors differ", "save the model again")
     return p
@@ -320,6 +347,7 @@ def load_into(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     check_module(model)
     check_path(folder, "folder")
     meta, tensors = read(folder)
+    verify_integrity(meta, config=False)  # the model is yours, not the recorded config's; checked before it changes
     return restore(model, meta, tensors)
 
 
@@ -361,4 +389,6 @@ def load(folder: str | os.PathLike, trust_code: bool = False) -> nn.Module:
     """
     meta, tensors = read(folder)
     with trusting_code(trust_code):
-        return restore(build(meta, tensors, empty=True), meta, tensors)
+        model = restore(build(meta, tensors, empty=True), meta, tensors)
+    verify_integrity(meta)
+    return model

@@ -11,6 +11,7 @@ it (and then replaces it as asked) and the next read reports where it is. Siblin
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -92,16 +93,73 @@ def missing_target_error(target: str | os.PathLike, what: str) -> SurgeonError |
     )
 
 
-def _write_error(target: Path, e: OSError) -> SurgeonError:
-    return SurgeonError(
-        f"cannot write {target}: {e.strerror or brief(e)}", f"check free space and permissions in {target.parent}"
-    )
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports a failed write
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """The operating-system error behind a failed write: ``e`` itself, or the one a library wrapped in its own type."""
+    if isinstance(e, OSError):
+        return e
+    found = _RUST_OS_ERROR.search(str(e))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
+
+
+_WRITE_HINTS = {
+    errno.ENOSPC: "the disk is full: free space in {parent}, or write somewhere else",
+    errno.EDQUOT: "your disk quota is used up: free space in {parent}, or write somewhere else",
+    errno.EFBIG: "the file is larger than this process may write (ulimit -f): raise the limit or write less",
+    errno.EROFS: "{parent} is on a read-only file system: write somewhere else",
+    errno.EACCES: "{parent} is not writable: check its permissions, or write somewhere else",
+}
+
+
+def write_error(target: str | os.PathLike, e: OSError) -> SurgeonError:
+    """One line for a write that failed, with a hint for its cause (full disk, file-size limit, permissions)."""
+    target = Path(target)
+    hint = _WRITE_HINTS.get(e.errno or 0, "check free space and permissions in {parent}")
+    return SurgeonError(f"cannot write {target}: {e.strerror or brief(e)}", hint.format(parent=target.parent))
+
+
+def check_not_link(out: str | os.PathLike) -> None:
+    """One rule for every command: an output is never a symbolic link. Replacing the link would leave its target
+    stale, writing through it would change a folder the command was not named; either surprises someone."""
+    out = Path(out)
+    if out.is_symlink():
+        raise SurgeonError(
+            f"output {out} is a symbolic link (to {os.readlink(out)})",
+            f"give the folder it points to ({out.resolve()}) as the output, or remove the link",
+        )
+
+
+def check_apart(out: str | os.PathLike, what: str, *sources: object) -> None:
+    """Refuse an output that is, contains or lies inside one of ``sources`` (the ``what`` a command reads; those
+    that are not paths here, like presets or modules, are skipped): writing it would replace or change its input."""
+    real_out = Path(os.path.realpath(out))
+    for source in sources:
+        if not isinstance(source, (str, os.PathLike)) or not Path(source).expanduser().exists():
+            continue
+        real = Path(os.path.realpath(Path(source).expanduser()))
+        if real_out == real:
+            how = "is"
+        elif real in real_out.parents:
+            how = "is inside"
+        elif real_out in real.parents:
+            how = "contains"
+        else:
+            continue
+        raise SurgeonError(
+            f"output {out} {how} the {what} {source}", "write the output somewhere else (nothing was written)"
+        )
 
 
 def replaceable(out: Path) -> bool:
     """Whether ``out`` can be written without replacing anything: absent (and creatable) or an empty folder.
 
-    Refuses a path that exists and is not a folder."""
+    Refuses a path that exists and is not a folder, and a symbolic link."""
+    check_not_link(out)
     if out.exists() and not out.is_dir():
         raise SurgeonError(f"output path {out} exists and is not a folder", "choose another --out")
     if not out.exists():
@@ -119,8 +177,11 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
-    except OSError as e:
-        raise _write_error(final, e) from e
+    except Exception as e:
+        cause = os_error(e)
+        if cause is None:
+            raise
+        raise write_error(final, cause) from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -129,6 +190,7 @@ def check_output(path: str | os.PathLike, force: bool) -> None:
     """Refuse to replace an existing file or non-empty folder unless ``force`` (an empty folder is fine), and an
     output that cannot be created."""
     path = Path(path)
+    check_not_link(path)
     recover(path)  # a copy an interrupted replace moved aside counts as existing
     if path.exists() and not force and not (path.is_dir() and not any(path.iterdir())):
         raise SurgeonError(f"output {'folder ' if path.is_dir() else ''}{path} exists", "pass --force to overwrite")
@@ -158,7 +220,7 @@ def atomic_folder(folder: str | os.PathLike, force: bool) -> Iterator[Path]:
         tmp = sibling(folder, "tmp")
         tmp.mkdir()  # not mkdtemp: that makes the folder private (0700) and the rename would keep it so
     except OSError as e:
-        raise _write_error(folder, e) from e
+        raise write_error(folder, e) from e
     try:
         yield tmp
         if folder.exists() and force:
@@ -168,7 +230,10 @@ def atomic_folder(folder: str | os.PathLike, force: bool) -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(tmp, folder)
-    except OSError as e:
-        raise _write_error(folder, e) from e
+    except Exception as e:
+        cause = os_error(e)
+        if cause is None:
+            raise
+        raise write_error(folder, cause) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +28,8 @@ from surgeon.io.atomic import missing_target_error
 from surgeon.io.folders import inside
 from surgeon.version import __version__
 
+log = logging.getLogger("surgeon")
+
 MARKER = "surgeon"
 # 1: packed folders; 2: adds the export layouts (an older surgeon refuses those with "upgrade surgeon")
 FORMAT_VERSION = 2
@@ -35,6 +38,9 @@ DEFAULT_LAYOUT = "packed"
 _PLAIN = ("format", "format_version", "surgeon_version", "class", "layout")
 _REQUIRED = ("tensors", "plan", "recipe", "extra")
 DIGESTS = "digests"  # {tensor name: "b3:" + BLAKE3-128 hex (older files: BLAKE2b-128 hex)}, JSON; written with every file, checked on every read
+# {"metadata": digest of every other header entry, "config": digest of the folder's config.json or null}: what
+# rebuilds or reinterprets the model (class, config, layout, plan, recipe, pipeline) is covered like the tensors
+INTEGRITY = "integrity"
 _DAMAGED_HINT = "the file changed after it was saved (a disk or copy error, or an edit); save or copy it again"
 
 
@@ -68,9 +74,16 @@ def to_json(value: Any, what: str) -> str:
 
 
 def write_file(
-    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, cls: str, layout: str, fields: Mapping[str, Any]
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    cls: str,
+    layout: str,
+    fields: Mapping[str, Any],
+    config: str | None = None,
 ) -> None:
-    """Write ``tensors`` with the header above; ``fields`` (JSON values) must include tensors/plan/recipe/extra.
+    """Write ``tensors`` with the header above; ``fields`` (JSON values) must include tensors/plan/recipe/extra;
+    ``config``: the JSON text of the ``config.json`` written beside the file, which the header's digest covers.
 
     Writes ``path`` directly: callers write into a temporary name and rename (:mod:`surgeon.io.atomic`).
     """
@@ -86,7 +99,55 @@ def write_file(
         **{key: to_json(value, key) for key, value in fields.items()},
         DIGESTS: json.dumps(digests(tensors)),
     }
+    metadata[INTEGRITY] = json.dumps(
+        {"metadata": record_digest(metadata), "config": record_digest(json.loads(config)) if config else None}
+    )
     save_file(tensors, str(path), metadata=metadata)
+
+
+def record_digest(value: Any) -> str:
+    """BLAKE2b-128 of a JSON value in canonical form (sorted keys): re-indenting a config.json changes nothing."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+_noticed: set[Path] = set()
+
+
+def verify_integrity(meta: Mapping[str, Any], config: bool = True) -> None:
+    """Refuse a file whose header (or, with ``config``, whose ``config.json`` beside it) changed after it was saved.
+
+    Readers call it once the model is built and checked, so a damaged entry that a format check names is reported
+    by that check. A file written before the header had a digest loads with a one-time notice."""
+    file, recorded = Path(meta["file"]), meta.get(INTEGRITY)
+    if recorded is None:
+        if file not in _noticed:
+            _noticed.add(file)
+            log.warning(
+                "notice: %s was saved by surgeon %s, before its config and metadata had a digest: only its tensors "
+                "are checked (save it again to cover them)",
+                file,
+                meta.get("surgeon_version") or "(unknown)",
+            )
+        return
+    if not (isinstance(recorded, dict) and isinstance(recorded.get("metadata"), str)):
+        raise SurgeonError(f"damaged file: {file} has an unreadable integrity record", _DAMAGED_HINT)
+    if recorded["metadata"] != meta["header_digest"]:
+        raise SurgeonError(
+            f"damaged file: the metadata of {file} does not match the digest recorded when it was saved", _DAMAGED_HINT
+        )
+    if config and recorded.get("config") is not None:
+        config_file = file.parent / "config.json"
+        try:
+            text = inside(file.parent, config_file).read_text()
+            value = json.loads(text)
+        except (OSError, UnicodeDecodeError, ValueError):
+            value = None
+        if record_digest(value) != recorded["config"]:
+            raise SurgeonError(
+                f"damaged file: {config_file} does not match the digest recorded in {file.name} when it was saved",
+                _DAMAGED_HINT,
+            )
 
 
 _BLAKE3 = "b3:"  # digests written since BLAKE3; unprefixed ones (older files) are BLAKE2b-128
@@ -141,25 +202,89 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if raw.get("format") != MARKER:
         raise SurgeonError(f"{file} was not written by surgeon", "load plain checkpoints with surgeon.load_model")
     version = raw.get("format_version", "")
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
+    if not (isinstance(version, str) and version.isascii() and version.isdigit()) or int(version) > FORMAT_VERSION:
         raise SurgeonError(
             f"{file} has format version {version!r}; this surgeon reads up to {FORMAT_VERSION}", "upgrade surgeon"
         )
-    try:
-        parsed = {k: json.loads(v) for k, v in raw.items() if k not in _PLAIN}
-        missing = [k for k in _REQUIRED if k not in parsed]
-        if missing:
-            raise KeyError(missing[0])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise SurgeonError(f"{file} has corrupt metadata ({brief(e)})", "save the model again") from None
+    parsed = {k: parse_entry(file, k, v) for k, v in raw.items() if k not in _PLAIN}
+    for key in _REQUIRED:
+        if key not in parsed:
+            raise corrupt_metadata(file, key, "is missing")
+    for key, types in _TYPES.items():
+        if key in parsed and not isinstance(parsed[key], types):
+            expected = " or ".join("null" if t is type(None) else "a JSON object" for t in types)
+            raise corrupt_metadata(file, key, f"is {_json_type(parsed[key])}, expected {expected}")
     return {
         **parsed,
+        "header_digest": record_digest({k: v for k, v in raw.items() if k != INTEGRITY}),
         "format_version": int(version),
         "class": raw.get("class"),
         "surgeon_version": raw.get("surgeon_version"),
         "layout": raw.get("layout", DEFAULT_LAYOUT),
         "file": file,
     }
+
+
+# the JSON type each entry must have where it is read (``tensors`` entries: surgeon.formats.packed.check_tensor_info)
+_TYPES: dict[str, tuple[type, ...]] = {
+    "tensors": (dict,),
+    "plan": (dict, type(None)),
+    "recipe": (dict, type(None)),
+    "extra": (dict,),
+    "config": (dict,),
+    DIGESTS: (dict,),
+    INTEGRITY: (dict,),
+}
+_MAX_DEPTH = 64  # deeper JSON is no metadata surgeon writes; Python's parser would recurse into a RecursionError
+
+
+def corrupt_metadata(file: str | os.PathLike, key: str, what: str) -> SurgeonError:
+    """The one error for a metadata value of the wrong form: ``corrupt metadata in FILE: KEY ...``."""
+    return SurgeonError(f"corrupt metadata in {file}: {key} {what}", "the file is damaged; save the model again")
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "a JSON object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _depth(text: str) -> int:
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (not escaped and ch == "\\"), in_string and (escaped or ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_entry(file: str | os.PathLike, key: str, text: Any) -> Any:
+    """One JSON metadata entry parsed strictly: no NaN/Infinity, no numbers beyond float range, bounded nesting."""
+    if not isinstance(text, str):
+        raise corrupt_metadata(file, key, "is not text")
+    if _depth(text) > _MAX_DEPTH:
+        raise corrupt_metadata(file, key, f"is nested deeper than {_MAX_DEPTH} levels")
+    try:
+        return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
+        raise corrupt_metadata(file, key, f"is not valid JSON ({brief(e)})") from None
 
 
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:

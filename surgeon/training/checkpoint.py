@@ -21,9 +21,10 @@ from torch import nn
 
 from surgeon.errors import SurgeonError, brief
 from surgeon.io.atomic import atomic_path
-from surgeon.io.container import DIGESTS, digests, verify_digests
+from surgeon.io.container import DIGESTS, corrupt_metadata, digests, parse_entry, verify_digests
 
 FORMAT = "surgeon.checkpoint/1"
+_JSON_ENTRIES = {"param_names": list, "param_groups": list, "optim_scalars": dict, "algorithm": dict, "extra": dict}
 _NAME = re.compile(r"^step-(\d+)\.safetensors$")
 
 
@@ -131,6 +132,12 @@ def read_metadata(ref: str | os.PathLike) -> tuple[Path, dict[str, str]]:
             f"{path} is not a surgeon training checkpoint",
             "resume from a checkpoints/step-N.safetensors of a surgeon run",
         )
+    step = meta.get("step", "")
+    if not (step.isascii() and step.isdigit()):
+        raise corrupt_metadata(path, "step", f"{step[:20]!r} is not a step number")
+    for key, kind in _JSON_ENTRIES.items():  # every value checked where it is read, before anything is restored
+        if key in meta and not isinstance(parse_entry(path, key, meta[key]), kind):
+            raise corrupt_metadata(path, key, f"is not a JSON {kind.__name__}")
     return path, meta
 
 

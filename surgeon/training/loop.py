@@ -24,7 +24,7 @@ from surgeon.algorithms import ALGORITHMS
 from surgeon.data.sampler import BatchSampler
 from surgeon.errors import Interrupted, SurgeonError, brief
 from surgeon.evaluation.heldout import heldout_loss
-from surgeon.io.atomic import atomic_path
+from surgeon.io.atomic import atomic_path, write_error
 from surgeon.masking.measure import measure
 from surgeon.progress import TrainProgress
 from surgeon.recipe import Recipe
@@ -335,8 +335,11 @@ def _deferred_interrupt():
 
 def _log(acc: Accelerator, path: Path, record: dict) -> None:
     if acc.is_main_process:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: named, with the last checkpoint to resume from
+            raise write_error(path, e) from e
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -2,7 +2,7 @@
 
 Both commands compose the same steps; each is a few lines that say what differs::
 
-    acc       = open_run(out, recipe, force, resume)     # check the output folder before any process writes
+    acc       = open_run(out, recipe, force, resume)     # check the output folder, take its one-writer lock
     source    = load_source(model)                        # the denoiser (+ frozen autoencoder of a latent pipeline)
     task      = make_run_task(source, data, recipe)       # what is denoised, with the recipe's noise schedule
     recipe    = with_task_defaults(recipe, task)          # the task's defaults written in (e.g. clip_sample)
@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,8 +30,9 @@ from torch import nn
 
 from surgeon.errors import SurgeonError
 from surgeon.formats import loading
-from surgeon.io.atomic import atomic_path, replaceable
+from surgeon.io.atomic import atomic_path, check_apart, replaceable
 from surgeon.io.classes import copy_model
+from surgeon.io.lock import exclusive
 from surgeon.masking.inspection import nm_coverage
 from surgeon.masking.plan import plan as make_plan
 from surgeon.masking.surgery import inject, sites
@@ -137,16 +138,32 @@ def _rmdir_if_empty(folder: Path) -> None:
 # --- the shared steps ----------------------------------------------------------------------------------------------
 
 
-def open_run(out: str | os.PathLike, recipe: Recipe, force: bool = False, resume=None) -> Accelerator:
-    """Check the output folder (every process, before any process writes) and start Accelerate."""
+def open_run(
+    out: str | os.PathLike,
+    recipe: Recipe,
+    force: bool = False,
+    resume=None,
+    inputs: dict | None = None,
+    hold: ExitStack | None = None,
+) -> Accelerator:
+    """Check the output folder (every process, before any process writes) and start Accelerate.
+
+    ``inputs`` (``{what: [references]}``): what the run reads, which its output must neither be, hold nor lie
+    inside. ``hold``: the run folder's one-writer lock (:mod:`surgeon.io.lock`) is taken on it by the main process,
+    before anything in the folder changes, and held until the caller closes it."""
     from surgeon.training.checkpoint import check_resumable
     from surgeon.training.loop import make_accelerator
 
     out = Path(out)
+    for what, sources in (inputs or {}).items():
+        check_apart(out, what, *sources)
     check_out_dir(out, force, resume)
     if resume is not None:  # another algorithm's checkpoint, or one past --steps: refused before the model loads
         check_resumable(resume, recipe.algorithm, recipe.training.steps)
     acc = make_accelerator(recipe.training.mixed_precision)
+    if hold is not None and acc.is_main_process:
+        hold.enter_context(exclusive(out))
+        check_out_dir(out, force, resume)  # again, now that no other writer can change it
     if force and resume is None and acc.is_main_process:
         clear_stale_checkpoints(out)
     acc.wait_for_everyone()
@@ -168,8 +185,14 @@ def make_run_task(source: Source, data: str | Task, recipe: Recipe, limit: int |
     """The task for ``source.model`` on ``data`` (a data reference or a Task you built), with the recipe's noise."""
     task = data if isinstance(data, Task) else make_task(source.model, data, vae=source.vae, limit=limit)
     apply_diffusion_settings(task, recipe.diffusion)
-    if len(task.dataset("train")) == 0:
+    n, batch = len(task.dataset("train")), recipe.training.batch_size
+    if n == 0:
         raise SurgeonError(f"no training examples in {data}", "check --data")
+    if batch > n:  # before the model is prepared: the sampler would refuse it only once training starts
+        raise SurgeonError(
+            f"batch size {batch} is larger than the {n} training examples in {data}",
+            f"use --batch-size {n} or less, or train on more data",
+        )
     return task
 
 
@@ -374,24 +397,25 @@ def sparsify(
 
     ``recipe``: a Recipe, a shipped name or a YAML path. ``trust_code``: see :func:`surgeon.load_model`."""
     recipe = as_recipe(recipe)
-    acc = open_run(out, recipe, force, resume)
-    source = load_source(model, trust_code)
-    task = make_run_task(source, data, recipe, limit)
-    recipe = with_task_defaults(recipe, task)
-    objective = make_objective(task, recipe)  # before prepare: a recipe that needs a teacher fails untouched
-    prepare(source.model, recipe, init)
-    return execute(
-        source,
-        task,
-        recipe,
-        out,
-        acc,
-        objective,
-        resume=resume,
-        progress=progress,
-        samples=samples,
-        stop_after=stop_after,
-    )
+    with ExitStack() as hold:
+        acc = open_run(out, recipe, force, resume, inputs={"model": [model]}, hold=hold)
+        source = load_source(model, trust_code)
+        task = make_run_task(source, data, recipe, limit)
+        recipe = with_task_defaults(recipe, task)
+        objective = make_objective(task, recipe)  # before prepare: a recipe that needs a teacher fails untouched
+        prepare(source.model, recipe, init)
+        return execute(
+            source,
+            task,
+            recipe,
+            out,
+            acc,
+            objective,
+            resume=resume,
+            progress=progress,
+            samples=samples,
+            stop_after=stop_after,
+        )
 
 
 def finetune(
@@ -442,45 +466,46 @@ def finetune(
         )
     if init is not None and model is not None:
         raise SurgeonError("give MODEL or --init PRUNED, not both", "--init PRUNED is the student's starting point")
-    acc = open_run(out, recipe, force, resume)
-    teacher_module = load_teacher(
-        teacher, architecture=model if not isinstance(model, nn.Module) else None, trust_code=trust_code
-    )
-    if init is not None:  # a one-shot pruned model: its mask and updated weights
-        student = load_source(init, trust_code)
-        check_same_targets(student.model, teacher_module)
-    elif model is None:  # the paper's setting: the student starts as the teacher
-        student = Source(copy_model(teacher_module).train().requires_grad_(True))
-        if not isinstance(teacher, nn.Module):
-            student.vae = loading.find_autoencoder(str(teacher))
-            student.pipeline = str(Path(teacher).resolve()) if student.vae is not None else None
-    else:
-        student = load_source(model, trust_code)
-        check_same_targets(student.model, teacher_module)
-    masks = pruned_masks(student.model, recipe, init) if init is not None else None
-    if sites(student.model):
-        fold(student.model)  # a masked student (e.g. an unstructured sparse model) starts from its effective weights
-    teacher_module = freeze(teacher_module)
-    identity = {"source": _describe(teacher), "sha256": content_digest(teacher_module)}
-    task = make_run_task(student, data, recipe, limit)
-    recipe = with_task_defaults(recipe, task)
-    objective = make_objective(task, recipe, teacher_module)
-    if recipe.prune is not None:
-        masks = prune_first(student.model, task, recipe)
-    prepare(student.model, recipe, init="pretrained", masks=masks)
-    return execute(
-        student,
-        task,
-        recipe,
-        out,
-        acc,
-        objective,
-        resume=resume,
-        progress=progress,
-        samples=samples,
-        stop_after=stop_after,
-        teacher=identity,
-    )
+    with ExitStack() as hold:
+        acc = open_run(out, recipe, force, resume, inputs={"model": [model, init], "teacher": [teacher]}, hold=hold)
+        teacher_module = load_teacher(
+            teacher, architecture=model if not isinstance(model, nn.Module) else None, trust_code=trust_code
+        )
+        if init is not None:  # a one-shot pruned model: its mask and updated weights
+            student = load_source(init, trust_code)
+            check_same_targets(student.model, teacher_module)
+        elif model is None:  # the paper's setting: the student starts as the teacher
+            student = Source(copy_model(teacher_module).train().requires_grad_(True))
+            if not isinstance(teacher, nn.Module):
+                student.vae = loading.find_autoencoder(str(teacher))
+                student.pipeline = str(Path(teacher).resolve()) if student.vae is not None else None
+        else:
+            student = load_source(model, trust_code)
+            check_same_targets(student.model, teacher_module)
+        masks = pruned_masks(student.model, recipe, init) if init is not None else None
+        if sites(student.model):  # a masked student starts from its effective weights
+            fold(student.model)
+        teacher_module = freeze(teacher_module)
+        identity = {"source": _describe(teacher), "sha256": content_digest(teacher_module)}
+        task = make_run_task(student, data, recipe, limit)
+        recipe = with_task_defaults(recipe, task)
+        objective = make_objective(task, recipe, teacher_module)
+        if recipe.prune is not None:
+            masks = prune_first(student.model, task, recipe)
+        prepare(student.model, recipe, init="pretrained", masks=masks)
+        return execute(
+            student,
+            task,
+            recipe,
+            out,
+            acc,
+            objective,
+            resume=resume,
+            progress=progress,
+            samples=samples,
+            stop_after=stop_after,
+            teacher=identity,
+        )
 
 
 def pruned_masks(model: nn.Module, recipe: Recipe, ref) -> dict[str, torch.Tensor]:
