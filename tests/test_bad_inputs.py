@@ -13,10 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import WRONG_SHAPE, assert_one_error, invoke, swap_two_bits, write_images
 from helpers_train import SyntheticImageTask, one_thread, small_recipe, tiny_model  # noqa: F401
+from PIL import Image
 
 import surgeon
 from surgeon.errors import SurgeonError
@@ -60,7 +62,7 @@ RECIPES = {
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad-inputs")
-    write_images(root / "images", n=8)
+    write_images(root / "images", n=16)  # as many as the default batch size
     (root / "empty").mkdir()
     (root / "runs").mkdir()
     (root / "file.txt").write_text("not a folder")
@@ -99,7 +101,116 @@ def root(tmp_path_factory) -> Path:
     (root / "torn-run" / "checkpoints").mkdir(parents=True)
     checkpoint = (root / "run" / "checkpoints" / "step-0000002.safetensors").read_bytes()
     (root / "torn-run" / "checkpoints" / "step-0000002.safetensors").write_bytes(checkpoint[: len(checkpoint) // 2])
+    _second_pass_inputs(root, model)
     return root
+
+
+def _pipeline(folder: Path) -> Path:
+    surgeon.load_model("tiny-unet").save_pretrained(folder / "unet", safe_serialization=True)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler"}')
+    index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "x"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _edit_header(folder: Path, **entries: str) -> None:
+    """Rewrite header entries of a saved folder, digests left as they were (a damaged or hostile file)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "model.safetensors"
+    with safe_open(str(file), "pt") as f:
+        raw = dict(f.metadata())
+    save_file(load_file(file), str(file), metadata={**raw, **entries})
+
+
+CORRUPT_HEADERS = {  # entry → (raw JSON text, words of the error)
+    "tensors-list": ("tensors", "[]", "tensors is a list, expected a JSON object"),
+    "tensors-deep": ("tensors", "[" * 100_000 + "]" * 100_000, "tensors is nested deeper than 64 levels"),
+    "tensors-nan": ("tensors", '{"conv_in.weight": {"shape": [NaN]}}', "NaN is not a JSON number"),
+    "tensors-huge-number": ("tensors", '{"conv_in.weight": {"kept": 1e999}}', "1e999 is not a finite number"),
+    "tensors-entry-string": ("tensors", '{"conv_in.weight": "8x1x3x3"}', "entry conv_in.weight is not a JSON object"),
+    "tensors-shape-float": (
+        "tensors",
+        '{"w": {"shape": [8.5], "dtype": "float32", "kept": 1, "kind": "conv"}}',
+        "shape",
+    ),
+    "tensors-kept-negative": (
+        "tensors",
+        '{"w": {"shape": [8], "dtype": "float32", "kept": -1, "kind": "conv"}}',
+        "kept -1",
+    ),
+    "tensors-nm-three": (
+        "tensors",
+        '{"w": {"shape": [8], "dtype": "float32", "kept": 1, "kind": "conv", "nm": [1, 2, 3]}}',
+        "nm [1, 2, 3]",
+    ),
+    "plan-list": ("plan", "[1, 2]", "plan is a list, expected a JSON object or null"),
+    "recipe-number": ("recipe", "5", "recipe is a number, expected a JSON object or null"),
+    "extra-string": ("extra", '"x"', "extra is a string, expected a JSON object"),
+    "digests-list": ("digests", "[]", "digests is a list, expected a JSON object"),
+    "format-version-superscript": ("format_version", "\u00b2", "format version"),
+    "config-not-json": ("tensors", "{not json", "tensors is not valid JSON"),
+    "plan-malformed": ("plan", '{"layers": []}', "plan is malformed"),
+}
+
+
+def _second_pass_inputs(root: Path, model) -> None:
+    """What the second audit tried: links out of folders, records that walk through modules, edited configs and
+    headers, outputs that are inputs or links, images that do not decode."""
+    import os
+
+    from test_integrity import resign
+
+    (root / "secret.txt").write_text("PRIVATE KEY")
+    os.symlink(root / "secret.txt", _pipeline(root / "pipe-leak") / "scheduler" / "notes.txt")
+    os.symlink(root / "runs", _pipeline(root / "pipe-dir-leak") / "extras")
+    pipe = _pipeline(root / "pipe-loop")
+    os.symlink("b", pipe / "scheduler" / "a")
+    os.symlink("a", pipe / "scheduler" / "b")
+    surgeon.save(model, root / "linked-config")
+    (root / "linked-config" / "config.json").rename(root / "moved-config.json")
+    os.symlink(root / "moved-config.json", root / "linked-config" / "config.json")
+    surgeon.save(model, root / "linked-weights")
+    (root / "linked-weights" / "model.safetensors").rename(root / "moved.safetensors")
+    os.symlink(root / "moved.safetensors", root / "linked-weights" / "model.safetensors")
+    surgeon.load_model("tiny-unet").save_pretrained(root / "diffusers-linked", safe_serialization=True)
+    weights = root / "diffusers-linked" / "diffusion_pytorch_model.safetensors"
+    weights.rename(root / "moved-diffusers.safetensors")
+    os.symlink(root / "moved-diffusers.safetensors", weights)
+    for name, spec in (
+        ("walk-chirodiff", "surgeon.models.chirodiff:torch.nn.Linear"),
+        ("walk-diffusers", "diffusers.models.modeling_utils:torch.nn.Linear"),
+        ("walk-presets", "surgeon.models.presets:nn.Linear"),
+    ):
+        surgeon.save(torch.nn.Linear(3, 3), root / name)
+        config = {"_surgeon_class": spec, "_surgeon_init": {"in_features": 3, "out_features": 3}}
+        (root / name / "config.json").write_text(json.dumps(config))
+        resign(root / name)
+    surgeon.save(model, root / "edited-config")
+    config = json.loads((root / "edited-config" / "config.json").read_text())
+    (root / "edited-config" / "config.json").write_text(json.dumps({**config, "norm_eps": 0.5}))
+    surgeon.save(model, root / "edited-header")
+    _edit_header(root / "edited-header", recipe='{"algorithm": "rigl"}')
+    for name, (key, text, _) in CORRUPT_HEADERS.items():
+        surgeon.save(model, root / f"meta-{name}")
+        _edit_header(root / f"meta-{name}", **{key: text})
+    surgeon.save(model, root / "runX" / "model")
+    (root / "runX" / "checkpoints").mkdir()
+    (root / "runX" / "checkpoints" / "step-0000002.safetensors").write_text("a checkpoint")
+    (root / "link-target").mkdir()
+    os.symlink("link-target", root / "out-link")
+    # image folders whose every file is unusable: skipped files are counted, the first one named
+    (root / "img-bomb").mkdir()
+    Image.new("L", (1, 1)).save(root / "img-bomb" / "bomb.png")
+    data = bytearray((root / "img-bomb" / "bomb.png").read_bytes())
+    data[16:24] = (200_000).to_bytes(4, "big") * 2  # a header claiming 200000 x 200000 pixels
+    (root / "img-bomb" / "bomb.png").write_bytes(bytes(data))
+    (root / "img-float").mkdir()
+    Image.fromarray(np.ones((16, 16), dtype=np.float32), mode="F").save(root / "img-float" / "f.tiff")
+    (root / "img-truncated").mkdir()
+    (root / "img-truncated" / "t.png").write_bytes((root / "images" / "00.png").read_bytes()[:40])
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -289,6 +400,95 @@ CLI_CASES = {
     "eval/extractor": Cli("eval tiny-unet --extractor clip --data images --out o", "clip"),
     "eval/out-not-empty": Cli("eval tiny-unet --data images --out saved", "saved exists"),
     "eval/model-mistyped": Cli("eval runs/nothere --data images --out o", "no such folder: runs/nothere"),
+    # ---- the second pass (issue 17) ----
+    # no file from outside a model folder travels with it or is read from it
+    "export/pipeline-file-links-out": Cli("export pipe-leak --out o --pipeline", "notes.txt links outside the folder"),
+    "export/pipeline-folder-links-out": Cli(
+        "export pipe-dir-leak --out o --pipeline", "extras links outside the folder"
+    ),
+    "export/pipeline-link-loop": Cli("export pipe-loop --out o --pipeline", "symbolic link loop"),
+    "inspect/config-links-out": Cli("inspect linked-config", "config.json links outside the folder"),
+    "inspect/weights-link-out": Cli("inspect linked-weights", "model.safetensors links outside the folder"),
+    "inspect/diffusers-weights-link-out": Cli(
+        "inspect diffusers-linked", "diffusion_pytorch_model.safetensors links outside the folder"
+    ),
+    "sparsify/model-links-out": Cli(f"sparsify linked-config {FAST}", "config.json links outside the folder"),
+    "finetune/teacher-links-out": Cli(f"finetune --teacher linked-weights {FAST}", "links outside the folder"),
+    "export/model-links-out": Cli("export linked-config --out o", "config.json links outside the folder"),
+    "eval/model-links-out": Cli("eval linked-config --data images --out o", "config.json links outside the folder"),
+    # the trust-code allowlist checks what a record resolves to
+    "inspect/walks-through-torch": Cli("inspect walk-chirodiff", "through the module torch"),
+    "inspect/walks-through-diffusers": Cli("inspect walk-diffusers", "through the module torch"),
+    "inspect/walks-through-presets": Cli("inspect walk-presets", "through the module torch.nn"),
+    "export/walks-through-torch": Cli("export walk-chirodiff --out o", "through the module torch"),
+    "sparsify/walks-through-torch": Cli(f"sparsify walk-chirodiff {FAST}", "through the module torch"),
+    # an output is never its input, and never a link
+    "export/out-contains-model": Cli("export runX/model --out runX --force", "output runX contains the model"),
+    "export/out-is-model": Cli("export saved --out saved --force", "output saved is the model saved"),
+    "export/out-inside-pipeline": Cli(
+        "export pipe-leak --out pipe-leak/deploy --pipeline", "output pipe-leak/deploy is inside the model pipe-leak"
+    ),
+    "sparsify/out-is-model": Cli(f"sparsify saved --out saved --force {FAST}", "output saved is the model saved"),
+    "sparsify/out-contains-model": Cli(f"sparsify runX/model --out runX --force {FAST}", "contains the model"),
+    "finetune/out-is-teacher": Cli(
+        f"finetune --teacher saved --out saved --force {FAST}", "output saved is the teacher saved"
+    ),
+    "finetune/out-inside-model": Cli(
+        f"finetune saved --teacher tiny-unet --out saved/run {FAST}", "is inside the model"
+    ),
+    "eval/out-is-model": Cli("eval saved --data images --out saved --force", "output saved is the model saved"),
+    "eval/out-contains-model": Cli("eval runX/model --data images --out runX --force", "contains the model"),
+    "export/out-is-a-link": Cli("export tiny-unet --out out-link --force", "output out-link is a symbolic link"),
+    "sparsify/out-is-a-link": Cli(f"sparsify tiny-unet --out out-link --force {FAST}", "is a symbolic link"),
+    "finetune/out-is-a-link": Cli(f"finetune --teacher tiny-unet --out out-link --force {FAST}", "is a symbolic link"),
+    "eval/out-is-a-link": Cli("eval tiny-unet --data images --out out-link --force", "is a symbolic link"),
+    # integrity covers config.json and the header
+    "inspect/config-edited": Cli("inspect edited-config", "config.json does not match the digest"),
+    "inspect/header-edited": Cli("inspect edited-header", "the metadata of"),
+    "export/config-edited": Cli("export edited-config --out o", "config.json does not match the digest"),
+    "sparsify/config-edited": Cli(f"sparsify edited-config {FAST}", "config.json does not match the digest"),
+    # every metadata value is type-checked where it is read
+    **{
+        f"inspect/metadata-{name}": Cli(f"inspect meta-{name}", words)
+        for name, (_, _, words) in CORRUPT_HEADERS.items()
+    },
+    # inputs checked before work starts
+    "sparsify/batch-beyond-data": Cli(
+        "sparsify tiny-unet --data images --no-progress --no-samples --batch-size 1000000000",
+        "batch size 1000000000 is larger than the 16 training examples",
+    ),
+    "sparsify/steps-beyond-64-bits": Cli(
+        f"sparsify tiny-unet --steps 36893488147419103232 {FAST}", "training.steps 36893488147419103232 is beyond"
+    ),
+    "sparsify/batch-beyond-64-bits": Cli(
+        f"sparsify tiny-unet --batch-size 36893488147419103232 {FAST}", "training.batch_size 36893488147419103232"
+    ),
+    "finetune/batch-beyond-data": Cli(
+        "finetune --teacher tiny-unet --data images --no-progress --no-samples --batch-size 17",
+        "batch size 17 is larger than the 16 training examples",
+    ),
+    "finetune/steps-beyond-64-bits": Cli(f"finetune --teacher tiny-unet --steps 36893488147419103232 {FAST}", "beyond"),
+    "eval/batch-zero": Cli(
+        "eval tiny-unet --data images --out o --batch-size 0", "--batch-size 0 must be at least 1", 2
+    ),
+    "eval/batch-negative": Cli("eval tiny-unet --data images --out o --batch-size -3", "--batch-size -3", 2),
+    "eval/seed-negative": Cli("eval tiny-unet --data images --out o --seed -1", "--seed -1 is outside", 2),
+    "eval/seed-65-bits": Cli("eval tiny-unet --data images --out o --seed 36893488147419103232", "is outside", 2),
+    "eval/sample-steps-beyond-schedule": Cli(
+        "eval tiny-unet --data images --out o --n 2 --sample-steps 5000", "beyond the 1000 timesteps", 2
+    ),
+    # every decode failure names its file; skipped files are counted
+    "sparsify/data-only-a-bomb": Cli(
+        "sparsify tiny-unet --data img-bomb --no-progress", "all 1 image files were skipped (e.g. bomb.png"
+    ),
+    "sparsify/data-only-float-images": Cli(
+        "sparsify tiny-unet --data img-float --no-progress", "f.tiff: its pixel mode F is not supported"
+    ),
+    "sparsify/data-only-truncated": Cli("sparsify tiny-unet --data img-truncated --no-progress", "t.png"),
+    "eval/data-only-a-bomb": Cli("eval tiny-unet --data img-bomb --out o", "bomb.png"),
+    # paths that are not valid UTF-8 are shown, not a crash
+    "inspect/path-not-utf8": Cli("inspect ./\udcffnothere", "no such folder: ./\\xffnothere"),
+    "sparsify/data-not-utf8": Cli("sparsify tiny-unet --data \udcffnowhere --no-progress", "no data set or folder"),
     # reproduce
     "reproduce/budget-zero": Cli("reproduce --budget-minutes 0 --out o", "--budget-minutes 0 must be positive", 2),
     "reproduce/unknown-run": Cli("reproduce --only rigl-s0.33 --out o", "unknown run(s): rigl-s0.33", 2),
@@ -372,5 +572,5 @@ def test_api_bad_input(case, root, monkeypatch):
 
 
 def test_the_sweep_covers_at_least_sixty_bad_inputs():
-    assert len(CLI_CASES) + len(API_CASES) >= 60
+    assert len(CLI_CASES) + len(API_CASES) >= 60 + 131  # the second pass (issue 17) added more than 60 to the 131
     assert {key.split("/")[0] for key in CLI_CASES} >= {"inspect", "sparsify", "finetune", "export", "eval"}
