@@ -128,3 +128,14 @@ def test_a_path_that_is_not_utf8_is_shown_escaped(tmp_path):
     err = proc.stderr.decode()
     assert proc.returncode == 1 and "Traceback" not in err
     assert "caf\\xe9" in err.splitlines()[0] and err.splitlines()[1].startswith("hint: "), err
+
+
+def test_a_saved_model_under_a_path_that_is_not_utf8_is_refused_by_name(tmp_path):
+    import surgeon
+    from surgeon.errors import SurgeonError
+
+    folder = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9")
+    surgeon.save(surgeon.load_model("tiny-unet"), folder)  # writing works; safetensors cannot open such a path
+    with pytest.raises(SurgeonError, match="its path is not valid UTF-8") as info:
+        surgeon.load(folder)
+    assert info.value.hint == "rename the file or folder to a UTF-8 name"

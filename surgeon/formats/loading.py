@@ -18,6 +18,7 @@ from surgeon.errors import SurgeonError, brief, check_arg
 from surgeon.formats import load
 from surgeon.io.atomic import missing_target_error
 from surgeon.io.classes import built_without_arguments, diffusers_class, import_file, read_json, trusting_code
+from surgeon.io.container import readable_path
 from surgeon.io.folders import inside
 from surgeon.models import presets
 
@@ -142,8 +143,9 @@ def load_safetensors_file(
     path = Path(path)
     if not path.is_file():
         raise SurgeonError(f"{path} does not exist", "give an existing .safetensors file")
+    name = readable_path(path)
     try:
-        with safe_open(str(path), "pt") as f:
+        with safe_open(name, "pt") as f:
             header = f.metadata() or {}
     except Exception as e:
         raise SurgeonError(

@@ -64,6 +64,20 @@ def weights_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def readable_path(file: str | os.PathLike) -> str:
+    """``file`` as safetensors opens it; a path whose bytes are not valid UTF-8 (which safetensors cannot open) is
+    refused by name, not reported as a corrupt file."""
+    try:
+        os.fsencode(file).decode("utf-8")
+    except UnicodeDecodeError:
+        shown = os.fsencode(file).decode("utf-8", "backslashreplace")
+        raise SurgeonError(
+            f"cannot read {shown}: its path is not valid UTF-8, which safetensors cannot open",
+            "rename the file or folder to a UTF-8 name",
+        ) from None
+    return str(file)
+
+
 def to_json(value: Any, what: str) -> str:
     try:
         return json.dumps(value)
@@ -194,8 +208,9 @@ def verify_digests(tensors: Mapping[str, torch.Tensor], recorded: str | None, fi
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed header of a surgeon file or folder (layout, tensors, plan, recipe, extra, ...); reads no tensors."""
     file = weights_file(path)
+    name = readable_path(file)
     try:
-        with safe_open(str(file), "pt") as f:
+        with safe_open(name, "pt") as f:
             raw = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises untyped errors on corrupt headers
         raise SurgeonError(f"{file} is truncated or corrupt ({brief(e)})", "save the model again") from None
@@ -289,8 +304,9 @@ def parse_entry(file: str | os.PathLike, key: str, text: Any) -> Any:
 
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a file :func:`read_metadata` accepted, each checked against its recorded digest."""
+    name = readable_path(file)
     try:
-        with safe_open(str(file), "pt") as f:
+        with safe_open(name, "pt") as f:
             recorded = (f.metadata() or {}).get(DIGESTS)
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises untyped errors on corrupt data

@@ -21,7 +21,7 @@ from torch import nn
 
 from surgeon.errors import SurgeonError, brief
 from surgeon.io.atomic import atomic_path
-from surgeon.io.container import DIGESTS, corrupt_metadata, digests, parse_entry, verify_digests
+from surgeon.io.container import DIGESTS, corrupt_metadata, digests, parse_entry, readable_path, verify_digests
 
 FORMAT = "surgeon.checkpoint/1"
 _JSON_ENTRIES = {"param_names": list, "param_groups": list, "optim_scalars": dict, "algorithm": dict, "extra": dict}
@@ -121,7 +121,7 @@ def read_metadata(ref: str | os.PathLike) -> tuple[Path, dict[str, str]]:
 
     path = resolve(ref)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(readable_path(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise SurgeonError(
