@@ -174,7 +174,7 @@ class ImageFolder(Dataset):
         if not files and skipped:
             first, why = skipped[0]
             raise SurgeonError(
-                f"no readable images in {root}: all {len(skipped)} image files were skipped "
+                f"no images found in {root}: all {len(skipped)} image files were skipped "
                 f"(e.g. {first.relative_to(root)}: {why})",
                 "replace the damaged files, or convert them to 8-bit PNG or JPEG",
             )
