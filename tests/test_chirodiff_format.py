@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import surgeon
 from surgeon import SurgeonError, load_model
+from surgeon.io.container import INTEGRITY
 from surgeon.masking.surgery import get_plan, sites
 from surgeon.models import ChiroDiffNet
 
@@ -83,12 +84,19 @@ def test_surgeon_records_it_like_a_diffusers_model(tmp_path):
     assert torch.equal(_out(load_model(tmp_path / "one.safetensors")), _out(folded))
 
 
+def _written_before_integrity(file) -> None:
+    with safe_open(str(file), "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != INTEGRITY}
+    save_file(load_file(str(file)), str(file), metadata=metadata)
+
+
 def test_folders_and_files_saved_before_load_still(tmp_path):
     """An old record (class path and init arguments, written by hand here) in a saved folder and in a one-file
     export's metadata."""
     model = _masked()
     surgeon.save(model, tmp_path / "old")
     (tmp_path / "old" / "config.json").write_text(json.dumps(OLD_RECORD, indent=2, sort_keys=True) + "\n")
+    _written_before_integrity(tmp_path / "old" / "model.safetensors")
     loaded = surgeon.load(tmp_path / "old")
     assert type(loaded) is ChiroDiffNet and get_plan(loaded).to_dict() == get_plan(model).to_dict()
     assert all(torch.equal(sites(loaded)[f].mask, s.mask) for f, s in sites(model).items())
@@ -99,7 +107,8 @@ def test_folders_and_files_saved_before_load_still(tmp_path):
     with safe_open(str(file), "pt") as f:
         metadata = f.metadata()
     assert json.loads(metadata["config"])["_class_name"] == "ChiroDiffNet"
-    save_file(load_file(str(file)), str(file), metadata={**metadata, "config": json.dumps(OLD_RECORD)})
+    old = {k: v for k, v in metadata.items() if k != INTEGRITY}  # old files had no integrity record either
+    save_file(load_file(str(file)), str(file), metadata={**old, "config": json.dumps(OLD_RECORD)})
     assert torch.equal(_out(load_model(file)), _out(model))
 
     resaved = tmp_path / "resaved"
