@@ -475,7 +475,7 @@ CLI_CASES = {
     "eval/seed-negative": Cli("eval tiny-unet --data images --out o --seed -1", "--seed -1 is outside", 2),
     "eval/seed-65-bits": Cli("eval tiny-unet --data images --out o --seed 36893488147419103232", "is outside", 2),
     "eval/sample-steps-beyond-schedule": Cli(
-        "eval tiny-unet --data images --out o --n 2 --sample-steps 5000", "beyond the 1000 timesteps", 2
+        "eval tiny-unet --data images --out o --n 4 --sample-steps 5000", "beyond the 1000 timesteps", 2
     ),
     # every decode failure names its file; skipped files are counted
     "sparsify/data-only-a-bomb": Cli(
