@@ -59,7 +59,7 @@ def test_a_micro_study_runs_scores_reports_and_resumes(tmp_path, monkeypatch):
         progress=False,
         image_model="tiny-unet",
         chiro_model="tiny-chirodiff",
-        limit=12,
+        limit=16,  # a default batch (16): a batch larger than the data is refused
         updates=1,
         only=["dense", "rigl-s0.9-p0.05", "chiro-dense"],
         steps=(2, 2),
