@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import write_images
 from helpers_train import PYTHON, REPO, subprocess_env
-from test_cli_sparsify import write_images
 from typer.testing import CliRunner
 
 import surgeon

@@ -100,7 +100,7 @@ main()
     ids=["folder", "file", "training-run"],
 )
 def test_a_file_size_limit_is_one_error_naming_the_file(tmp_path, args, target):
-    from test_cli_sparsify import write_images
+    from helpers import write_images
 
     write_images(tmp_path / "images", n=4)
     proc = subprocess.run(
