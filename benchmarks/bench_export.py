@@ -1,6 +1,6 @@
 """Export formats side by side in one run: file bytes per format and dtype, and denoising-step time of the exports.
 
-    .venv/bin/python benchmarks/bench_export.py [--threads 2] [--repeats 15] [--quick]
+    .venv/bin/python benchmarks/bench_export.py [--threads 2] [--repeats 15] [--quick] [--tiny] [--write-results]
 
 Models (built from configs, random weights: bytes and times do not depend on the values):
 
@@ -20,12 +20,12 @@ available; otherwise they print "not measured".
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch
+from results import Run, Table, add_arguments, report
 from timing import interleaved, medians
 
 import surgeon
@@ -53,15 +53,23 @@ def chirodiff() -> torch.nn.Module:
     return surgeon.models.presets.build("chirodiff")
 
 
+def tiny_dit() -> torch.nn.Module:
+    return dit(hidden_heads=2, layers=1)
+
+
+def tiny_chirodiff() -> torch.nn.Module:
+    return surgeon.models.presets.build("tiny-chirodiff")
+
+
 def masked(model: torch.nn.Module, nm: bool, sparsity: float = 0.9) -> torch.nn.Module:
     p = surgeon.plan(model, nm="2:4") if nm else surgeon.plan(model, sparsity=sparsity, distribution="uniform")
     return surgeon.inject(model, p, init="magnitude")
 
 
-def byte_table(tmp: Path) -> list[tuple]:
+def byte_table(tmp: Path, build=dit) -> list[tuple]:
     rows = []
     for label, nm in (("S=0.9", False), ("2:4", True)):
-        model = masked(dit(), nm)
+        model = masked(build(), nm)
         for dtype in ("fp32", "fp16", "bf16"):
             formats = (
                 ["dense", "packed"]
@@ -165,29 +173,44 @@ def gpu_rows(repeats: int) -> list[tuple]:
     ]
 
 
-def main() -> None:
+def byte_rows(rows: list[tuple], tiny: bool) -> Table:
+    cells = [(model, fmt, f"{ratio:.3f}", f"{size:,}", f"{dense:,}") for model, fmt, ratio, size, dense in rows]
+    model = "a tiny DiT (hidden 128, 1 block)" if tiny else "the DiT (hidden 768, 4 blocks, 47M parameters)"
+    title = f"File bytes / dense file bytes, same dtype, {model} (target: semi-structured fp16 <= 0.57)"
+    return Table(title, ("model", "format", "ratio", "bytes", "dense bytes"), cells, align="llrrr")
+
+
+def ratio_rows(title: str, rows: list[tuple]) -> Table:
+    cells = [(label, "n/a" if ratio is None else f"{ratio:.3f}", detail) for label, ratio, detail in rows]
+    return Table(title, ("measure", "ratio", "detail"), cells, align="lrl")
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="bytes only, no timing")
-    args = ap.parse_args()
+    ap.add_argument("--tiny", action="store_true", help="tiny models: checks the script, measures nothing real")
+    add_arguments(ap)
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU; load average {os.getloadavg()[0]:.1f}", flush=True)
+    run = Run.start("cpu" + (", GPU rows on cuda" if torch.cuda.is_available() else ""))
+    models = (
+        (("dit", tiny_dit), ("chirodiff", tiny_chirodiff)) if args.tiny else (("dit", dit), ("chirodiff", chirodiff))
+    )
+    print("measuring file bytes", flush=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        print("\nfile bytes / dense file bytes, same dtype (target: semi-structured fp16 <= 0.57)")
-        print(f"{'model':<16} {'format':<16} {'ratio':>7} {'bytes':>12} {'dense bytes':>12}")
-        for model, fmt, ratio, size, dense in byte_table(tmp):
-            print(f"{model:<16} {fmt:<16} {ratio:>7.3f} {size:>12,} {dense:>12,}")
-        if args.quick:
-            return
-        print("\nCPU denoising step, batch 4, S = 0.9 (target: >= 1.3x faster where CSR is chosen; auto never slower)")
-        for name, build in (("dit", dit), ("chirodiff", chirodiff)):
-            for label, ratio, detail in step_times(name, build, tmp, args.repeats):
-                print(f"{label:<36} {ratio:>6.3f}   {detail}")
-    print("\nGPU (target: <= 1 / 1.3 = 0.77)")
-    for label, ratio, detail in gpu_rows(args.repeats):
-        print(f"{label:<52} {'n/a' if ratio is None else f'{ratio:.3f}':>6}   {detail}")
+        tables = [byte_rows(byte_table(tmp, models[0][1]), args.tiny)]
+        if not args.quick:
+            print("measuring CPU denoising steps", flush=True)
+            steps = [row for name, build in models for row in step_times(name, build, tmp, args.repeats)]
+            title = (
+                "CPU denoising step, batch 4, S = 0.9 (target: >= 1.3x faster where CSR is chosen; auto never slower)"
+            )
+            tables.append(ratio_rows(title, steps))
+            tables.append(ratio_rows("GPU (target: <= 1 / 1.3 = 0.77)", gpu_rows(args.repeats)))
+    report(run, "bench_export", "Export formats (`bench_export.py`)", tables, args.write_results, args.results_file)
 
 
 if __name__ == "__main__":

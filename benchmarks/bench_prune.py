@@ -9,7 +9,7 @@ nothing, so ``peak - base`` is what pruning adds. Times are wall-clock seconds o
 ratio column divides each by magnitude's time in the same model, pattern and thread count.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_prune.py            # every combination (minutes on 2 cores)
-    python benchmarks/bench_prune.py --models dit --threads 1 --calib 16
+    python benchmarks/bench_prune.py --models dit --threads 1 --calib 16 [--write-results]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+from results import Run, Table, add_arguments, report
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("2:4", "0.5")
@@ -88,23 +89,32 @@ def run_child(*args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def table(calib: int, batch: int, rows: list[tuple]) -> Table:
+    """One row per (model, threads, pattern, method): seconds, x magnitude, peak MiB and peak - base."""
+    cells = [
+        (model, threads, pattern, method, f"{seconds:.2f}", f"{ratio:.1f}", f"{peak:.0f}", f"{peak - base:.0f}")
+        for model, threads, pattern, method, seconds, ratio, peak, base in rows
+    ]
+    title = f"Calibration: {calib} random examples, batch {batch}; sequential mode; seconds of prune_model"
+    columns = ("model", "threads", "pattern", "method", "seconds", "× magnitude", "peak MiB", "− base")
+    return Table(title, columns, cells, align="lrllrrrr")
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["dit", "unet-kanji"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--child", nargs=6, metavar=("MODEL", "METHOD", "PATTERN", "THREADS", "CALIB", "BATCH"))
-    args = ap.parse_args()
+    add_arguments(ap)
+    args = ap.parse_args(argv)
     if args.child:
         m, method, pattern, threads, n, batch = args.child
         print(json.dumps(child(m, method, pattern, int(threads), int(n), int(batch))))
         return
-    print(f"calibration: {args.calib} examples, batch {args.batch}; sequential; seconds of prune_model")
-    print(
-        f"{'model':<11} {'thr':>3} {'pattern':>7} {'method':<10} {'seconds':>8} {'x magn.':>8} {'peak MiB':>9} "
-        f"{'- base':>7}"
-    )
+    run = Run.start("cpu")
+    rows = []
     for model in args.models:
         for threads in args.threads:
             base = run_child(model, "base", "2:4", threads, args.calib, args.batch)["peak_mib"]
@@ -113,11 +123,12 @@ def main() -> None:
                 for m, r in results.items():
                     ratio = r["seconds"] / results["magnitude"]["seconds"]
                     label = pattern if ":" in pattern else f"S={pattern}"
-                    print(
-                        f"{model:<11} {threads:>3} {label:>7} {m:<10} {r['seconds']:>8.2f} {ratio:>8.1f} "
-                        f"{r['peak_mib']:>9.0f} {r['peak_mib'] - base:>7.0f}",
-                        flush=True,
-                    )
+                    rows.append((model, threads, label, m, r["seconds"], ratio, r["peak_mib"], base))
+                    print(f"  {model} {threads} thread(s) {label} {m}: {r['seconds']:.2f} s", flush=True)
+    threads = " and ".join(map(str, args.threads)) + " (each child; see the table)"
+    tables = [table(args.calib, args.batch, rows)]
+    heading = "Pruning time and peak memory (`bench_prune.py`)"
+    report(run, "bench_prune", heading, tables, args.write_results, args.results_file, threads=threads)
 
 
 if __name__ == "__main__":

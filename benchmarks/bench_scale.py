@@ -41,7 +41,8 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from results import Run, Table, add_arguments, report
+
 DELTA_T = 100
 SPARSITY = 0.5
 GB = 1024**3
@@ -363,7 +364,7 @@ def measure_model(args, only: set[str]) -> list[tuple[str, str, str]]:
                 ratios = [m["step_s"] / d["step_s"] for m, d in zip(runs[config], runs["dense"])]
                 s = statistics.median(r["step_s"] for r in runs[config])
                 rows.append((f"{label} step / dense", f"{s / dense_s:.3f}x", f"<= 1.05 {verdict(s / dense_s, 1.05)}"))
-                rows.append(("    per-round ratios", " ".join(f"{r:.3f}" for r in ratios), ""))
+                rows.append(("↳ per-round ratios", " ".join(f"{r:.3f}" for r in ratios), ""))
                 peak = max(r["peak_bytes"] for r in runs[config])
                 rows.append(
                     (
@@ -380,7 +381,7 @@ def measure_model(args, only: set[str]) -> list[tuple[str, str, str]]:
                 extra = r["update_s"] - r["plain_s"]
                 share = extra / (DELTA_T * r["plain_s"])
                 rows.append(("RigL update step - masked step", f"{extra:.2f} s", f"masked step {r['plain_s']:.2f} s"))
-                rows.append(("    of which drop/grow + zeroing", f"{r['drop_grow_s']:.2f} s", ""))
+                rows.append(("↳ of which drop/grow + zeroing", f"{r['drop_grow_s']:.2f} s", ""))
                 rows.append(
                     (
                         f"RigL update amortized at ΔT_e={DELTA_T}",
@@ -393,7 +394,7 @@ def measure_model(args, only: set[str]) -> list[tuple[str, str, str]]:
             rows.append(
                 ("inject (magnitude, S=0.5)", f"{r['inject_s']:.2f} s", f"<= 10 s {verdict(r['inject_s'], 10)}")
             )
-            rows.append(("    model built from config", f"{r['build_s']:.2f} s", ""))
+            rows.append(("↳ model built from config", f"{r['build_s']:.2f} s", ""))
         if "io" in only or "export" in only:
             r = spawn(args, "io", tmp=tmp)
             if "over_cap_gb" in r:
@@ -437,27 +438,8 @@ def measure_model(args, only: set[str]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def table(title: str, rows: list[tuple[str, str, str]]) -> str:
-    lines = [f"#### {title}", "", "| measure | value | target / detail |", "|---|---|---|"]
-    lines += [f"| {a.strip()} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines)
-
-
-def write_results(text: str) -> None:
-    """Replace this script's section of benchmarks/RESULTS.md (or append it)."""
-    path = HERE / "RESULTS.md"
-    begin, end = "<!-- bench_scale: begin -->", "<!-- bench_scale: end -->"
-    section = f"{begin}\n## Real-size models (`bench_scale.py`)\n\n{text}\n{end}"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if begin in old and end in old:
-        head, _, rest = old.partition(begin)
-        _, _, tail = rest.partition(end)
-        new = head + section + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(path)
+def table(title: str, rows: list[tuple[str, str, str]]) -> Table:
+    return Table(f"### {title}", ("measure", "value", "target / detail"), rows)
 
 
 def parse() -> argparse.Namespace:
@@ -471,7 +453,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--mem-cap-gb", type=float, default=17.0, help="stop a child whose RSS passes this (CPU)")
     ap.add_argument("--wait-free-gb", type=float, default=0, help="start each child only once this much is available")
     ap.add_argument("--tiny", action="store_true", help="small configs: checks the script, measures nothing real")
-    ap.add_argument("--write-results", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    add_arguments(ap)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--config", default="", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="", help=argparse.SUPPRESS)
@@ -494,22 +476,20 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown measurement(s): {', '.join(sorted(unknown))}")
     names = {"sd15": "SD-1.5 UNet (860M)", "dit-xl": "DiT-XL/2 size (750M)"}
-    sections = []
+    run = Run.start(args.device)
+    tables = []
     for name in args.model.split(","):
         if name not in names:
             raise SystemExit(f"unknown model {name!r}: choose sd15 or dit-xl")
         args.model_one = name
         rows = measure_model(args, only)
-        load = os.getloadavg()[0]
         title = (
-            f"{names[name]}{' (tiny config)' if args.tiny else ''}: {args.device}, 1 thread, batch 1, latents 4x32x32, "
-            f"{args.rounds} rounds x {args.steps} steps; load average {load:.2f}"
+            f"{names[name]}{' (tiny config)' if args.tiny else ''}: batch 1, latents 4x32x32, "
+            f"{args.rounds} rounds x {args.steps} steps; load average {os.getloadavg()[0]:.2f} at its end"
         )
-        text = table(title, rows)
-        print(text + "\n", flush=True)
-        sections.append(text)
-    if args.write_results:
-        write_results("\n\n".join(sections))
+        tables.append(table(title, rows))
+    heading = "Real-size models (`bench_scale.py`)"
+    report(run, "bench_scale", heading, tables, args.write_results, args.results_file, threads="1 (each child)")
 
 
 if __name__ == "__main__":

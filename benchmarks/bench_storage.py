@@ -1,6 +1,7 @@
 """Packed storage and mask overhead, measured side by side in one run; prints ratios against their targets.
 
-    .venv/bin/python benchmarks/bench_storage.py [--batch 4] [--repeats 7] [--threads N] [--device cpu]
+    .venv/bin/python benchmarks/bench_storage.py [--batch 4] [--repeats 7] [--threads N] [--device cpu] [--tiny]
+                                                 [--write-results]
 
 Model: a diffusers UNet2DModel built from a config (16.7M parameters, DDPM-style, 32x32 RGB), masked with the
 default ERK plan. Compared, each pair run interleaved (A B A B ...) so that load from other processes hits both
@@ -20,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from results import Run, Table, add_arguments, report
 from safetensors.torch import load_file, save_file
 from timing import interleaved, medians
 
@@ -40,13 +40,14 @@ CONFIG = dict(
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
 )
+TINY = dict(CONFIG, block_out_channels=(8, 16, 16, 16), norm_num_groups=8)  # checks the script, measures nothing
 
 
-def build() -> torch.nn.Module:
+def build(config: dict) -> torch.nn.Module:
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    return UNet2DModel(**CONFIG)
+    return UNet2DModel(**config)
 
 
 def storage_ratios(dense: torch.nn.Module, tmp: Path) -> list[tuple[str, float, str, str]]:
@@ -85,7 +86,7 @@ def io_ratios(dense: torch.nn.Module, tmp: Path, repeats: int) -> list[tuple[str
         )
     )
 
-    targets = [build() for _ in range(2)]  # fresh plain models: load_into refuses a model that already has masks
+    targets = [copy.deepcopy(dense) for _ in range(2)]  # plain models: load_into refuses one that has masks
 
     def surgeon_load():
         surgeon.remove(targets[0])
@@ -125,7 +126,8 @@ def train_step_ratio(
     surgeon.inject(masked, surgeon.plan(masked, sparsity=0.5))
     dense, masked = dense.to(device).train(), masked.to(device).train()
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, CONFIG["in_channels"], 32, 32, generator=g).to(device)
+    size = dense.config.sample_size
+    x = torch.randn(batch, dense.config.in_channels, size, size, generator=g).to(device)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
 
     def step(model):
@@ -147,33 +149,38 @@ def train_step_ratio(
     ]
 
 
-def main() -> None:
+def table(title: str, rows: list[tuple[str, float, str, str]]) -> Table:
+    cells = [(name, f"{ratio:.3f}", target, detail) for name, ratio, target, detail in rows]
+    return Table(title, ("measured (surgeon / plain)", "ratio", "target", "detail"), cells, align="lrll")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="a small UNet: checks the script, measures nothing real")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
     if args.threads:
         # on a busy machine, OpenMP threads spin-waiting for each other can slow parallel ops by 10x or more
         torch.set_num_threads(args.threads)
+    run = Run.start(args.device)
 
-    dense = build()
+    dense = build(TINY if args.tiny else CONFIG)
     n = sum(p.numel() for p in dense.parameters())
-    print(
-        f"UNet2DModel {n / 1e6:.1f}M params, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"device {args.device}, load average {os.getloadavg()[0]:.1f}",
-        flush=True,
-    )
+    print(f"UNet2DModel {n / 1e6:.1f}M params; measuring", flush=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         rows = storage_ratios(dense, tmp) + io_ratios(dense, tmp, args.repeats)
     rows += train_step_ratio(dense, args.batch, args.repeats, args.device)
-
-    print(f"\n{'measured (surgeon / plain)':<26} {'ratio':>7}  {'target':<8} detail")
-    for name, ratio, target, detail in rows:
-        print(f"{name:<26} {ratio:>7.3f}  {target:<8} {detail}")
-    sys.stdout.flush()
+    heading = "Packed storage and mask overhead (`bench_storage.py`)"
+    title = (
+        f"UNet2DModel{' (tiny config)' if args.tiny else ''}, {n / 1e6:.1f}M parameters, 32x32 RGB, the default ERK "
+        f"plan; {args.repeats} interleaved repeats after a warm-up, medians"
+    )
+    report(run, "bench_storage", heading, [table(title, rows)], args.write_results, args.results_file)
 
 
 if __name__ == "__main__":

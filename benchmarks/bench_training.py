@@ -1,7 +1,7 @@
 """Training-step overhead of masks and the amortized cost of mask updates, measured side by side in one run.
 
     .venv/bin/python benchmarks/bench_training.py [--batch 16] [--repeats 20] [--warmup 3] [--threads N] [--device cpu]
-                                                   [--profile]
+                                                   [--profile] [--tiny] [--write-results]
 
 Model: presets.build("unet-kanji") (diffusers UNet2DModel, 32x32, 1 channel), trained with the loop's own pieces
 (ImageTask noising, EpsilonLoss, surgeon.training.loop.make_optimizer = AdamW, zero_optimizer_state). The masked model is
@@ -22,6 +22,7 @@ import statistics
 import time
 
 import torch
+from results import Run, Table, add_arguments, report
 from timing import interleaved, step_parser
 
 from surgeon.algorithms import MagRan, RigL
@@ -36,17 +37,21 @@ from surgeon.training.run import prepare
 DELTA_T = 100
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = step_parser(__doc__.splitlines()[0], "cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true")
-    return ap.parse_args()
+    ap.add_argument(
+        "--tiny", action="store_true", help="the tiny-unet preset: checks the script, measures nothing real"
+    )
+    add_arguments(ap)
+    return ap.parse_args(argv)
 
 
 class Setup:
     """One model (dense or masked) with its optimizer and a fixed noisy batch."""
 
-    def __init__(self, recipe, masked: bool, batch: int, device: str):
-        model = presets.build("unet-kanji", seed=0)
+    def __init__(self, recipe, masked: bool, batch: int, device: str, preset: str = "unet-kanji"):
+        model = presets.build(preset, seed=0)
         dense = load_recipe("dense").override(**{"init": recipe.init, "training.seed": recipe.training.seed})
         prepare(model, recipe if masked else dense)
         self.model = model.to(device).train()
@@ -116,12 +121,18 @@ def profile(setup: Setup, label: str, device: str) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
-def main() -> None:
-    args = parse()
+def table(title: str, rows: list[tuple[str, str, str]]) -> Table:
+    return Table(title, ("measure", "value", "target"), rows, align="lrl")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from accelerate import Accelerator
 
+    run = Run.start(args.device)
+    preset = "tiny-unet" if args.tiny else "unet-kanji"
     device = args.device
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     recipe = load_recipe("rigl").override(
@@ -133,10 +144,10 @@ def main() -> None:
         }
     )
     acc = Accelerator(cpu=device == "cpu")
-    dense = Setup(recipe, masked=False, batch=args.batch, device=device)
-    masked = Setup(recipe, masked=True, batch=args.batch, device=device)
-    rigl_model = Setup(recipe, masked=True, batch=args.batch, device=device)
-    magran_model = Setup(recipe, masked=True, batch=args.batch, device=device)
+    dense = Setup(recipe, masked=False, batch=args.batch, device=device, preset=preset)
+    masked = Setup(recipe, masked=True, batch=args.batch, device=device, preset=preset)
+    rigl_model = Setup(recipe, masked=True, batch=args.batch, device=device, preset=preset)
+    magran_model = Setup(recipe, masked=True, batch=args.batch, device=device, preset=preset)
     rigl = Updater(rigl_model, RigL, recipe, acc)
     magran = Updater(magran_model, MagRan, recipe.override(algorithm="magran"), acc)
     rigl.sync = magran.sync = sync
@@ -159,42 +170,36 @@ def main() -> None:
     extra = {k: med[k] - med["masked"] for k in ("rigl", "magran")}
     amortized = {k: extra[k] / (DELTA_T * med["masked"]) for k in extra}
 
-    ms = lambda s: f"{s * 1e3:9.2f} ms"  # noqa: E731
+    ms = lambda s: f"{s * 1e3:.2f} ms"  # noqa: E731
     verdict = lambda ok: "ok" if ok else "ABOVE TARGET"  # noqa: E731
-    print(
-        f"\nsurgeon training benchmark: unet-kanji ({n_params / 1e6:.2f}M params; {len(masked_sites)} masked tensors, "
-        f"{n_kept:,}/{n_masked:,} kept = S {1 - n_kept / n_masked:.3f} over masked, rigl recipe ERK S=0.5)"
-    )
-    print(
-        f"batch {args.batch}, 32x32x1, device {device}, torch threads {torch.get_num_threads()}, "
-        f"{args.repeats} interleaved repeats after {args.warmup} warm-up, medians\n"
-    )
     rows = [
         ("dense training step", ms(med["dense"]), ""),
         ("masked training step", ms(med["masked"]), ""),
-        ("(a) masked / dense step", f"{ratio:12.3f}", f"≤ 1.05  {verdict(ratio <= 1.05)}"),
-        ("    median of per-pair ratios", f"{statistics.median(pair_ratios):12.3f}", ""),
+        ("(a) masked / dense step", f"{ratio:.3f}", f"≤ 1.05 {verdict(ratio <= 1.05)}"),
+        ("↳ median of per-pair ratios", f"{statistics.median(pair_ratios):.3f}", ""),
         ("RigL update step", ms(med["rigl"]), ""),
-        ("    drop/grow + state zeroing", ms(upd["rigl"]), ""),
-        ("    dense-gradient capture etc.", ms(extra["rigl"] - upd["rigl"]), ""),
+        ("↳ drop/grow + state zeroing", ms(upd["rigl"]), ""),
+        ("↳ dense-gradient capture etc.", ms(extra["rigl"] - upd["rigl"]), ""),
         ("MagRan update step", ms(med["magran"]), ""),
-        ("    drop/grow + state zeroing", ms(upd["magran"]), ""),
+        ("↳ drop/grow + state zeroing", ms(upd["magran"]), ""),
         (
             f"(b) RigL update, amortized at ΔT_e={DELTA_T}",
-            f"{100 * amortized['rigl']:11.3f}%",
-            f"≤ 1 %   {verdict(amortized['rigl'] <= 0.01)}",
+            f"{100 * amortized['rigl']:.3f} %",
+            f"≤ 1 % {verdict(amortized['rigl'] <= 0.01)}",
         ),
         (
             f"(b) MagRan update, amortized at ΔT_e={DELTA_T}",
-            f"{100 * amortized['magran']:11.3f}%",
-            f"≤ 1 %   {verdict(amortized['magran'] <= 0.01)}",
+            f"{100 * amortized['magran']:.3f} %",
+            f"≤ 1 % {verdict(amortized['magran'] <= 0.01)}",
         ),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  {'value':>12}  target")
-    print("-" * (width + 30))
-    for name, value, target in rows:
-        print(f"{name:<{width}}  {value:>12}  {target}")
+    title = (
+        f"{preset} ({n_params / 1e6:.2f}M params; {len(masked_sites)} masked tensors, {n_kept:,}/{n_masked:,} kept = "
+        f"S {1 - n_kept / n_masked:.3f} over masked, rigl recipe ERK S=0.5); batch {args.batch}, "
+        f"{args.repeats} interleaved repeats after {args.warmup} warm-up, medians"
+    )
+    heading = "Training step and mask updates (`bench_training.py`)"
+    report(run, "bench_training", heading, [table(title, rows)], args.write_results, args.results_file)
     if args.profile:
         profile(dense, "dense", device)
         profile(masked, "masked", device)
