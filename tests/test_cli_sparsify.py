@@ -16,6 +16,7 @@ from torch import nn
 
 import surgeon
 import surgeon.training.loop as train_mod
+from surgeon.errors import SurgeonError
 from surgeon.masking.surgery import sites
 from surgeon.recipe import load_recipe
 from surgeon.training.checkpoint import save_checkpoint
@@ -204,15 +205,33 @@ def test_the_largest_seed_the_recipe_accepts_trains_through_a_mask_update(tmp_pa
 @pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
 def test_a_requested_fsdp_or_deepspeed_run_is_refused_before_training(tmp_path, images, monkeypatch, var):
     # what `accelerate launch --use_fsdp` / `--use_deepspeed` set for every process; on CPU Accelerate would
-    # otherwise quietly run plain DDP, and under real sharding the mask updates would see local shards
+    # otherwise quietly run plain DDP (FSDP2 on GPUs trains: tests/test_fsdp.py)
     monkeypatch.setenv(var, "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "out"
     r = invoke("sparsify", "tiny-unet", "--data", images, "--out", out, "--steps", 2)
     if var == "ACCELERATE_USE_DEEPSPEED":
-        assert_one_error(r, "does not train under DeepSpeed", hint=["accelerate launch --multi_gpu"])
-    elif torch.cuda.is_available():
-        assert_one_error(r, "does not train under FSDP yet", hint=["accelerate launch --multi_gpu"])
+        assert_one_error(r, "does not train under DeepSpeed", hint=["--use_fsdp --fsdp_version 2", "--multi_gpu"])
     else:
         words = ("Accelerate enables FSDP only on GPUs", "silently be plain DDP")
         assert_one_error(r, *words, hint=["drop --use_fsdp", "accelerate launch --multi_gpu"])
     assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("version", [None, "1", "2"])
+def test_fsdp_on_gpus_must_be_fsdp2(monkeypatch, version):
+    # before the Accelerator exists (make_accelerator): what `accelerate launch --use_fsdp [--fsdp_version V]` sets
+    from surgeon.training.loop import refuse_sharded_training
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if version is None:
+        monkeypatch.delenv("FSDP_VERSION", raising=False)
+    else:
+        monkeypatch.setenv("FSDP_VERSION", version)
+    if version == "2":
+        refuse_sharded_training()  # FSDP2 trains
+        return
+    with pytest.raises(SurgeonError, match="FSDP2 only") as e:
+        refuse_sharded_training()
+    assert "--fsdp_version 2" in e.value.hint

@@ -8,6 +8,10 @@ random, RigL where the dense gradient |dL/dW_effective| is largest. RigL differs
 Counts are exact. As in the reference RigL code (and rigl-torch), a position that is dropped and grown back in the
 same update is no change at all: it keeps its value, optimizer state and EMA. Only truly new connections start at
 0, and the loop zeroes optimizer state and EMA exactly at the truly dropped and truly new positions.
+
+Under FSDP2 the scores and top-k of each layer are computed on its gathered whole tensor (RigL's dense gradient is
+whole already: it is captured from the gathered weight's backward), so every rank draws the same masks; each rank
+then writes its own shard of the weight.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from surgeon import seeding
 from surgeon.algorithms.base import Algorithm
+from surgeon.masking.shards import full, like
 from surgeon.masking.surgery import Site, sites
 from surgeon.sparsity.patterns import topk_mask
 from surgeon.sparsity.schedules import drop_fraction, is_update_step
@@ -47,7 +52,7 @@ class MagRan(Algorithm):
 
     def drop_scores(self, site: Site) -> torch.Tensor:
         """Higher = kept first among the active weights. Magnitude, as Algorithm 2 of the paper prescribes."""
-        return site.original.abs()
+        return full(site.original).abs()
 
     def grow_scores(self, site: Site, generator: torch.Generator) -> torch.Tensor:
         """Higher = grown first. MagRan: i.i.d. uniform, drawn from a generator seeded identically on every process."""
@@ -72,8 +77,8 @@ class MagRan(Algorithm):
             grow = topk_mask(torch.where(keep, -torch.inf, scores.float()), n)  # just-dropped positions may return
             new_mask = keep | grow
             new = grow & ~mask  # truly new connections; a dropped-and-regrown position is unchanged
-            site.set_mask(new_mask)
-            w.mul_(new_mask).masked_fill_(new, 0.0)
+            site.set_mask(new_mask)  # zeroes what it prunes; under FSDP2 each rank writes its own shard only
+            w.masked_fill_(like(new, w), 0.0)
             resets[fqn] = (mask & ~new_mask) | new  # truly dropped, and truly new
             moved += int(new.sum())
         self.history.append({"step": step, "p": frac, "regrown": moved})
@@ -105,7 +110,7 @@ class RigL(MagRan):
         for site in self.sites.values():
             g = site.parametrization.dense_grad
             if g is None:  # the layer took no part in this step's forward
-                g = torch.zeros_like(site.original, dtype=torch.float32)
+                g = torch.zeros(site.original.shape, dtype=torch.float32, device=site.mask.device)
             # average over processes so every rank ranks the same scores and grows the same positions
             site.parametrization.dense_grad = self.accelerator.reduce(g, reduction="mean")
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgeon.masking.shards import full
 from surgeon.masking.surgery import get_plan, sites
 from surgeon.masking.targets import find_targets
 from surgeon.seeding import generator
@@ -177,7 +178,7 @@ def measure(
             if site is not None:
                 kept, kind = int(site.mask.count_nonzero()), ("n:m" if site.is_nm else "mask")
             else:
-                kept, kind = int(torch.count_nonzero(getattr(t.module, t.tensor_name))), ""
+                kept, kind = int(torch.count_nonzero(full(getattr(t.module, t.tensor_name)))), ""
             layers.append(LayerCost(fqn, t.kind, t.shape, kind, t.numel, kept))
     result = Measurement(layers, sum(p.numel() for p in model.parameters()))
     if inputs is None:

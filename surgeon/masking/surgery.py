@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 from surgeon.errors import SurgeonError, check_arg, check_module
 from surgeon.masking.masks import Mask, NMMask
 from surgeon.masking.plan import LayerPlan, Plan
+from surgeon.masking.shards import full, like
 from surgeon.seeding import generator
 from surgeon.sparsity.patterns import random_mask, topk_mask
 
@@ -42,7 +43,9 @@ class Site:
 
     @property
     def mask(self) -> torch.Tensor:
-        return self.parametrization.current_mask(self.original)
+        """The whole mask (a fixed mask is a buffer every rank holds whole; N:M is computed on the gathered W)."""
+        p = self.parametrization
+        return p.mask if isinstance(p, Mask) else p.current_mask(full(self.original))
 
     @property
     def is_nm(self) -> bool:
@@ -58,7 +61,7 @@ class Site:
             raise TypeError(f"{self.fqn} has an N:M mask; it is recomputed every forward")
         p.mask.copy_(mask.to(p.mask.device))
         with torch.no_grad():  # the forward reads the stored tensor: what the new mask prunes must be 0 there now
-            self.original.masked_fill_(~p.mask, 0.0)
+            self.original.masked_fill_(like(~p.mask, self.original), 0.0)
 
 
 def _split(fqn: str) -> tuple[str, str]:
@@ -149,7 +152,7 @@ def _zero_pruned_after_load(plist: parametrize.ParametrizationList, incompatible
     """load_state_dict post hook: the forward reads the stored tensor as it is, so a loaded one is re-zeroed where
     pruned (its mask, a child buffer, is loaded first), whatever the state dict held there."""
     with torch.no_grad():
-        plist.original.masked_fill_(~plist[0].mask, 0.0)
+        plist.original.masked_fill_(like(~plist[0].mask, plist.original), 0.0)
 
 
 def _initial_mask(w: torch.Tensor, lp: LayerPlan, init: str, gen: torch.Generator) -> torch.Tensor:

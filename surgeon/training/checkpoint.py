@@ -22,6 +22,7 @@ from torch import nn
 from surgeon.errors import SurgeonError, brief
 from surgeon.io.atomic import atomic_path
 from surgeon.io.container import DIGESTS, corrupt_metadata, digests, parse_entry, readable_path, verify_digests
+from surgeon.masking.shards import full, is_sharded, like
 
 FORMAT = "surgeon.checkpoint/1"
 _JSON_ENTRIES = {"param_names": list, "param_groups": list, "optim_scalars": dict, "algorithm": dict, "extra": dict}
@@ -47,20 +48,26 @@ def save_checkpoint(
     extra: dict | None = None,
     algorithm: str | None = None,
     loss_window: torch.Tensor | None = None,
+    write: bool = True,
 ) -> Path:
     """``algorithm`` names the recipe's algorithm (resume refuses another); ``loss_window`` holds the per-micro-batch
-    losses not yet logged, so a resumed run logs the same means as an uninterrupted one."""
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    losses not yet logged, so a resumed run logs the same means as an uninterrupted one.
+
+    The file holds whole tensors: those of a model sharded with FSDP2 are gathered, so every rank calls this and
+    only one passes ``write``; the checkpoint is the same file a single process would write."""
+    tensors = {f"model.{k}": _whole(v) for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     scalars = {}
     for idx, state in opt["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"optim.{param_names[idx]}.{key}"] = value.detach().contiguous()
+                tensors[f"optim.{param_names[idx]}.{key}"] = _whole(value)
             else:
                 scalars[f"{param_names[idx]}.{key}"] = value
     if ema is not None:
-        tensors.update({f"ema.{k}": v.contiguous() for k, v in ema.state_dict().items()})
+        tensors.update({f"ema.{k}": _whole(v) for k, v in ema.state_dict().items()})
+    if not write:
+        return path
     tensors["rng.torch"] = torch.get_rng_state()
     if loss_window is not None and loss_window.numel():
         tensors["train.loss_window"] = loss_window.detach().cpu().contiguous()
@@ -81,6 +88,15 @@ def save_checkpoint(
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return full(t.detach()).contiguous()
+
+
+def _laid_out_as(tensors: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors from a file, each as its current counterpart is laid out (this rank's shard, when sharded)."""
+    return {k: like(v, current[k]) if k in current and is_sharded(current[k]) else v for k, v in tensors.items()}
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -185,13 +201,16 @@ def load_checkpoint(
         )
     if json.loads(meta["param_names"]) != param_names:
         raise SurgeonError(f"checkpoint {path} has different trainable parameters", "resume with the same recipe")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    own = model.state_dict()
+    model.load_state_dict(_laid_out_as({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, own))
     index = {n: i for i, n in enumerate(param_names)}
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # in the order of the state dict's indices
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             name, _, slot = key[6:].rpartition(".")
-            state.setdefault(index[name], {})[slot] = value
+            param = params[index[name]]
+            state.setdefault(index[name], {})[slot] = like(value, param) if value.shape == param.shape else value
     for key, value in json.loads(meta["optim_scalars"]).items():
         name, _, slot = key.rpartition(".")
         state.setdefault(index[name], {})[slot] = value

@@ -1,9 +1,13 @@
-"""Exponential moving average of the trainable tensors that follows the masks (docs/methods.md, "Invariants")."""
+"""Exponential moving average of the trainable tensors that follows the masks (docs/methods.md, "Invariants").
+
+Each average is laid out as its parameter is: under FSDP2 every rank averages its own shard."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from surgeon.masking.shards import like
 
 
 class EMA:
@@ -21,7 +25,7 @@ class EMA:
     def reset(self, positions: dict[str, torch.Tensor]) -> None:
         """Zero the average where a mask update dropped or grew a weight ({parameter name: bool positions})."""
         for n, pos in positions.items():
-            self.shadow[n].masked_fill_(pos.to(self.shadow[n].device), 0.0)
+            self.shadow[n].masked_fill_(like(pos, self.shadow[n]), 0.0)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -33,5 +37,6 @@ class EMA:
         return dict(self.shadow)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for n in self.shadow:
-            self.shadow[n].copy_(state[n])
+        """``state`` holds whole tensors (a checkpoint's); a sharded average takes its own part."""
+        for n, shadow in self.shadow.items():
+            shadow.copy_(like(state[n].to(shadow.dtype), shadow))

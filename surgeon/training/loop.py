@@ -12,7 +12,7 @@ import math
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +26,13 @@ from surgeon.errors import Interrupted, SurgeonError, brief
 from surgeon.evaluation.heldout import heldout_loss
 from surgeon.io.atomic import atomic_path, write_error
 from surgeon.masking.measure import measure
+from surgeon.masking.shards import like, model_is_sharded
 from surgeon.progress import TrainProgress
 from surgeon.recipe import Recipe
 from surgeon.seeding import derive_seed, generator, own_rng
 from surgeon.tasks.base import EpsilonLoss, Task, to_device
 from surgeon.training import checkpoint as ckpt
+from surgeon.training import fsdp
 from surgeon.training.ema import EMA
 
 
@@ -51,16 +53,20 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
 
 
 _DDP = "train with DDP: accelerate launch --multi_gpu --num_processes N (every rank holds the whole model)"
+_FSDP2 = "accelerate launch --use_fsdp --fsdp_version 2 --num_processes N (GPUs)"
 
 
 def refuse_sharded_training(accelerator: Accelerator | None = None) -> None:
-    """Refuse FSDP and DeepSpeed before training starts, whether requested (``accelerate launch --use_fsdp`` /
-    ``--use_deepspeed``) or set up by the caller's Accelerator: never a run that silently becomes something else.
+    """Refuse, before training starts, a requested run that would come up as something else, and the sharding
+    surgeon does not support: never a run that silently becomes something else.
 
-    Accelerate enables FSDP only on accelerators, so on CPU ``--use_fsdp`` would quietly run plain DDP. Where it
-    does shard, surgeon's work outside the forward (mask updates, EMA, measure, save, checkpoints) would see local
-    shards and miscount; DeepSpeed ZeRO keeps its own fp32 copy of the weights, which a mask update never reaches.
+    FSDP2 (``accelerate launch --use_fsdp --fsdp_version 2``, or a model the caller sharded with ``fully_shard``)
+    trains. Accelerate enables FSDP only on accelerators, so on CPU ``--use_fsdp`` would quietly run plain DDP;
+    FSDP1 flattens parameters, which hides the masked tensors; DeepSpeed ZeRO keeps its own fp32 copy of the
+    weights, which a mask update never reaches.
     """
+    import os
+
     from accelerate.utils import DistributedType, parse_flag_from_env
 
     kind = accelerator.distributed_type if accelerator is not None else None
@@ -68,7 +74,7 @@ def refuse_sharded_training(accelerator: Accelerator | None = None) -> None:
         raise SurgeonError(
             "surgeon does not train under DeepSpeed: ZeRO keeps its own fp32 copy of the weights, "
             "so pruned weights would come back after a mask update",
-            _DDP,
+            f"shard with FSDP2 instead: {_FSDP2}; or {_DDP}",
         )
     if parse_flag_from_env("ACCELERATE_USE_FSDP") or kind == DistributedType.FSDP:
         if not torch.cuda.is_available() and kind != DistributedType.FSDP:
@@ -77,11 +83,15 @@ def refuse_sharded_training(accelerator: Accelerator | None = None) -> None:
                 "this run would silently be plain DDP",
                 "drop --use_fsdp to train with DDP on CPU (accelerate launch --multi_gpu --num_processes N)",
             )
-        raise SurgeonError(
-            "surgeon does not train under FSDP yet: mask updates, EMA, measure and save need whole tensors, "
-            "which FSDP shards",
-            _DDP,
-        )
+        if kind == DistributedType.FSDP:
+            version = str(accelerator.state.fsdp_plugin.fsdp_version)
+        else:  # what `accelerate launch --fsdp_version` sets; Accelerate's default is FSDP1
+            version = os.environ.get("FSDP_VERSION", "1").strip()
+        if version != "2":
+            raise SurgeonError(
+                "surgeon trains under FSDP2 only: FSDP1 flattens the parameters, which hides the masked tensors",
+                f"launch with --fsdp_version 2: {_FSDP2}",
+            )
 
 
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -99,10 +109,11 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> tuple[torch.optim.Optimi
 
 @torch.no_grad()
 def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, positions: torch.Tensor) -> None:
-    """Zero every per-element state tensor (AdamW exp_avg, exp_avg_sq, ...) of ``param`` at ``positions``."""
+    """Zero every per-element state tensor (AdamW exp_avg, exp_avg_sq, ...) of ``param`` at ``positions`` (whole;
+    a sharded state tensor zeroes its own part)."""
     for value in optimizer.state.get(param, {}).values():
         if torch.is_tensor(value) and value.shape == param.shape:
-            value.masked_fill_(positions, 0)
+            value.masked_fill_(like(positions, value), 0)
 
 
 @own_rng()  # the loop seeds the global RNG per step (dropout inside the model); the caller's state comes back
@@ -133,6 +144,10 @@ def train(
 
     algorithm = ALGORITHMS[recipe.algorithm](recipe, t.steps)
     optimizer, param_names = make_optimizer(model, recipe)
+    # FSDP2 (Accelerate's) shards here and gives the optimizer the shards: what holds or restores weight-shaped
+    # state (EMA, a checkpoint) comes after, laid out as the parameters are
+    wrapped, optimizer = fsdp.prepare(acc, model, optimizer)
+    fsdp.check_supported(model, objective)
     ema = EMA(model, t.ema_decay) if t.ema_decay else None
     name_of = {id(p): n for n, p in model.named_parameters()}
 
@@ -141,15 +156,15 @@ def train(
     window: list[tuple[int, torch.Tensor]] = []
     if resume is not None:
         step, algo_state, extra = ckpt.load_checkpoint(
-            resume, model, optimizer, param_names, ema, algorithm=recipe.algorithm, steps=t.steps
+            resume, model, optimizer.optimizer, param_names, ema, algorithm=recipe.algorithm, steps=t.steps
         )
         ckpt.check_identity(extra.get("identity") or {}, identity or {})
         algorithm.load_state_dict(algo_state)
         objective.load_state_dict(extra.get("objective", {}), model)  # the previous stage's teacher, when in use
         unlogged = extra.get("loss_window", torch.zeros(0)).to(device).unbind()
         window = list(zip(extra.get("loss_window_steps", []), unlogged))
-    wrapped, optimizer = acc.prepare(model, optimizer)
     algorithm.setup(model, acc)
+    sharded = model_is_sharded(model)
     data = task.dataset("train")
     sampler = BatchSampler(len(data), t.batch_size, t.seed, acc.process_index, acc.num_processes)
 
@@ -181,7 +196,7 @@ def train(
                 f"training diverged: the loss is not finite at step {int(first_bad)}",
                 _diverged_hint(recipe, last_good()),
             )
-        if weights and not all(bool(torch.isfinite(p).all()) for _, p in trainable(model)):
+        if weights and not fsdp.all_finite(acc, [p for _, p in trainable(model)]):
             raise Diverged(
                 f"training diverged: the weights are not finite after step {at}", _diverged_hint(recipe, last_good())
             )
@@ -189,7 +204,7 @@ def train(
     def save(at: int) -> Path:
         check_finite(at, weights=True)
         path = ckpt_dir / f"step-{at:07d}.safetensors"
-        if acc.is_main_process:
+        if acc.is_main_process or sharded:  # a sharded model is gathered by every rank; the main one writes
             unlogged = torch.stack([loss for _, loss in window]) if window else None
             ckpt.save_checkpoint(
                 path,
@@ -206,7 +221,9 @@ def train(
                 },
                 algorithm=recipe.algorithm,
                 loss_window=unlogged,
+                write=acc.is_main_process,
             )
+        if acc.is_main_process:
             ckpt.prune_checkpoints(ckpt_dir, t.keep_checkpoints)
         acc.wait_for_everyone()
         return path
@@ -235,7 +252,7 @@ def train(
                 batch = task.collate([data[i] for i in idx])
                 gen = generator(t.seed, step, micro, acc.process_index)
                 inputs, target, weight = task.noisy_batch(to_device(batch, device), gen)
-                sync = nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(wrapped)
+                sync = fsdp.no_sync(acc, wrapped, accumulating=micro < t.grad_accum - 1)
                 with sync, acc.autocast(), _first_forward(step == first_step + 1 and micro == 0, inputs):
                     loss = objective(wrapped, inputs, target, weight)
                 acc.backward(loss / t.grad_accum)

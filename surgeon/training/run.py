@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from surgeon.io.classes import copy_model
 from surgeon.io.lock import exclusive
 from surgeon.masking.inspection import nm_coverage
 from surgeon.masking.plan import plan as make_plan
+from surgeon.masking.shards import gathered, model_is_sharded
 from surgeon.masking.surgery import inject, sites
 from surgeon.recipe import NM, Recipe, dump_recipe
 from surgeon.seeding import generator, seeded
@@ -303,46 +304,47 @@ def execute(
             stop_after=stop_after,
             identity={"teacher": teacher} if teacher else None,
         )
-    model = acc.unwrap_model(source.model).cpu()
+    model = acc.unwrap_model(source.model)
+    sharded = model_is_sharded(model)  # FSDP2: forward passes on every rank; what reads weights sees them gathered
+    model = model if sharded else model.cpu()
     cost = measure_task(model, task)
-    summary = RunSummary(
-        recipe.name or recipe.algorithm,
-        recipe.algorithm,
-        cost.sparsity,
-        cost.params_total,
-        cost.params_kept,
-        result.steps,
-        result.final_loss,
-        result.val_loss,
-        time.perf_counter() - started,
-        result.seconds_per_step,
-        str(out),
-        source.pipeline,
-        cost.flops_sparse,
-        cost.flops_dense,
-        cost.run_flops(recipe, result.steps),
-        teacher,
-        nm_coverage(model, recipe.nm) if recipe.nm else None,
-    )
-    if acc.is_main_process:  # every process holds the same model; one writes it
-        # the denoiser alone is saved; a latent model records the pipeline whose frozen autoencoder it needs
-        save(
-            model,
-            out / "model",
-            recipe=recipe.to_dict(),
-            force=True,
-            extra_metadata={"pipeline": source.pipeline, **({"teacher": teacher} if teacher else {})},
+    images = None
+    if samples and recipe.training.num_samples and (sharded or acc.is_main_process):
+        d, t = recipe.diffusion, recipe.training
+        images = task.to_images(task.sample(model, t.num_samples, generator=generator(t.seed), steps=d.sample_steps))
+    with gathered(model) if sharded else nullcontext():
+        summary = RunSummary(
+            recipe.name or recipe.algorithm,
+            recipe.algorithm,
+            cost.sparsity,
+            cost.params_total,
+            cost.params_kept,
+            result.steps,
+            result.final_loss,
+            result.val_loss,
+            time.perf_counter() - started,
+            result.seconds_per_step,
+            str(out),
+            source.pipeline,
+            cost.flops_sparse,
+            cost.flops_dense,
+            cost.run_flops(recipe, result.steps),
+            teacher,
+            nm_coverage(model, recipe.nm) if recipe.nm else None,
         )
-        write_text(out / "recipe.yaml", dump_recipe(recipe))
-        if samples and recipe.training.num_samples:
-            save_samples(
+        if acc.is_main_process:  # every process holds the same model; one writes it
+            # the denoiser alone is saved; a latent model records the pipeline whose frozen autoencoder it needs
+            save(
                 model,
-                task,
-                out / "samples.png",
-                recipe.training.num_samples,
-                recipe.diffusion.sample_steps,
-                recipe.training.seed,
+                out / "model",
+                recipe=recipe.to_dict(),
+                force=True,
+                extra_metadata={"pipeline": source.pipeline, **({"teacher": teacher} if teacher else {})},
             )
+    if acc.is_main_process:
+        write_text(out / "recipe.yaml", dump_recipe(recipe))
+        if images is not None:
+            save_samples(images, out / "samples.png")
         if (out / "metrics.jsonl").is_file():
             from surgeon.evaluation.plots import loss_curve
 
@@ -353,11 +355,10 @@ def execute(
     return summary
 
 
-def save_samples(model: nn.Module, task, path: Path, n: int, steps: int, seed: int) -> Path:
+def save_samples(images, path: Path) -> Path:
     from surgeon.data.render import render_grid
 
-    images = task.to_images(task.sample(model, n, generator=generator(seed), steps=steps))
-    grid = render_grid(images, nrow=max(1, int(n**0.5)))
+    grid = render_grid(images, nrow=max(1, int(len(images) ** 0.5)))
     with atomic_path(path) as tmp:
         grid.save(tmp, format="PNG")
     return path
