@@ -1,6 +1,6 @@
 """FSDP2 against DDP on two CPU processes (gloo): memory per rank, masks replicated or sharded, and step time.
 
-    .venv/bin/python benchmarks/bench_fsdp.py [--repeats 10] [--layers 4]
+    .venv/bin/python benchmarks/bench_fsdp.py [--repeats 10] [--layers 4] [--write-results]
 
 Relaunches itself with ``accelerate launch --multi_gpu --num_processes 2`` (Accelerate runs the two ranks on CPU
 over gloo). The model is the DiT of bench_export.py (hidden 768, 4 blocks, 47M parameters) with a uniform S = 0.5
@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
+from results import Run, Table, add_arguments, report
 from timing import interleaved, medians
 
 HERE = Path(__file__).resolve().parent
@@ -52,9 +53,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--layers", type=int, default=4)
+    add_arguments(ap)
     args = ap.parse_args()
     if "LOCAL_RANK" not in os.environ:
         sys.exit(_relaunch(sys.argv[1:]))
+    run = Run.start(device="cpu", argv=[__file__, *sys.argv[1:]])
 
     from accelerate import Accelerator
     from bench_export import dit
@@ -110,24 +113,39 @@ def main() -> None:
     if not acc.is_main_process:
         return
     params = sum(p.numel() for p in ddp_model.parameters())
-    f = runs["fsdp"]
-    print(f"DiT {params / 1e6:.1f}M parameters ({f['masked'] / 1e6:.1f}M masked, S = 0.5), {world} CPU ranks, gloo")
-    print(f"{'bytes per rank':<58}{'MB':>9}")
-    rows = [
-        ("DDP: weights, gradients, AdamW moments, EMA", runs["ddp"]["state"]),
-        ("DDP: masks (bool, whole)", runs["ddp"]["masked"]),
-        ("FSDP2: weights, gradients, AdamW moments, EMA (shards)", f["state"]),
-        ("FSDP2: masks replicated (surgeon)", f["masked"]),
-        ("FSDP2: masks sharded with their weights (not chosen)", f["masked"] // world),
-    ]
-    for label, b in rows:
-        print(f"{label:<58}{b / 1e6:>9.1f}")
-    print(f"replicated masks / sharded training state: {f['masked'] / f['state']:.3f}")
-    print(f"sharded masks / sharded training state:    {f['masked'] / world / f['state']:.3f}")
-    print(
-        f"FSDP2 step / DDP step (median of {args.repeats}, interleaved): {times['fsdp'] / times['ddp']:.2f}x "
-        f"({times['fsdp'] * 1e3:.0f} ms / {times['ddp'] * 1e3:.0f} ms)"
+    f, d = runs["fsdp"], runs["ddp"]
+    mb = lambda b: f"{b / 1e6:.1f}"  # noqa: E731
+    memory = Table(
+        f"DiT {params / 1e6:.1f}M parameters ({f['masked'] / 1e6:.1f}M masked, S = 0.5), {world} CPU ranks over gloo,"
+        " bytes per rank",
+        ("what", "MB", "/ sharded state"),
+        [
+            ("DDP: weights, gradients, AdamW moments, EMA", mb(d["state"]), ""),
+            ("DDP: masks (bool, whole)", mb(d["masked"]), ""),
+            ("FSDP2: weights, gradients, AdamW moments, EMA (shards)", mb(f["state"]), "1.000"),
+            ("FSDP2: masks replicated (what surgeon does)", mb(f["masked"]), f"{f['masked'] / f['state']:.3f}"),
+            (
+                "FSDP2: masks sharded with their weights (not built)",
+                mb(f["masked"] // world),
+                f"{f['masked'] / world / f['state']:.3f}",
+            ),
+        ],
+        align="lrr",
     )
+    step = Table(
+        f"Training step, batch 4 per rank, median of {args.repeats} interleaved",
+        ("what", "ratio", "ms"),
+        [
+            (
+                "FSDP2 step / DDP step",
+                f"{times['fsdp'] / times['ddp']:.2f}",
+                f"{times['fsdp'] * 1e3:.0f} / {times['ddp'] * 1e3:.0f}",
+            )
+        ],
+        align="lrr",
+    )
+    heading = "FSDP2 against DDP, two CPU ranks (`bench_fsdp.py`)"
+    report(run, "bench_fsdp", heading, [memory, step], write=args.write_results, path=args.results_file, threads=1)
 
 
 if __name__ == "__main__":
