@@ -224,3 +224,23 @@ def test_a_resumed_fsdp2_run_ends_as_the_uninterrupted_one(runs):
     for rank in range(2):
         state = load_file(str(resumed / f"state-rank{rank}.safetensors"))
         assert not _same(state, load_file(str(whole / "state-rank0.safetensors")))
+
+
+def test_a_previous_stage_teacher_is_refused_for_a_sharded_model(monkeypatch):
+    # the teacher of `teacher: previous` is a deepcopy of the student, which FSDP2 refuses for sharded modules
+    from helpers_train import SyntheticImageTask
+
+    from surgeon.errors import SurgeonError
+    from surgeon.models import presets
+    from surgeon.training import fsdp
+    from surgeon.training.objectives import DistillLoss
+
+    model = presets.build("tiny-unet", seed=0)
+    task = SyntheticImageTask(model)
+    previous = DistillLoss(task, presets.build("tiny-unet", seed=1), previous=True)
+    fsdp.check_supported(model, previous)  # an unsharded model: DDP copies it as before
+    monkeypatch.setattr(fsdp, "model_is_sharded", lambda m: True)
+    fsdp.check_supported(model, DistillLoss(task, presets.build("tiny-unet", seed=1)))  # a fixed teacher trains
+    with pytest.raises(SurgeonError, match="FSDP2 cannot copy a sharded model") as e:
+        fsdp.check_supported(model, previous)
+    assert "fixed teacher" in e.value.hint
