@@ -189,7 +189,7 @@ def test_fsdp2_trains_as_ddp_does(runs, name):
     if name in ("rigl", "magran"):
         assert [u["step"] for u in _info(fsdp, 0)["updates"]] == [2, 4]
         assert sum(u["regrown"] for u in _info(fsdp, 0)["updates"]) > 0  # the masks did move
-    # the checkpoint holds whole tensors (weights, AdamW moments, EMA, mask buffers): the file DDP writes
+    # the checkpoint holds whole tensors (weights, AdamW moments, EMA, mask buffers), as DDP's does
     step2 = "checkpoints/step-0000002.safetensors"
     assert not _apart(load_file(str(fsdp / step2)), load_file(str(ddp / step2)))
 
