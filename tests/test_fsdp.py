@@ -31,6 +31,7 @@ from accelerate import Accelerator
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from helpers_train import SyntheticImageTask, save_state, small_recipe, tiny_model
+from surgeon.masking.inspection import report
 from surgeon.masking.measure import measure
 from surgeon.masking.shards import gathered, is_sharded
 from surgeon.masking.surgery import sites
@@ -86,11 +87,12 @@ def run(name, kind, resume=None, stop_after=None, tag=""):
         updates = result.mask_updates
     cost = measure(model)  # every rank: it gathers what it counts
     planned = {f: s.parametrization.layer.kept for f, s in sites(model).items() if not s.is_nm}
+    rows = report(model, nm="2:4").to_dict()["rows"]  # inspect's table: effective weights, N:M validity
     with gathered(model):
         save_state(model, f"{folder}/state-rank{rank}.safetensors")
     info = {"final": result.final_loss, "val": result.val_loss, "updates": updates, "leaks": leaks,
             "layers": [[r.name, r.kept, r.numel] for r in cost.layers], "sparsity": cost.sparsity,
-            "planned": planned}
+            "planned": planned, "report": rows}
     with open(f"{folder}/info-rank{rank}.json", "w") as f:
         json.dump(info, f)
 
@@ -178,6 +180,7 @@ def test_fsdp2_trains_as_ddp_does(runs, name):
     for rank in range(2):
         a, b = _info(ddp, rank), _info(fsdp, rank)
         assert b["updates"] == a["updates"] and b["layers"] == a["layers"] and b["sparsity"] == a["sparsity"]
+        assert b["report"] == a["report"] and len(b["report"]) >= len(b["layers"]) > 0
         assert abs(b["val"] - a["val"]) <= 1e-6 * abs(a["val"])
         assert not a["leaks"] and not b["leaks"]  # no pruned weight reached a forward, on either rank
         # weights (the EMA copied in), mask buffers and masks, gathered: the same on both ranks and as DDP's

@@ -8,6 +8,7 @@ group of M along the reduction dimension (the grouping of :func:`surgeon.sparsit
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from surgeon.errors import check_module
 from surgeon.masking.measure import LayerCost, Measurement, measure
+from surgeon.masking.shards import gathered, model_is_sharded
 from surgeon.sparsity.patterns import nm_groups, nm_skip_reason, parse_nm
 
 
@@ -78,6 +80,13 @@ def report(
 ) -> Report:
     check_module(model)
     n, m = parse_nm(nm)
+    # an FSDP2-sharded model is read gathered (every rank calls this): the effective weights as one process has them
+    with gathered(model) if model_is_sharded(model) else nullcontext():
+        rep = _report(model, n, m, include, exclude)
+    return rep
+
+
+def _report(model: nn.Module, n: int, m: int, include, exclude) -> Report:
     measured = measure(model, include=include, exclude=exclude, planned_only=False)
     modules = dict(model.named_modules())
     rows = []
