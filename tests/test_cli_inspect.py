@@ -69,6 +69,20 @@ def test_report_checks_nm_validity_along_the_reduction_dim():
     assert all(r.nm_valid is False for r in report(model, nm="1:4").rows if r.name in p.layers)
 
 
+def test_report_computes_each_nm_mask_once(monkeypatch):
+    import surgeon.masking.masks as masks
+
+    model = build("tiny-unet")
+    p = surgeon.plan(model, nm="2:4")
+    surgeon.inject(model, p)
+    calls = []
+    real = masks.nm_mask
+    monkeypatch.setattr(masks, "nm_mask", lambda w, n, m: calls.append(w.shape) or real(w, n, m))
+    rep = report(model, nm="2:4")
+    assert len(calls) == len(p.layers) > 0  # once per N:M layer: the count and the check share it
+    assert all(r.nm_valid is True for r in rep.rows if r.masked == "n:m")
+
+
 def test_report_covers_every_gru_weight():
     rnn = nn.Module()
     rnn.gru = nn.GRU(4, 8, 2, bidirectional=True)

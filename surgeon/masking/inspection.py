@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from surgeon.errors import check_module
-from surgeon.masking.measure import LayerCost, Measurement, measure
+from surgeon.masking.measure import LayerCost, Measurement, kept_positions
 from surgeon.masking.shards import gathered, model_is_sharded
 from surgeon.sparsity.patterns import nm_groups, nm_skip_reason, parse_nm
 
@@ -87,19 +87,14 @@ def report(
 
 
 def _report(model: nn.Module, n: int, m: int, include, exclude) -> Report:
-    measured = measure(model, include=include, exclude=exclude, planned_only=False)
-    modules = dict(model.named_modules())
     rows = []
-    with torch.no_grad():
-        for r in measured.layers:
-            module_name, _, tensor_name = r.name.rpartition(".")
-            nonzero = (
-                getattr(modules[module_name], tensor_name) != 0
-            )  # the effective weight, through any parametrization
-            reason = nm_skip_reason(r.shape, m)
-            valid = None if reason else bool((torch.count_nonzero(nm_groups(nonzero, m), dim=1) <= n).all())
-            rows.append(Row(r.name, r.kind, r.shape, r.masked, r.numel, r.kept, None, valid, reason))
-    return Report((n, m), rows, measured.params_total)
+    for fqn, t, kind, keep, stored in kept_positions(model, include, exclude, planned_only=False):
+        # the effective weight's nonzeros: kept and not 0 in storage (each N:M mask is computed once, above)
+        nonzero = keep & (stored != 0)
+        reason = nm_skip_reason(t.shape, m)
+        valid = None if reason else bool((torch.count_nonzero(nm_groups(nonzero, m), dim=1) <= n).all())
+        rows.append(Row(fqn, t.kind, t.shape, kind, t.numel, int(keep.count_nonzero()), None, valid, reason))
+    return Report((n, m), rows, sum(p.numel() for p in model.parameters()))
 
 
 def nm_coverage(model: nn.Module, nm: str | tuple[int, int]) -> dict:

@@ -127,6 +127,23 @@ def _targets(model: nn.Module, include, exclude, planned_only: bool):
     return found
 
 
+@torch.no_grad()
+def kept_positions(model: nn.Module, include=None, exclude=None, planned_only: bool = True):
+    """For each measured target: (fqn, target, masked kind, kept positions, stored tensor), one at a time.
+
+    Kept positions are the mask of a masked tensor (an N:M mask computed once, here) and the nonzeros of a plain
+    one; the stored tensor is what the optimizer sees (for a masked one, its parametrization's original).
+    """
+    masked = sites(model)
+    for fqn, t in _targets(model, include, exclude, planned_only).items():
+        site = masked.get(fqn)
+        if site is not None:
+            yield fqn, t, ("n:m" if site.is_nm else "mask"), site.mask, site.original
+        else:
+            stored = full(getattr(t.module, t.tensor_name))  # a shard of an FSDP2 model: gathered (a collective)
+            yield fqn, t, "", stored != 0, stored
+
+
 def _shapes(inputs: Any, prefix: str = "input") -> dict[str, list[int]]:
     if torch.is_tensor(inputs):
         return {prefix: list(inputs.shape)}
@@ -170,16 +187,10 @@ def measure(
     ``predict(model, inputs)`` runs one forward pass (default: ``model(inputs)``, or ``model(**inputs)`` for a
     dict); a Task's ``predict`` fits as it is (see :func:`task_inputs`).
     """
-    masked = sites(model)
-    layers = []
-    with torch.no_grad():
-        for fqn, t in _targets(model, include, exclude, planned_only).items():
-            site = masked.get(fqn)
-            if site is not None:
-                kept, kind = int(site.mask.count_nonzero()), ("n:m" if site.is_nm else "mask")
-            else:
-                kept, kind = int(torch.count_nonzero(full(getattr(t.module, t.tensor_name)))), ""
-            layers.append(LayerCost(fqn, t.kind, t.shape, kind, t.numel, kept))
+    layers = [
+        LayerCost(fqn, t.kind, t.shape, kind, t.numel, int(keep.count_nonzero()))
+        for fqn, t, kind, keep, _ in kept_positions(model, include, exclude, planned_only)
+    ]
     result = Measurement(layers, sum(p.numel() for p in model.parameters()))
     if inputs is None:
         return result
