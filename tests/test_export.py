@@ -425,3 +425,25 @@ def test_csr_auto_keeps_a_choice_only_if_the_whole_step_is_faster(csr_is_slower)
     if csr_is_slower:
         assert out["0"]["why"].startswith("whole step not faster with CSR")
     assert not any(isinstance(x, CSRLinear) for x in model.modules())  # the check converts a copy
+
+
+@pytest.mark.parametrize("nm", [False, True])
+@pytest.mark.parametrize(
+    "fmt, out, dtype", [("dense", "dense", None), ("dense", "one.safetensors", "fp16"), ("packed", "packed", None)]
+)
+def test_dense_and_packed_read_a_callers_model_without_copying_it(tmp_path, monkeypatch, nm, fmt, out, dtype):
+    import surgeon.formats.exporter as exporter
+
+    def no_copy(model):
+        raise AssertionError("the export copied the caller's model")
+
+    monkeypatch.setattr(exporter, "copy_model", no_copy)
+    model = masked("tiny-unet", nm=nm)
+    before, expected = state(model), forward("tiny-unet", surgeon.fold(copy.deepcopy(model)))
+    surgeon.export(model, tmp_path / out, format=fmt, dtype=dtype, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the input is unchanged
+    got = forward("tiny-unet", surgeon.load_model(tmp_path / out).float())
+    if dtype is None:
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)

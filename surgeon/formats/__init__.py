@@ -1,6 +1,7 @@
 """Export formats, one module each, and the one table of them (``docs/formats.md``, "Export formats").
 
-Every format has a ``write(model, out, options) -> rows`` that takes a private copy of the model, and a
+Every format has a ``write(model, out, options) -> rows`` (those that fold, cast or swap modules take a private
+copy of a caller's model; dense and packed only read it), and a
 ``read(meta, device) -> model`` for the surgeon files it writes; :func:`load` reads any surgeon file or folder by
 the layout recorded in its metadata, never by its name. ``surgeon.export(...)`` (in :mod:`surgeon.exporting`)
 resolves the model, checks the request and calls the writer.
@@ -32,6 +33,7 @@ class Format:
     write: Callable[[nn.Module, Path, Options], list[Row]]
     read: Callable[[Mapping, torch.device | str | None], nn.Module]
     about: str
+    changes_model: bool = False  # the writer folds, casts or swaps modules: it gets a copy of a caller's module
 
 
 def _write_packed(model: nn.Module, out: Path, opts: Options) -> list[Row]:
@@ -91,6 +93,7 @@ FORMATS = {
             semi_structured.write,
             semi_structured.read,
             "2:4 weights as half the values + 2-bit positions; CUDA runs them on sparse tensor cores",
+            changes_model=True,
         ),
         Format(
             "csr",
@@ -99,6 +102,7 @@ FORMATS = {
             csr.write,
             csr.read,
             "compressed sparse rows where measured faster on CPU (fp32)",
+            changes_model=True,
         ),
     )
 }

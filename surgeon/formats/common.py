@@ -42,6 +42,7 @@ class Options:
     progress: bool = True  # progress bars on stderr for long work
     recipe: Any = None  # carried over from the source's metadata
     extra: Mapping[str, Any] = field(default_factory=dict)
+    owned: bool = False  # the writer may change the model (loaded for this export): fold it in place, no copy
 
 
 @dataclass

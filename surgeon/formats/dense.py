@@ -18,33 +18,56 @@ import torch
 from torch import nn
 
 from surgeon.errors import SurgeonError
-from surgeon.formats.common import Options, Row, build_plain, nbytes, target_kinds
+from surgeon.formats.common import Options, Row, build_plain, cast, nbytes, target_kinds
 from surgeon.formats.packed import header_fields, plain_state, write_model
 from surgeon.io.atomic import atomic_folder, check_output
 from surgeon.io.classes import is_diffusers_class, read_json
 from surgeon.io.container import read_tensors
 from surgeon.io.folders import copy_folder, inside
-from surgeon.masking.surgery import fold
+from surgeon.masking.surgery import fold, sites
 
 LAYOUT = "dense"
 DENOISER_PARTS = ("unet", "transformer")
 
 
 def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
+    """Write ``model`` with its masks folded in; a caller's model is only read (no copy of it is made)."""
     kinds = target_kinds(model)
-    fold(model)
-    if opts.dtype is not None:
-        nn.Module.to(model, opts.dtype)  # not diffusers' override, which warns about fp32 modules it keeps none of
-    state = plain_state(model)
+    if opts.owned:
+        fold(model)  # loaded for this export: folding in place frees each masked tensor's storage as it goes
+    state = folded_state(model, opts.dtype)
     if opts.pipeline is not None:
-        _write_pipeline(model, Path(opts.pipeline), out, opts.force, recorded_clip_sample(opts.recipe))
+        _write_pipeline(model, state, Path(opts.pipeline), out, opts.force, recorded_clip_sample(opts.recipe))
     elif is_diffusers_class(type(model)) and out.suffix != ".safetensors":
         check_output(out, opts.force)
         with atomic_folder(out, opts.force) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            _holding(model, state).save_pretrained(tmp, safe_serialization=True)
     else:
         write_model(model, out, state, LAYOUT, header_fields(model, {}, opts.recipe, opts.extra), opts.force)
     return [Row(fqn, kind, shape, "dense", nbytes(state[fqn]), "dense") for fqn, (kind, shape) in kinds.items()]
+
+
+@torch.no_grad()
+def folded_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The plain state dict the folded model would have, without changing ``model``: a fixed mask's weight is its
+    stored tensor (0 where pruned), shared, not copied; an N:M weight is computed, S(W)."""
+    state = plain_state(model, dtype)
+    for fqn, site in sites(model).items():
+        w = site.original.detach()
+        w = (w if not site.is_nm else w * site.mask).to("cpu").contiguous()
+        state[fqn] = cast(w, dtype)
+    return state
+
+
+def _holding(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain model of ``model``'s diffusers class holding ``state``'s tensors themselves (built on the meta
+    device, the tensors assigned): what ``save_pretrained`` writes, without a copy of the model."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        plain = type(model).from_config(model.config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain
 
 
 def denoiser_part(pipeline: Path) -> str:
@@ -66,7 +89,9 @@ def recorded_clip_sample(recipe) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
-def _write_pipeline(model: nn.Module, pipeline: Path, out: Path, force: bool, clip_sample: bool | None) -> None:
+def _write_pipeline(
+    model: nn.Module, state: dict[str, torch.Tensor], pipeline: Path, out: Path, force: bool, clip_sample: bool | None
+) -> None:
     if not is_diffusers_class(type(model)):
         raise SurgeonError(f"--pipeline needs a diffusers model, not {type(model).__name__}", "drop --pipeline")
     part = denoiser_part(pipeline)
@@ -74,7 +99,7 @@ def _write_pipeline(model: nn.Module, pipeline: Path, out: Path, force: bool, cl
     with atomic_folder(out, force) as tmp:
         # every other component as it is (scheduler, autoencoder, model_index.json), never a file linked from outside
         copy_folder(pipeline, tmp, skip={part})
-        model.save_pretrained(tmp / part, safe_serialization=True)
+        _holding(model, state).save_pretrained(tmp / part, safe_serialization=True)
         _record_clip_sample(tmp / "scheduler" / "scheduler_config.json", clip_sample)
 
 

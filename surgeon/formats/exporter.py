@@ -1,8 +1,9 @@
 """``surgeon.export``: turn a (sparse) model into a deployable artifact in one of the formats of :mod:`surgeon.formats`.
 
 The model is resolved (any reference :func:`surgeon.load_model` takes, or a module), the request is checked before
-anything is written, and the format's writer gets a deep copy of a module the caller passed (the input is never
-changed) or the model it loaded itself, uncopied.
+anything is written. The input is never changed: a writer that only reads the model (dense, packed) gets the
+caller's module itself, one that folds, casts or swaps modules (semi-structured, csr) a deep copy of it; a model
+loaded here for the export is the writer's own, uncopied.
 """
 
 from __future__ import annotations
@@ -127,9 +128,10 @@ def export(
             progress=progress,
             recipe=meta["recipe"] if meta else None,
             extra=extra,
+            owned=not callers,
         )
-        # the writers fold, cast and swap modules: never on the caller's model; one loaded here is no one else's
-        work = copy_model(model) if callers else model
+        # writers that change the model never work on the caller's; one loaded here is no one else's
+        work = copy_model(model) if callers and fmt.changes_model else model
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rows = fmt.write(work, out, opts)
