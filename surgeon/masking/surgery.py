@@ -227,9 +227,7 @@ def inject(
             continue
         if mask is None:
             mask = _initial_mask(w, lp, init, gen)
-        with torch.no_grad():
-            w.masked_fill_(~mask, 0.0)
-        _own_class(module)
+        _own_class(module)  # registering zeros the pruned weights (Mask.right_inverse), once
         parametrize.register_parametrization(module, name, Mask(mask, plan, lp), unsafe=True)
         module.parametrizations[name].register_load_state_dict_post_hook(_zero_pruned_after_load)
     for module in {id(m): m for m in (s.module for s in sites(model).values())}.values():

@@ -25,7 +25,9 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     x = flat.float()
     if k in (0, n):
         return torch.full(scores.shape, k == n, dtype=torch.bool, device=flat.device)
-    if bool(torch.isnan(x).any()):  # kthvalue has no rank for NaN; the sort puts it first
+    # kthvalue has no rank for NaN; the sort puts it first. A sum is NaN when any score is (or when +inf and -inf
+    # meet), and costs one read without the bool tensor isnan would allocate: the exact check runs only then.
+    if bool(torch.isnan(x.sum())) and bool(torch.isnan(x).any()):
         order = torch.sort(x, descending=True, stable=True).indices[:k]
         mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
         mask[order] = True
