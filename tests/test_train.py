@@ -10,6 +10,7 @@ import torch
 from helpers_train import SyntheticImageTask, masks_of, one_thread, small_recipe, state_of, tiny_model  # noqa: F401
 from torch import nn
 
+import surgeon
 from surgeon.errors import SurgeonError
 from surgeon.masking.measure import measure
 from surgeon.masking.surgery import get_plan, sites
@@ -54,6 +55,25 @@ def test_make_optimizer_is_adamw_with_the_recipe_settings():
     (group,) = opt.param_groups
     assert group["lr"] == 3e-3 and group["weight_decay"] == 0.02 and tuple(group["betas"]) == (0.8, 0.95)
     assert [id(p) for p in group["params"]] == [id(p) for n, p in model.named_parameters() if p.requires_grad]
+    assert group["fused"] is True  # one kernel per tensor on CPU: the per-op path is ~3x slower, slower yet on zeros
+
+
+def test_fused_adamw_keeps_pruned_weights_and_their_moments_at_zero():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
+    surgeon.inject(model, surgeon.plan(model, sparsity=0.75), init="random")
+    opt, _ = make_optimizer(model, small_recipe("static", **{"optimizer.weight_decay": 0.1}))
+    masked = sites(model)
+    for _ in range(5):
+        model(torch.randn(8, 16)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for site in masked.values():
+        pruned = ~site.mask
+        assert pruned.any() and not site.original[pruned].any()
+        state = opt.state[site.original]
+        assert not state["exp_avg"][pruned].any() and not state["exp_avg_sq"][pruned].any()
+        assert state["exp_avg_sq"][site.mask].any()  # the kept ones did train
 
 
 def test_zero_optimizer_state_zeroes_every_moment_at_positions_only():

@@ -101,9 +101,15 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def make_optimizer(model: nn.Module, recipe: Recipe) -> tuple[torch.optim.Optimizer, list[str]]:
     named = trainable(model)
     o = recipe.optimizer
-    opt = torch.optim.AdamW(
-        [p for _, p in named], lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
-    )
+    kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    params = [p for _, p in named]
+    # Fused AdamW (one kernel per tensor) wherever torch has one: on CPU about 3x faster than the per-op path, whose
+    # sqrt runs 2-3.5x slower on zeros, which a masked weight's second moment holds at every pruned position
+    # (measured on an 81M UNet, 1 thread: masked/dense optimizer step 1.65x per-op, 1.11x fused).
+    try:
+        opt = torch.optim.AdamW(params, fused=True, **kwargs)
+    except RuntimeError:  # a parameter of a device or dtype without the fused kernel
+        opt = torch.optim.AdamW(params, **kwargs)
     return opt, [n for n, _ in named]
 
 
