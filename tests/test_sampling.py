@@ -1,5 +1,6 @@
 """The sampler: pixel-space images clip the predicted x₀ to [-1, 1] at every DDIM step (diffusers'
-``clip_sample=True``); latent and sequence models do not unless asked. The setting is chosen per task when a run
+``clip_sample=True``) and re-derive ε from the clipped x₀ (ADM's DDIM); latent and sequence models do not unless
+asked. The setting is chosen per task when a run
 starts, written into its recipe, and followed by every later sampling (load, export, resume, eval)."""
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def _isolated(tmp_path, monkeypatch):
 
 
 def reference_ddim(model, n, shape, steps, clip, seed=0, decode=None):
-    """Sampling written out with diffusers' own DDIMScheduler, built from explicit arguments."""
+    """Sampling written out with diffusers' own DDIMScheduler, built from explicit arguments (clipping re-derives ε
+    from the clipped x₀, diffusers' ``use_clipped_model_output``)."""
     from diffusers import DDIMScheduler
 
     ddim = DDIMScheduler(
@@ -43,7 +45,7 @@ def reference_ddim(model, n, shape, steps, clip, seed=0, decode=None):
     x = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         for t in ddim.timesteps:
-            x = ddim.step(model(x, t.expand(n)).sample, t, x).prev_sample
+            x = ddim.step(model(x, t.expand(n)).sample, t, x, use_clipped_model_output=clip).prev_sample
         return (decode(x) if decode else x).clamp(-1, 1)
 
 
@@ -58,6 +60,31 @@ def test_pixel_ddim_step_equals_diffusers_with_clip_sample(steps):
     unclipped = reference_ddim(model, 3, shape, steps, clip=False)
     torch.testing.assert_close(ours, clipped, rtol=0, atol=1e-6)
     assert (ours - unclipped).abs().max() > 1e-2  # the inputs are ones where clipping changes the result
+
+
+def adm_ddim(model, x, abar, rederive: bool):
+    """Two DDIM steps (t = 500, then t = 0) written out: x̂₀ = clip((x_t − √(1−ᾱ_t)·ε)/√ᾱ_t), then
+    x_prev = √ᾱ_prev·x̂₀ + √(1−ᾱ_prev)·ε̂ with ε̂ = (x_t − √ᾱ_t·x̂₀)/√(1−ᾱ_t) (ADM) or the raw ε."""
+    with torch.no_grad():
+        for t, a_prev in ((500, abar[0]), (0, torch.tensor(1.0, dtype=torch.float64))):
+            eps = model(x, torch.tensor(t).expand(len(x))).sample.double()
+            x0 = ((x.double() - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()).clamp(-1, 1)
+            if rederive:
+                eps = (x.double() - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()
+            x = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).float()
+    return x
+
+
+def test_a_clipped_ddim_step_re_derives_eps_from_the_clipped_x0_as_adm_does():
+    model = presets.build("tiny-unet", seed=0).eval()
+    task = make_task(model, "kanjivg")
+    ours = task.sample(model, 3, generator=torch.Generator().manual_seed(0), steps=2)
+    shape = (3, task.latent_channels, task.latent_size, task.latent_size)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    abar = task.scheduler.alphas_cumprod.double()
+    torch.testing.assert_close(ours, adm_ddim(model, x, abar, rederive=True), rtol=0, atol=1e-5)
+    # the random model's x̂₀ leaves [-1, 1], so keeping the raw ε (diffusers' default) gives another result
+    assert (ours - adm_ddim(model, x, abar, rederive=False)).abs().max() > 1e-2
 
 
 def test_latent_ddim_equals_diffusers_without_clipping(tmp_path):

@@ -42,7 +42,10 @@ class Task:
 
     name: str = "task"
     # Clip the predicted x₀ to the data range [-1, 1] at every sampling step (diffusers' ``clip_sample``): the
-    # standard for pixel-space DDPM/DDIM. ``clip_refused`` says why a task cannot take it (None: it can).
+    # standard for pixel-space DDPM/DDIM. DDIM then re-derives ε from the clipped x₀ (ADM's DDIM, diffusers'
+    # ``use_clipped_model_output``): keeping the raw ε in the direction term leaves the trajectory inconsistent
+    # with the clipped x₀ (a grey haze on the background of glyphs). ``clip_refused`` says why a task cannot take
+    # it (None: it can).
     clip_sample: bool = False
     clip_refused: str | None = "this task declares no data range to clip its samples to"
 

@@ -188,7 +188,8 @@ class ImageTask(Task):
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """DDIM sampling (η = 0), x₀ clipped to [-1, 1] at every step when ``clip_sample`` (pixel space, the
-        default); returns images in [-1, 1], ``[n, C, H, W]``.
+        default), with ε re-derived from the clipped x₀ as ADM's DDIM does; returns images in [-1, 1],
+        ``[n, C, H, W]``.
 
         Class-conditional models sample ``labels`` (``[n]``), by default every class in turn (``sample_labels``).
         """
@@ -208,7 +209,7 @@ class ImageTask(Task):
         try:
             for t in ddim.timesteps:
                 eps = self.predict(model, {"x_t": x, "t": t.expand(n).to(device), **cond})
-                x = ddim.step(eps, t, x).prev_sample
+                x = ddim.step(eps, t, x, use_clipped_model_output=self.clip_sample).prev_sample
         finally:
             model.train(was_training)
         return self.decode(x).clamp(-1, 1)

@@ -121,7 +121,8 @@ class SequenceTask(Task):
         shape = (n, mask.shape[1], features)
         x = torch.randn(shape, generator=generator, device=draw_device(generator, param.device))
         x = x.to(param.device, param.dtype)
-        extra = {"eta": eta} if sampler == "ddim" else {}
+        # DDPM's posterior mean already follows the clipped x₀; DDIM's direction term must be told to
+        extra = {"eta": eta, "use_clipped_model_output": self.clip_sample} if sampler == "ddim" else {}
         was_training = model.training
         model.eval()
         try:
