@@ -28,7 +28,15 @@ from torch import nn
 
 from surgeon.algorithms.calibration import Calibration
 from surgeon.algorithms.pruners import Pattern, Pruner
-from surgeon.algorithms.statistics import as_matrix, capture_inputs, collecting, from_matrix, run_block, run_pass
+from surgeon.algorithms.statistics import (
+    InputStats,
+    as_matrix,
+    capture_inputs,
+    collecting,
+    from_matrix,
+    run_block,
+    run_pass,
+)
 from surgeon.errors import SurgeonError
 from surgeon.masking.plan import LayerPlan, Plan
 from surgeon.masking.surgery import inject
@@ -144,7 +152,7 @@ def prune_model(
                     inputs = capture_inputs(model, calibration, block.module)
                     passes += 1
                 for group in groups:
-                    stats = {}
+                    stats: dict[str, InputStats] = {}
                     if pruner.needs != "none":
                         with collecting(group, hessian=pruner.needs == "hessian") as (stats, ctx):
                             if inputs is not None:

@@ -59,6 +59,8 @@ class InputStats:
         return self.sq.sqrt()
 
     def hessian(self) -> torch.Tensor:
+        if self.xtx is None:
+            raise ValueError("these statistics were collected with hessian=False")
         return self.xtx * (2.0 / max(self.count, 1e-300))
 
 
@@ -81,7 +83,7 @@ def from_matrix(m: torch.Tensor, shape) -> torch.Tensor:
     return m.reshape(shape)
 
 
-def conv_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def conv_columns(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The input patches of a Conv1d/Conv2d as ``[B, positions, in·Πk]``, columns in ``[*k, in]`` order, so that
     ``conv_columns(m, x) @ as_matrix(m.weight).T`` is the convolution (without bias) at every output position."""
     if module.groups != 1:

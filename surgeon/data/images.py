@@ -49,9 +49,10 @@ def _class_of(root: Path, file: Path) -> str | None:
 def _classes(root: Path, files: list[Path]) -> list[str] | None:
     # folders whose name starts with "." (.ipynb_checkpoints, ...) are never classes
     names = [_class_of(root, p) for p in files]
-    if not names or any(n is None for n in names):
+    known = [n for n in names if n is not None]
+    if not names or len(known) < len(names):
         return None
-    classes = sorted({n for n in names if not n.startswith(".")})
+    classes = sorted({n for n in known if not n.startswith(".")})
     return classes or None
 
 

@@ -163,7 +163,9 @@ def split_files(files: list[Path], split: str, seed: int, val_fraction: float) -
 
 
 def _build_split(split: str, params: StrokeParams) -> tuple[dict[str, torch.Tensor], int]:
-    seqs, codes, dropped = [], [], 0
+    seqs: list[np.ndarray] = []
+    codes: list[int] = []
+    dropped = 0
     for f in split_files(kanjivg_files(), split, params.seed, params.val_fraction):
         if params.limit is not None and len(seqs) >= params.limit:
             break

@@ -22,10 +22,11 @@ class BatchSampler:
         if batch_size % world:
             raise SurgeonError(f"batch size {batch_size} is not divisible by {world} processes", "pick a multiple")
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self._epoch, self._perm = -1, None
+        self._epoch = -1
+        self._perm: torch.Tensor | None = None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
+        if self._perm is None or epoch != self._epoch:
             self._epoch = epoch
             self._perm = torch.randperm(self.n, generator=generator(self.seed, epoch))
         return self._perm

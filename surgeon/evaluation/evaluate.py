@@ -119,7 +119,8 @@ def open_model(
     if path.is_dir() and (path / "model").is_dir() and not (path / "config.json").exists():
         path = path / "model"
     model = load_model(str(path) if path.exists() else str(ref), trust_code=trust_code)
-    recipe, vae = {}, None
+    recipe: dict = {}
+    vae: nn.Module | None = None
     if (path.is_dir() and (path / "model.safetensors").is_file()) or (
         path.is_file() and path.suffix == ".safetensors" and _written_by_surgeon(path)
     ):

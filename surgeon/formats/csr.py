@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,7 @@ def choose(model: nn.Module, candidates: dict[str, str], opts: Options) -> dict[
                 continue
             dense, args = model.get_submodule(fqn), inputs[fqn]
             sparse = csr_module(dense, kind)
-            t = _best_seconds({"dense": lambda d=dense, a=args: d(*a), "csr": lambda s=sparse, a=args: s(*a)})
+            t = _best_seconds({"dense": partial(dense, *args), "csr": partial(sparse, *args)})
             faster = t["csr"] <= FASTER * t["dense"]
             decided[fqn] = {
                 "kind": kind,
@@ -222,7 +223,8 @@ def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
         for n in sparse_weights(model.get_submodule(mod), candidates[mod])
     }
 
-    tensors, info, rows = plain_state(model), {}, []
+    tensors, rows = plain_state(model), []
+    info: dict[str, dict[str, object]] = {}
     for fqn, (kind, shape) in kinds.items():
         w = tensors[fqn]
         if fqn in owner:
@@ -279,12 +281,12 @@ def read(meta: Mapping, device: torch.device | str | None = None) -> nn.Module:
     for fqn, info in meta["tensors"].items():
         if info.get("storage") != "csr":
             continue
-        parts = [tensors.pop(f"{fqn}.{p}", None) for p in ("crow", "col", "values")]
+        crow, col, values = (tensors.pop(f"{fqn}.{p}", None) for p in ("crow", "col", "values"))
         shape = tuple(info.get("shape") or ())
-        if any(p is None for p in parts) or len(shape) < 2:
+        if crow is None or col is None or values is None or len(shape) < 2:
             raise damaged(meta, f"{fqn} lacks its .crow, .col or .values tensor")
         try:
-            w = from_parts(*parts, (shape[0], torch.Size(shape[1:]).numel()))
+            w = from_parts(crow, col, values, (shape[0], torch.Size(shape[1:]).numel()))
         except RuntimeError as e:
             raise damaged(meta, f"{fqn} is not a valid CSR matrix") from e
         tensors[fqn] = w.to_dense().reshape(shape)  # the plain model is built dense first, then swapped

@@ -119,7 +119,7 @@ def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
     for fqn, (kind, shape) in kinds.items():
         how = storage[fqn]
         w = tensors.pop(fqn) if how != "dense" else tensors[fqn]
-        entry = {"storage": how, "shape": list(shape), "dtype": dtype_name(w.dtype), "kind": kind}
+        entry: dict[str, object] = {"storage": how, "shape": list(shape), "dtype": dtype_name(w.dtype), "kind": kind}
         if how == "2:4":
             parts = dict(zip(("values", "meta"), compress(w)))
             runs = "2:4 (CUDA)" if kind == "linear" or _is_1x1(shape) else "dense"

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 
 class Mask(nn.Module):
+    mask: torch.Tensor  # a buffer: nn.Module's attribute lookup alone would type it Tensor | Module
+
     def __init__(self, mask: torch.Tensor, plan: Plan | None = None, layer: LayerPlan | None = None):
         super().__init__()
         self.plan, self.layer = plan, layer

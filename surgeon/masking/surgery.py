@@ -9,6 +9,7 @@ import math
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -34,7 +35,8 @@ class Site:
 
     @property
     def parametrization(self) -> Mask | NMMask:
-        return self.module.parametrizations[self.name][0]
+        # torch types the parametrization list as plain modules; a Site is only ever made for ours
+        return cast("Mask | NMMask", self.module.parametrizations[self.name][0])
 
     @property
     def original(self) -> nn.Parameter:

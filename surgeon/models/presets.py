@@ -12,7 +12,7 @@ from surgeon.seeding import seeded
 
 
 def unet2d(sample_size: int = 32, channels: int = 1) -> nn.Module:
-    from diffusers import UNet2DModel
+    from diffusers.models import UNet2DModel
 
     return UNet2DModel(
         sample_size=sample_size,
@@ -28,7 +28,7 @@ def unet2d(sample_size: int = 32, channels: int = 1) -> nn.Module:
 
 
 def tiny_unet2d() -> nn.Module:
-    from diffusers import UNet2DModel
+    from diffusers.models import UNet2DModel
 
     return UNet2DModel(
         sample_size=16,
@@ -44,7 +44,7 @@ def tiny_unet2d() -> nn.Module:
 
 
 def tiny_unet2d_condition() -> nn.Module:
-    from diffusers import UNet2DConditionModel
+    from diffusers.models import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=16,
@@ -61,7 +61,7 @@ def tiny_unet2d_condition() -> nn.Module:
 
 
 def tiny_unet1d() -> nn.Module:
-    from diffusers import UNet1DModel
+    from diffusers.models import UNet1DModel
 
     return UNet1DModel(
         in_channels=4,
@@ -80,7 +80,7 @@ def tiny_unet1d() -> nn.Module:
 
 
 def tiny_dit() -> nn.Module:
-    from diffusers import DiTTransformer2DModel
+    from diffusers.models import DiTTransformer2DModel
 
     return DiTTransformer2DModel(
         num_attention_heads=2,

@@ -91,7 +91,7 @@ def _recipe(spec: RunSpec, plan: StudyPlan, seed: int = 0):
     from surgeon.recipe import load_recipe
 
     steps = plan.image_steps if spec.study == "images" else plan.chiro_steps
-    changes = {
+    changes: dict[str, object] = {
         "training.seed": seed,
         "training.steps": steps,
         "training.batch_size": plan.batch_size,

@@ -64,7 +64,8 @@ class Task:
         """A sampler (DDIMScheduler, DDPMScheduler) on the training noise schedule, clipping as the task says."""
         return cls.from_config(self.scheduler.config, clip_sample=self.clip_sample, clip_sample_range=1.0, **config)
 
-    def dataset(self, split: str = "train") -> Dataset:
+    def dataset(self, split: str = "train") -> Dataset | None:
+        """The examples of ``split``; None where the data has no such split (an image folder without validation)."""
         raise NotImplementedError
 
     def collate(self, items: list) -> Any:

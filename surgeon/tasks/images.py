@@ -124,17 +124,18 @@ class ImageTask(Task):
             }
         return {"images": torch.stack(list(items))}
 
-    def _vae_on(self, device) -> nn.Module:
+    @staticmethod
+    def _vae_on(vae: nn.Module, device) -> nn.Module:
         # the autoencoder is not part of the trained model, so nothing else moves it to the accelerator
-        if next(self.vae.parameters()).device != torch.device(device):
-            self.vae.to(device)
-        return self.vae
+        if next(vae.parameters()).device != torch.device(device):
+            vae.to(device)
+        return vae
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if self.vae is None:
             return images
-        out = self._vae_on(images.device).encode(images)
+        out = self._vae_on(self.vae, images.device).encode(images)
         if hasattr(out, "latent_dist"):
             z = out.latent_dist.sample(generator)
         else:  # VQModel returns latents before quantization
@@ -145,7 +146,7 @@ class ImageTask(Task):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return latents
-        return self._vae_on(latents.device).decode(latents / self.scaling).sample
+        return self._vae_on(self.vae, latents.device).decode(latents / self.scaling).sample
 
     def conditioning(self, batch_size: int, device, labels: torch.Tensor | None = None) -> dict:
         cond = {}

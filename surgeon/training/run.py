@@ -241,7 +241,7 @@ def prepare(
         )
     if recipe.algorithm == "nm_fixed":  # ASP: the magnitude N:M pattern of the weights, drawn once, then fixed
         if masks is None:
-            masks = {f: nm_mask(model.get_parameter(f), *lp.nm) for f, lp in p.layers.items()}
+            masks = {f: nm_mask(model.get_parameter(f), *lp.nm) for f, lp in p.layers.items() if lp.nm is not None}
         return inject(model, p.fixed_nm(), masks=masks)
     mask_init = "magnitude" if init == "pretrained" else ALGORITHMS[recipe.algorithm].mask_init
     return inject(model, p, init=mask_init, seed=recipe.training.seed, lambda_w=recipe.lambda_w or 0.0)
