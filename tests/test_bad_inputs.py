@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import WRONG_SHAPE, assert_one_error, invoke, swap_two_bits, write_images
+from helpers import WRONG_SHAPE, assert_one_error, invoke, resign, swap_two_bits, write_images
 from helpers_train import SyntheticImageTask, one_thread, small_recipe, tiny_model  # noqa: F401
 from PIL import Image
 
@@ -160,8 +160,6 @@ def _second_pass_inputs(root: Path, model) -> None:
     """What the second audit tried: links out of folders, records that walk through modules, edited configs and
     headers, outputs that are inputs or links, images that do not decode."""
     import os
-
-    from test_integrity import resign
 
     (root / "secret.txt").write_text("PRIVATE KEY")
     os.symlink(root / "secret.txt", _pipeline(root / "pipe-leak") / "scheduler" / "notes.txt")

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import assert_one_error, invoke
+from helpers import USER_MODULE, assert_one_error, invoke
 from helpers_train import one_thread  # noqa: F401
 from PIL import Image
 from torch import nn
@@ -146,36 +146,6 @@ def test_tiny_chirodiff_rigl_keeps_every_gru_weight_exactly_sparse(tmp_path, rec
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["sparsity"] == pytest.approx(0.5, abs=2e-3)
     assert summary["val_loss"] is not None
-
-
-USER_MODULE = '''
-import torch
-from torch import nn
-
-
-class StrokeGRU(nn.Module):
-    """A bring-your-own stroke denoiser: 2-layer bidirectional nn.GRU, ChiroDiff's forward(x_t, t, mask)."""
-
-    def __init__(self, hidden: int = 12):
-        super().__init__()
-        self.t_embed = nn.Linear(1, 4)
-        self.rnn = nn.GRU(3 + 4, hidden, num_layers=2, batch_first=True, bidirectional=True)
-        self.head = nn.Linear(2 * hidden, 3)
-
-    def forward(self, x_t, t, mask):
-        temb = self.t_embed((t.float()[:, None] / 1000.0))[:, None, :].expand(-1, x_t.shape[1], -1)
-        h, _ = self.rnn(torch.cat([x_t, temb], dim=-1))
-        return self.head(h) * mask[..., None].to(x_t.dtype)
-
-
-class Plain(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(3, 3)
-
-    def forward(self, x):
-        return self.lin(x)
-'''
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from conftest import preset_inputs
+from helpers import assert_one_error, invoke
 from torch import nn
 from typer.testing import CliRunner
 
@@ -325,13 +326,6 @@ def test_inspect_reads_every_format(tmp_path):
         assert r.exit_code == 0, (fmt, r.output)
 
 
-def bad(tmp_path, *args: str):
-    r = runner.invoke(app, ["export", *args])
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), r.stderr
-    return r, lines[0]
-
-
 @pytest.fixture
 def saved_unstructured(tmp_path):
     model = masked("tiny-unet")
@@ -351,8 +345,7 @@ def test_bad_requests_are_one_line_and_write_nothing(tmp_path, saved_unstructure
         (["--format", "packed", "--pipeline", "--out", str(tmp_path / "o")], 2, "--pipeline is for --format dense"),
     ]
     for args, code, message in cases:
-        r, first = bad(tmp_path, src, *args)
-        assert r.exit_code == code and message in first, (args, first)
+        assert_one_error(invoke("export", src, *args), message, code=code)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 

@@ -9,7 +9,16 @@ import shutil
 
 import pytest
 import torch
-from helpers import assert_one_error, invoke, write_images
+from helpers import (
+    USER_MODULE,
+    assert_one_error,
+    build_pipeline,
+    class_folder,
+    invoke,
+    tiny_dit,
+    write_images,
+    write_png,
+)
 from helpers_train import SyntheticImageTask, one_thread, state_of  # noqa: F401
 from torch import nn
 from typer.testing import CliRunner
@@ -421,9 +430,6 @@ def _stroke_task():
 
 @pytest.mark.parametrize("kind", ["dit", "latent-unet", "chirodiff", "file-class"])
 def test_finetune_works_for_every_kind_of_model(tmp_path, kind):
-    from test_chirodiff_cli import USER_MODULE
-    from test_images_task import build_pipeline, class_folder, tiny_dit, write_png
-
     if kind == "dit":
         teacher, data = tiny_dit(2), str(class_folder(tmp_path / "classes", {"a": 4, "b": 4}))
     elif kind == "latent-unet":

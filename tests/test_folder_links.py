@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_integrity import resign
+from helpers import resign
 
 import surgeon
 from surgeon.errors import SurgeonError

@@ -8,20 +8,18 @@ autoencoder stays dense, frozen and unchanged, latents are scaled by its scaling
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
 import pytest
 import torch
+from helpers import assert_one_error, build_pipeline, class_folder, invoke, tiny_dit, write_png
 from helpers_train import one_thread, small_recipe  # noqa: F401
 from PIL import Image
-from typer.testing import CliRunner
 
 import surgeon
 import surgeon.formats.loading as loading_mod
 import surgeon.training.loop as train_mod
-from surgeon.cli.app import app
 from surgeon.data import cache, resolve_image_data
 from surgeon.data.images import ImageFolder, class_folders
 from surgeon.errors import SurgeonError
@@ -37,22 +35,6 @@ from surgeon.training.run import prepare, sparsify
 def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "cache"))
-
-
-def write_png(path, value: int, size: int = 16, seed: int = 0) -> None:
-    """A grayscale image around ``value`` (a little seeded texture, so images differ)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    arr = np.clip(value + rng.integers(-20, 21, (size, size)), 0, 255).astype(np.uint8)
-    Image.fromarray(arr, mode="L").save(path)
-
-
-def class_folder(root, counts: dict[str, int], size: int = 16):
-    """root/<class>/<i>.png; each class has its own brightness."""
-    for k, (name, n) in enumerate(counts.items()):
-        for i in range(n):
-            write_png(root / name / f"{i}.png", 40 + 60 * k, size, seed=100 * k + i)
-    return root
 
 
 def cond_unet(num_class_embeds: int | None = 4, seed: int = 0, **changes):
@@ -72,23 +54,6 @@ def cond_unet(num_class_embeds: int | None = 4, seed: int = 0, **changes):
     )
     cfg.update(changes)
     return UNet2DModel(**cfg)
-
-
-def tiny_dit(num_classes: int = 2):
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=4,
-        in_channels=1,
-        out_channels=1,
-        num_layers=1,
-        norm_num_groups=1,
-        sample_size=16,
-        patch_size=4,
-        num_embeds_ada_norm=num_classes,
-    )
 
 
 # --- class folders ---------------------------------------------------------------------------------------------
@@ -240,14 +205,8 @@ def test_cli_refuses_kanjivg_for_a_class_conditional_model(tmp_path):
     model_dir = tmp_path / "model"
     cond_unet(4).save_pretrained(model_dir)
     out = tmp_path / "out"
-    r = CliRunner().invoke(
-        app, ["sparsify", str(model_dir), "--data", "kanjivg", "--out", str(out), "--steps", "2", "--no-progress"]
-    )
-    assert r.exit_code == 1
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 2 and "Traceback" not in r.output, r.output
-    assert lines[0].startswith("error: ") and "KanjiVG glyphs have no classes" in lines[0]
-    assert lines[1].startswith("hint: ") and "unconditional" in lines[1]
+    r = invoke("sparsify", model_dir, "--data", "kanjivg", "--out", out, "--steps", 2, "--no-progress")
+    assert_one_error(r, "KanjiVG glyphs have no classes", hint=["unconditional"])
     assert not out.exists()
 
 
@@ -257,49 +216,6 @@ def test_class_embeddings_that_take_vectors_are_refused():
 
 
 # --- latent diffusion: a pipeline folder with a frozen autoencoder --------------------------------------------
-
-
-def build_pipeline(root, kind: str, image_size: int = 16) -> dict[str, torch.Tensor]:
-    """model_index.json + unet/ + vae/ (AutoencoderKL) or vqvae/ (VQModel); returns the autoencoder's state."""
-    from diffusers import AutoencoderKL, UNet2DModel, VQModel
-
-    torch.manual_seed(0)
-    common = dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=image_size,
-    )
-    if kind == "vae":
-        ae, channels, cls = AutoencoderKL(latent_channels=4, **common), 4, "AutoencoderKL"
-    else:
-        ae, channels, cls = VQModel(latent_channels=3, num_vq_embeddings=16, vq_embed_dim=3, **common), 3, "VQModel"
-    factor = 2 ** (len(common["block_out_channels"]) - 1)
-    unet = UNet2DModel(
-        sample_size=image_size // factor,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    ae.save_pretrained(root / kind)
-    unet.save_pretrained(root / "unet")
-    index = {
-        "_class_name": "LDMPipeline" if kind == "vqvae" else "DiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DModel"],
-        kind: ["diffusers", cls],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-    }
-    (root / "model_index.json").write_text(json.dumps(index))
-    return {k: v.clone() for k, v in ae.state_dict().items()}
 
 
 @pytest.mark.parametrize("kind", ["vae", "vqvae"])

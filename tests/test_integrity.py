@@ -8,26 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from helpers import raw_header, resign
 from safetensors.torch import load_file, save_file
 
 import surgeon
 from surgeon.errors import SurgeonError
-from surgeon.io.container import INTEGRITY, record_digest
-
-
-def raw_header(file: Path) -> dict[str, str]:
-    with safe_open(str(file), "pt") as f:
-        return dict(f.metadata())
-
-
-def resign(folder: Path) -> None:
-    """Record digests for a folder's current config.json and header, as a writer would (a crafted folder)."""
-    file = folder / "model.safetensors"
-    raw = {k: v for k, v in raw_header(file).items() if k != INTEGRITY}
-    config = json.loads((folder / "config.json").read_text())
-    raw[INTEGRITY] = json.dumps({"metadata": record_digest(raw), "config": record_digest(config)})
-    save_file(load_file(file), str(file), metadata=raw)
+from surgeon.io.container import INTEGRITY
 
 
 def _forward(model: torch.nn.Module) -> torch.Tensor:

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_error, invoke, write_images
+from helpers import assert_one_error, invoke, resign, write_images
 from helpers_train import one_thread  # noqa: F401
-from test_integrity import resign
 
 import surgeon
 from surgeon import SurgeonError

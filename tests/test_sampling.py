@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 import yaml
+from helpers import build_pipeline
 from helpers_train import SyntheticImageTask, one_thread, small_recipe  # noqa: F401
-from test_images_task import build_pipeline
 from typer.testing import CliRunner
 
 import surgeon
