@@ -127,20 +127,19 @@ def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the ``n`` largest |w| of every ``m`` along the reduction dimension (ties → lower index).
 
     Runs every forward of an N:M straight-through layer, so it is on the training step's critical path. For small
-    M each weight's rank in its group is counted by M·(M−1) elementwise comparisons over the group columns (about
-    4× faster than a sort of [groups, M] on CPU at M = 4); larger M sorts. Both break ties the same way.
+    M each weight's rank in its group is counted by M·(M−1)/2 elementwise comparisons of contiguous group columns
+    (each pair once; about 4× faster than a sort of [groups, M] on CPU at M = 4); larger M sorts. Both break ties the same way.
     """
     groups = nm_groups(w.detach().abs(), m)
     if m <= _RANK_BY_COMPARISON_UP_TO_M:
-        cols = groups.unbind(1)
-        kept = []
-        for i, ci in enumerate(cols):
-            beaten_by = torch.zeros_like(ci, dtype=torch.uint8)  # how many of the group rank above weight i
-            for j, cj in enumerate(cols):
-                if j != i:
-                    beaten_by += (cj >= ci) if j < i else (cj > ci)  # an equal weight at a lower index ranks above
-            kept.append(beaten_by < n)
-        keep = torch.stack(kept, 1)
+        cols = groups.t().contiguous().unbind(0)  # contiguous columns: every comparison streams through memory
+        beaten_by = [torch.zeros_like(cols[0], dtype=torch.uint8) for _ in range(m)]  # how many rank above each
+        for i in range(m):
+            for j in range(i + 1, m):  # each pair compared once; an equal weight at the lower index ranks above
+                i_above = cols[i] >= cols[j]
+                beaten_by[j] += i_above
+                beaten_by[i] += ~i_above
+        keep = torch.stack([b < n for b in beaten_by], 1)
     else:
         # stable descending sort: equal magnitudes keep their order, so the lower index wins
         idx = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
