@@ -494,20 +494,27 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown measurement(s): {', '.join(sorted(unknown))}")
     names = {"sd15": "SD-1.5 UNet (860M)", "dit-xl": "DiT-XL/2 size (750M)"}
-    run = Run.start(args.device)
-    tables = []
     for name in args.model.split(","):
         if name not in names:
             raise SystemExit(f"unknown model {name!r}: choose sd15 or dit-xl")
+    for name in args.model.split(","):  # each model its own section of RESULTS.md: a run of one keeps the other's
+        run = Run.start(args.device)
         args.model_one = name
         rows = measure_model(args, only)
         title = (
             f"{names[name]}{' (tiny config)' if args.tiny else ''}: batch 1, latents 4x32x32, "
             f"{args.rounds} rounds x {args.steps} steps; load average {os.getloadavg()[0]:.2f} at its end"
         )
-        tables.append(table(title, rows))
-    heading = "Real-size models (`bench_scale.py`)"
-    report(run, "bench_scale", heading, tables, args.write_results, args.results_file, threads="1 (each child)")
+        heading = f"Real-size models (`bench_scale.py`): {names[name]}"
+        report(
+            run,
+            f"bench_scale-{name}",
+            heading,
+            [table(title, rows)],
+            args.write_results,
+            args.results_file,
+            threads="1 (each child)",
+        )
 
 
 if __name__ == "__main__":
