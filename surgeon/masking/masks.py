@@ -37,6 +37,9 @@ class Mask(nn.Module):
         # is masked, so at update steps the backward sums what flows into the effective weight before masking it.
         self.capture_grad = False
         self.dense_grad: torch.Tensor | None = None
+        # set by inject while it registers this mask: right_inverse zeros that one tensor (the module's own weight)
+        # in place, instead of allocating a zeroed copy of it
+        self.adopting: torch.Tensor | None = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and w.requires_grad):
@@ -45,7 +48,9 @@ class Mask(nn.Module):
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         """What is stored for a weight given to the parametrization (registering it, or assigning the weight):
-        W with its pruned entries set to 0."""
+        W with its pruned entries set to 0 (a copy: an assigned tensor stays the caller's)."""
+        if w is self.adopting:
+            return w.masked_fill_(~self.mask.to(w.device), 0.0)
         return w.masked_fill(~self.mask.to(w.device), 0.0)
 
     def _accumulate_dense_grad(self, grad: torch.Tensor) -> None:

@@ -229,8 +229,11 @@ def inject(
             continue
         if mask is None:
             mask = _initial_mask(w, lp, init, gen)
-        _own_class(module)  # registering zeros the pruned weights (Mask.right_inverse), once
-        parametrize.register_parametrization(module, name, Mask(mask, plan, lp), unsafe=True)
+        _own_class(module)
+        parametrization = Mask(mask, plan, lp)
+        parametrization.adopting = w  # registering zeros the pruned weights in place, once (Mask.right_inverse)
+        parametrize.register_parametrization(module, name, parametrization, unsafe=True)
+        parametrization.adopting = None
         module.parametrizations[name].register_load_state_dict_post_hook(_zero_pruned_after_load)
     for module in {id(m): m for m in (s.module for s in sites(model).values())}.values():
         if isinstance(module, nn.RNNBase) and _rnn_release_flat_weights not in module._forward_hooks.values():
