@@ -84,6 +84,9 @@ def test_a_micro_study_runs_scores_reports_and_resumes(tmp_path, monkeypatch):
     std = abs(seeds[0] - seeds[1]) / 2**0.5
     assert f"{mean:.2f} ± {std:.2f}" in dense_line
     assert "precision" in text and "Welch" in text
+    # steps given, not a time budget; both studies ran, so both are named
+    assert "Steps given (--steps), no time budget" in text and "Budget" not in text.splitlines()[2]
+    assert "Image runs: `tiny-unet`, 2 steps each; ChiroDiff runs: `tiny-chirodiff`, 2 steps each" in text
     assert "chiro-dense" in text and "## The paper's findings" in text
     for name in (
         "images/samples_side_by_side.png",

@@ -229,12 +229,16 @@ def write_report(out: Path, plan, rows, elapsed: float) -> Path:
     from surgeon.io.atomic import atomic_path
 
     label = next((r.scores.get("metric_label") for r in rows if r.scores.get("metric_label")), "FID")
+    # a plan calibrated against a time budget records its calibration; one with --steps given has none
+    budget = f"Budget {plan.budget_minutes:g} min" if plan.calibration else "Steps given (--steps), no time budget"
+    studies = {r.spec.study for r in rows}
+    parts = [f"Image runs: `{plan.image_model}`, {plan.image_steps} steps each"] if "images" in studies else []
+    parts += [f"ChiroDiff runs: `{plan.chiro_model}`, {plan.chiro_steps} steps each"] if studies - {"images"} else []
     lines = [
         "# surgeon reproduce: sparse-to-sparse training of diffusion models on KanjiVG",
         "",
-        f"Budget {plan.budget_minutes:g} min; this invocation took {elapsed / 60:.1f} min (a resumed study counts only "
-        f"its last invocation). Image runs: `{plan.image_model}`, {plan.image_steps} steps each; ChiroDiff runs: "
-        f"`{plan.chiro_model}`, {plan.chiro_steps} steps each; batch {plan.batch_size}, {plan.updates} mask updates "
+        f"{budget}; this invocation took {elapsed / 60:.1f} min (a resumed study counts only "
+        f"its last invocation). {'; '.join(parts)}; batch {plan.batch_size}, {plan.updates} mask updates "
         f"per run, n = {plan.n} samples per model ({plan.sample_steps} DDIM steps, x₀ clipped to [-1, 1] for "
         f"pixel-space images); every run trained with {plan.seeds} seed(s) (0..{plan.seeds - 1}: masks, initial "
         "weights, data order, noise).",
