@@ -192,6 +192,7 @@ def test_threads_saving_one_folder_never_collide(work):
         t.start()
     for t in threads:
         t.join()
+    assert len(outcomes) == len(threads)  # every thread ended with the save or a one-line error, none crashed
     assert "saved" in outcomes
     assert all(o == "saved" or "being written by another thread of this process" in o for o in outcomes), outcomes
     assert isinstance(surgeon.load(work / "shared"), type(model))
@@ -247,3 +248,23 @@ def test_a_sigkill_while_eval_writes_leaves_the_previous_folder_or_nothing(tmp_p
         assert (out / "results.json").read_text() == '{"previous": true}'
     else:
         assert not out.exists()
+
+
+def test_a_temporary_that_vanishes_while_listed_is_skipped(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from surgeon.io.atomic import sibling, siblings
+
+    target = tmp_path / "out"
+    kept, gone = sibling(target, "tmp"), sibling(target, "tmp")
+    kept.write_text("a")
+    gone.write_text("b")
+    real = Path.lstat
+
+    def lstat(self, *args, **kwargs):
+        if self == gone:  # another writer renamed it after the directory was listed
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "lstat", lstat)
+    assert siblings(target, "tmp") == [kept]

@@ -35,8 +35,14 @@ def sibling(target: Path, what: str) -> Path:
 def siblings(target: Path, what: str) -> list[Path]:
     """Temporary siblings of ``target`` of one kind (``tmp`` or ``old``), oldest first."""
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.{what}-(\d+)-[0-9a-f]+$")
-    found = [p for p in target.parent.glob(f".{glob.escape(target.name)}.{what}-*") if pattern.match(p.name)]
-    return sorted(found, key=lambda p: p.stat().st_mtime)
+    dated = []
+    for p in target.parent.glob(f".{glob.escape(target.name)}.{what}-*"):
+        if pattern.match(p.name):
+            try:
+                dated.append((p.lstat().st_mtime, p))
+            except FileNotFoundError:  # another writer renamed or removed it since the listing
+                continue
+    return [p for _, p in sorted(dated, key=lambda d: d[0])]
 
 
 def _owner_alive(path: Path) -> bool:
