@@ -103,9 +103,9 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> tuple[torch.optim.Optimi
     o = recipe.optimizer
     kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     params = [p for _, p in named]
-    # Fused AdamW (one kernel per tensor) wherever torch has one: on CPU about 3x faster than the per-op path, whose
-    # sqrt runs 2-3.5x slower on zeros, which a masked weight's second moment holds at every pruned position
-    # (measured on an 81M UNet, 1 thread: masked/dense optimizer step 1.65x per-op, 1.11x fused).
+    # Fused AdamW (one kernel per tensor) wherever torch has one. The per-op path's sqrt runs 2-3.5x slower on
+    # zeros, which a masked weight's second moment holds at every pruned position: on SD-1.5's UNet (860M, CPU,
+    # 1 thread) one step took 5.37 s per-op vs 1.09 s fused dense, and 7.53 s vs 1.02 s masked at S = 0.5.
     try:
         opt = torch.optim.AdamW(params, fused=True, **kwargs)
     except RuntimeError:  # a parameter of a device or dtype without the fused kernel
