@@ -38,6 +38,15 @@ def eval_models(
             "setting. Default: the recorded one (pixel-space images clip; latent and sequence models do not).",
         ),
     ] = None,
+    eta: Annotated[
+        float | None,
+        typer.Option(
+            "--eta",
+            show_default=False,
+            help="DDIM's eta in [0, 1] (0 deterministic, 1 DDPM's noise at every step), overriding the model's "
+            "recorded diffusion.eta. Default: the recorded one (0 when none is recorded).",
+        ),
+    ] = None,
     extractor: Annotated[
         str | None,
         typer.Option(
@@ -75,6 +84,7 @@ def eval_models(
         metrics=metrics,
         sample_steps=sample_steps,
         clip_sample=clip_sample,
+        eta=eta,
         extractor=extractor,
         out=out,
         force=force,

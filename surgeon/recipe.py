@@ -60,6 +60,9 @@ class Diffusion:
     # clip the predicted x₀ to [-1, 1] at every sampling step; None: the task's default, resolved when a run starts
     # (pixel-space images: true; latent and sequence models: false)
     clip_sample: bool | None = None
+    # DDIM's η: 0 is deterministic DDIM; 1 adds, at every step, the noise of DDPM's posterior, which corrects an
+    # imperfect denoiser's errors instead of committing to them (Song et al. 2021, eq. 16)
+    eta: float = 0.0
 
 
 @dataclass
@@ -355,6 +358,8 @@ def _check(r: Recipe) -> None:
         beta = getattr(d, name)
         if beta is not None and not 0.0 < beta < 1.0:
             bad(f"diffusion.{name} must be in (0, 1), got {beta}", "use e.g. beta_start: 1.0e-4, beta_end: 2.0e-2")
+    if not 0.0 <= d.eta <= 1.0:
+        bad(f"diffusion.eta must be in [0, 1], got {d.eta}", "0 is deterministic DDIM, 1 samples like DDPM")
     if d.beta_start is not None and d.beta_end is not None and d.beta_start > d.beta_end:
         bad(f"diffusion.beta_start {d.beta_start} is above beta_end {d.beta_end}", "noise grows over time: start < end")
     t = r.training

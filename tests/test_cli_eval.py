@@ -31,6 +31,7 @@ def data(tmp_path):
         (["--extractor", "clip"], ["unknown feature extractor 'clip'"], ["efficientnet-lite0"], 1),
         (["--extractor", "inception-v3-compat"], ["not available offline"], ["--extractor efficientnet-lite0"], 1),
         (["--sample-steps", "0"], ["--sample-steps 0"], [], 2),
+        (["--eta", "1.5"], ["--eta 1.5", "[0, 1]"], [], 2),
     ],
 )
 def test_bad_inputs(tmp_path, data, args, words, hint, code):
@@ -149,3 +150,19 @@ def test_precision_recall_need_four_samples(tmp_path, data):
     r = invoke("eval", "tiny-unet", "--data", data, "--n", 3, "--out", tmp_path / "o", "--no-progress")
     assert_one_error(r, "--n 3", "PR", "at least 4", code=2)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_recorded_eta_is_used_and_eta_overrides_it(tmp_path, data):
+    import surgeon
+    from surgeon.models.presets import build
+    from surgeon.recipe import load_recipe
+
+    surgeon.save(build("tiny-unet"), tmp_path / "m", recipe=load_recipe("dense").override(**{"diffusion.eta": 1.0}))
+    args = ["--data", data, "--n", 4, "--sample-steps", 2, "--metrics", "kid", "--no-progress", "--json"]
+    rows = []
+    for extra in ([], ["--eta", "0"]):
+        r = invoke("eval", tmp_path / "m", *args, *extra, "--out", tmp_path / f"o{len(extra)}")
+        assert r.exit_code == 0, r.output
+        rows.append(json.loads(r.stdout)["models"][0])
+    assert rows[0]["eta"] == 1.0 and rows[1]["eta"] == 0.0
+    assert rows[0]["kid_mean"] != rows[1]["kid_mean"]  # η's noise changed the samples

@@ -40,6 +40,8 @@ def test_recipe_power_scale_nan_or_inf_is_rejected_naming_the_key(tmp_path, text
         ("diffusion.beta_start", 0.0, "diffusion.beta_start must be in (0, 1)"),
         ("diffusion.beta_end", 1.5, "diffusion.beta_end must be in (0, 1)"),
         ("diffusion.sample_steps", 2000, "sample_steps must be in [1, timesteps=1000]"),
+        ("diffusion.eta", -0.5, "diffusion.eta must be in [0, 1]"),
+        ("diffusion.eta", 1.5, "diffusion.eta must be in [0, 1]"),
         ("training.seed", 2**64, "seed"),
         ("training.seed", -1, "seed"),
         ("training.eval_batches", 0, "eval_batches must be ≥ 1"),

@@ -1,7 +1,8 @@
 """The sampler: pixel-space images clip the predicted x₀ to [-1, 1] at every DDIM step (diffusers'
 ``clip_sample=True``) and re-derive ε from the clipped x₀ (ADM's DDIM); latent and sequence models do not unless
 asked. The setting is chosen per task when a run
-starts, written into its recipe, and followed by every later sampling (load, export, resume, eval)."""
+starts, written into its recipe, and followed by every later sampling (load, export, resume, eval); so is DDIM's η
+(diffusion.eta, 0 unless a recipe sets it)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,33 @@ def test_a_clipped_ddim_step_re_derives_eps_from_the_clipped_x0_as_adm_does():
     assert (ours - adm_ddim(model, x, abar, rederive=False)).abs().max() > 1e-2
 
 
+def test_eta_samples_as_diffusers_ddim_pipeline_called_with_it():
+    """η > 0 (a recipe's diffusion.eta) draws each step's noise from the sampling generator as diffusers'
+    DDIMPipeline does: the pipeline called with the same eta and use_clipped_model_output=True gives the images."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    model = presets.build("tiny-unet", seed=0).eval()
+    task = make_task(model, "kanjivg")
+    apply_diffusion_settings(task, Recipe.from_dict({"diffusion": {"eta": 1.0}}).diffusion)
+    assert task.eta == 1.0
+    ours = task.sample(model, 3, generator=torch.Generator().manual_seed(0), steps=4)
+    pipe = DDIMPipeline(unet=model, scheduler=task.sampling_scheduler(DDIMScheduler))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        batch_size=3,
+        generator=torch.Generator().manual_seed(0),
+        eta=1.0,
+        num_inference_steps=4,
+        use_clipped_model_output=True,
+        output_type="pt",
+    )
+    torch.testing.assert_close((ours + 1) / 2, out.images, rtol=0, atol=1e-6)
+    task.eta = 0.0
+    deterministic = task.sample(model, 3, generator=torch.Generator().manual_seed(0), steps=4)
+    torch.testing.assert_close(deterministic, reference_ddim(model, 3, ours.shape[1:], 4, clip=True), rtol=0, atol=1e-6)
+    assert (ours - deterministic).abs().max() > 1e-2  # η's noise changed the samples
+
+
 def test_latent_ddim_equals_diffusers_without_clipping(tmp_path):
     build_pipeline(tmp_path / "pipe", "vae")
     model = loading.load_model(str(tmp_path / "pipe")).eval()
@@ -136,40 +164,50 @@ def test_the_task_default_is_written_into_the_recipe_and_the_model(tmp_path):
     assert read_metadata(off / "model")["recipe"]["diffusion"]["clip_sample"] is False
 
 
-def _clip_used(ref, **kw) -> bool:
+def _sampler_used(ref):
+    """The task as eval opens ``ref``: its clip_sample and eta are what sampling will use."""
     from surgeon.evaluation.evaluate import open_model
 
     model, recipe, vae, _ = open_model(ref)
     task = make_task(model, "unused", vae=vae)
     if recipe.get("diffusion"):
         apply_diffusion_settings(task, Recipe.from_dict(recipe).diffusion)
-    return task.clip_sample
+    return task
+
+
+def _clip_used(ref) -> bool:
+    return _sampler_used(ref).clip_sample
 
 
 def test_the_setting_survives_save_load_export_and_resume(tmp_path):
-    out = _pixel_run(tmp_path, "off", **{"diffusion.clip_sample": False})
-    assert _clip_used(out) is False  # the run folder, as eval opens it
+    sampler = {"diffusion.clip_sample": False, "diffusion.eta": 1.0}
+    out = _pixel_run(tmp_path, "off", **sampler)
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["diffusion"]["eta"] == 1.0
     surgeon.export(out / "model", tmp_path / "packed", format="packed")
     surgeon.export(out / "model", tmp_path / "one.safetensors", format="dense")
-    assert _clip_used(tmp_path / "packed") is False
-    assert _clip_used(tmp_path / "one.safetensors") is False
+    for ref in (out, tmp_path / "packed", tmp_path / "one.safetensors"):  # the run folder, as eval opens it, too
+        task = _sampler_used(ref)
+        assert (task.clip_sample, task.eta) == (False, 1.0), ref
     # resume: the interrupted run continues with the setting it recorded
     model = presets.build("tiny-unet", seed=0)
-    recipe = small_recipe("rigl", **{"training.checkpoint_every": 6, "diffusion.clip_sample": False})
+    recipe = small_recipe("rigl", **{"training.checkpoint_every": 6, **sampler})
     resumed = tmp_path / "resumed"
     sparsify(model, recipe, SyntheticImageTask(model), resumed, progress=False, stop_after=6)
     model = presets.build("tiny-unet", seed=0)
     sparsify(model, recipe, SyntheticImageTask(model), resumed, progress=False, resume=resumed)
-    assert yaml.safe_load((resumed / "recipe.yaml").read_text())["diffusion"]["clip_sample"] is False
-    assert _clip_used(resumed) is False
+    diffusion = yaml.safe_load((resumed / "recipe.yaml").read_text())["diffusion"]
+    assert diffusion["clip_sample"] is False and diffusion["eta"] == 1.0
+    task = _sampler_used(resumed)
+    assert (task.clip_sample, task.eta) == (False, 1.0)
 
 
 def test_a_model_saved_before_the_field_gets_the_task_default(tmp_path):
     model = presets.build("tiny-unet", seed=0)
     old = small_recipe("rigl").to_dict()
-    del old["diffusion"]["clip_sample"]  # what a recipe written before the field holds
+    del old["diffusion"]["clip_sample"], old["diffusion"]["eta"]  # what a recipe written before the fields holds
     surgeon.save(model, tmp_path / "old", recipe=old)
-    assert _clip_used(tmp_path / "old") is True
+    task = _sampler_used(tmp_path / "old")
+    assert task.clip_sample is True and task.eta == 0.0  # deterministic DDIM, as such a model was sampled
 
 
 def test_an_exported_pipeline_samples_as_the_model_recorded(tmp_path):
@@ -195,3 +233,34 @@ def test_eval_override_on_a_latent_model_is_one_error(tmp_path):
     assert lines[-2].startswith("error: ") and "clip_sample" in lines[-2] and "latent" in lines[-2]
     assert lines[-1].startswith("hint: ")
     assert "Traceback" not in result.output and not (tmp_path / "ev").exists()
+
+
+def test_an_exported_pixel_pipeline_and_model_folder_sample_as_surgeon_does(tmp_path):
+    """The pipeline's own scheduler is diffusers' default (β 1e-4 to 2e-2), not the schedule surgeon trained and
+    scored the model on: the export writes the recorded one, so DDIMPipeline called with the recorded eta and
+    use_clipped_model_output=True draws surgeon's samples; a model folder exported alone carries it beside config.json."""
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    model = presets.build("tiny-unet", seed=0)
+    DDIMPipeline(unet=model, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    recipe = small_recipe("dense", **{"diffusion.eta": 1.0, "diffusion.clip_sample": True})
+    surgeon.save(model, tmp_path / "saved", recipe=recipe)
+    surgeon.export(tmp_path / "saved", tmp_path / "deploy", format="dense", pipeline=tmp_path / "pipe")
+    surgeon.export(tmp_path / "saved", tmp_path / "unet", format="dense")
+    task = _sampler_used(tmp_path / "saved")
+    ours = task.sample(surgeon.load_model(tmp_path / "saved"), 2, generator=torch.Generator().manual_seed(0), steps=3)
+    alone = UNet2DModel.from_pretrained(tmp_path / "unet", use_safetensors=True)
+    for pipe in (
+        DDIMPipeline.from_pretrained(tmp_path / "deploy", use_safetensors=True),
+        DDIMPipeline(unet=alone, scheduler=DDIMScheduler.from_pretrained(tmp_path / "unet")),
+    ):
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(
+            batch_size=2,
+            generator=torch.Generator().manual_seed(0),
+            eta=recipe.diffusion.eta,
+            num_inference_steps=3,
+            use_clipped_model_output=True,
+            output_type="pt",
+        ).images
+        torch.testing.assert_close((ours + 1) / 2, images, rtol=0, atol=1e-6)

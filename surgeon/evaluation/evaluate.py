@@ -45,6 +45,7 @@ class ModelEval(Scores):
     flops_train: float | None = None  # the whole recorded training run (per-example step FLOPs × batch × steps)
     heldout_loss: float | None = None
     clip_sample: bool | None = None  # whether sampling clipped x₀ to [-1, 1] (the recorded setting or the override)
+    eta: float | None = None  # DDIM's η used in sampling (the recorded setting or the override)
 
 
 @dataclass
@@ -79,7 +80,13 @@ class Evaluation:
 
 
 def check_inputs(
-    n: int, metrics, sample_steps: int, extractor: str | None, batch_size: int = 64, seed: int = 0
+    n: int,
+    metrics,
+    sample_steps: int,
+    extractor: str | None,
+    batch_size: int = 64,
+    seed: int = 0,
+    eta: float | None = None,
 ) -> tuple[tuple[str, ...], ExtractorInfo]:
     """Validate everything cheap before any model is loaded, as a training run checks its own; returns (metrics,
     extractor)."""
@@ -94,6 +101,8 @@ def check_inputs(
         )
     if not isinstance(sample_steps, int) or sample_steps < 1:
         raise UsageError(f"--sample-steps {sample_steps} must be at least 1", "50 DDIM steps is the default")
+    if eta is not None and not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+        raise UsageError(f"--eta {eta} must be in [0, 1]", "0 is deterministic DDIM, 1 samples like DDPM")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= MAX_SEED:
         raise UsageError(f"--batch-size {batch_size} must be at least 1", "64 samples per batch is the default")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
@@ -247,12 +256,14 @@ def evaluate(
     trust_code: bool = False,
     clip_sample: bool | None = None,
     group: bool = False,
+    eta: float | None = None,
 ) -> Evaluation:
     """FID/KID, held-out loss, parameters and FLOPs of each model; one table (:class:`Evaluation`).
 
     ``clip_sample``: override the model's recorded sampler setting (clip x₀ to [-1, 1] at every step); None uses
     the recorded one, or the task's default for a model that records none (pixel-space images clip; latent and
-    sequence models do not).
+    sequence models do not). ``eta``: override the recorded DDIM η (``diffusion.eta``; 0 for a model that records
+    none).
 
     ``group``: the models are runs of one configuration (seeds of one recipe): also report mean ± std of every
     metric over them (:attr:`Evaluation.group`).
@@ -275,7 +286,7 @@ def evaluate(
         models = [models]
     if not models:
         raise UsageError("no model to evaluate", "pass one or more MODEL folders")
-    metrics, info = check_inputs(n, metrics, sample_steps, extractor, batch_size, seed)
+    metrics, info = check_inputs(n, metrics, sample_steps, extractor, batch_size, seed, eta)
     if group and len(models) < 2:
         raise UsageError("--group needs at least 2 models", "pass the run folders of every seed of one configuration")
     out_dir = Path(out) if out is not None else None
@@ -316,6 +327,8 @@ def evaluate(
                     f"use --sample-steps {timesteps} or less (50 is the default)",
                 )
             task.set_clip_sample(clip_sample)
+            if eta is not None:
+                task.eta = float(eta)
             task.dataset("train")  # sequence tasks draw sample lengths from it; FLOPs use one real training example
             resolution = int(getattr(task, "image_size", 0))
             key = (resolution, type(task).__name__)
@@ -347,6 +360,7 @@ def evaluate(
                     flops_train=_training_flops(measured, recipe),
                     heldout_loss=loss,
                     clip_sample=task.clip_sample,
+                    eta=task.eta,
                 )
             )
             grids.append((Path(str(name)).name if not isinstance(ref, nn.Module) else name, images[:GRID_SAMPLES]))

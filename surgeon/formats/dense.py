@@ -37,11 +37,14 @@ def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
         fold(model)  # loaded for this export: folding in place frees each masked tensor's storage as it goes
     state = folded_state(model, opts.dtype)
     if opts.pipeline is not None:
-        _write_pipeline(model, state, Path(opts.pipeline), out, opts.force, recorded_clip_sample(opts.recipe))
+        _write_pipeline(model, state, Path(opts.pipeline), out, opts.force, opts.recipe)
     elif is_diffusers_class(type(model)) and out.suffix != ".safetensors":
         check_output(out, opts.force)
         with atomic_folder(out, opts.force) as tmp:
             _holding(model, state).save_pretrained(tmp, safe_serialization=True)
+            sampler = recorded_sampler(model, opts.recipe)
+            if sampler is not None:  # DDIMScheduler.from_pretrained(out) then samples as surgeon does
+                (tmp / SCHEDULER_CONFIG).write_text(json.dumps(sampler, indent=2) + "\n")
     else:
         write_model(model, out, state, LAYOUT, header_fields(model, {}, opts.recipe, opts.extra), opts.force)
     return [Row(fqn, kind, shape, "dense", nbytes(state[fqn]), "dense") for fqn, (kind, shape) in kinds.items()]
@@ -90,7 +93,7 @@ def recorded_clip_sample(recipe) -> bool | None:
 
 
 def _write_pipeline(
-    model: nn.Module, state: dict[str, torch.Tensor], pipeline: Path, out: Path, force: bool, clip_sample: bool | None
+    model: nn.Module, state: dict[str, torch.Tensor], pipeline: Path, out: Path, force: bool, recipe
 ) -> None:
     if not is_diffusers_class(type(model)):
         raise SurgeonError(f"--pipeline needs a diffusers model, not {type(model).__name__}", "drop --pipeline")
@@ -100,17 +103,54 @@ def _write_pipeline(
         # every other component as it is (scheduler, autoencoder, model_index.json), never a file linked from outside
         copy_folder(pipeline, tmp, skip={part})
         _holding(model, state).save_pretrained(tmp / part, safe_serialization=True)
-        _record_clip_sample(tmp / "scheduler" / "scheduler_config.json", clip_sample)
+        sampler = recorded_sampler(model, recipe, latent=True)
+        _record_sampler(tmp / "scheduler" / SCHEDULER_CONFIG, sampler, recorded_clip_sample(recipe))
 
 
-def _record_clip_sample(config: Path, clip_sample: bool | None) -> None:
-    """The exported pipeline's scheduler samples as the model was sampled when it was trained and scored."""
-    if clip_sample is None or not config.is_file():
+SCHEDULER_CONFIG = "scheduler_config.json"
+# the training noise schedule: every diffusers scheduler takes these, and sampling must use the one trained on
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+
+
+def recorded_sampler(model: nn.Module, recipe, latent: bool = False) -> dict | None:
+    """The DDIMScheduler config surgeon samples ``model`` with (``surgeon eval``, ``samples.png``): the noise
+    schedule the recorded recipe trained on (unset betas: the task's defaults) and its ``clip_sample`` (unrecorded:
+    on in pixel space, off for a ``latent`` model); None when no recipe is recorded or the model is not a diffusers
+    image denoiser. DDIM's η is an argument of the sampling call, not of the scheduler: call the pipeline with the
+    recorded ``diffusion.eta`` and ``use_clipped_model_output=True``."""
+    from surgeon.recipe import Recipe
+    from surgeon.tasks import apply_diffusion_settings, is_image_model, make_task
+
+    recipe = recipe.to_dict() if hasattr(recipe, "to_dict") else recipe
+    if not (recipe or {}).get("diffusion") or not is_image_model(model):
+        return None
+    from diffusers import DDIMScheduler
+
+    task = make_task(model, "unused")  # no data is read: only the noise schedule and the sampler
+    if latent:  # the task was built without the autoencoder, so its default would be pixel space's
+        task.set_clip_sample(False)
+    apply_diffusion_settings(task, Recipe.from_dict({"diffusion": recipe["diffusion"]}).diffusion)
+    config = dict(task.sampling_scheduler(DDIMScheduler).config)
+    return {"_class_name": "DDIMScheduler", **{k: v for k, v in config.items() if not k.startswith("_")}}
+
+
+def _record_sampler(config: Path, sampler: dict | None, clip_sample: bool | None) -> None:
+    """The exported pipeline's scheduler samples as the model was sampled when it was trained and scored: the
+    training noise schedule, clip_sample, and for a DDIMScheduler every other setting of surgeon's DDIM (timestep
+    spacing, final ᾱ)."""
+    if not config.is_file() or (sampler is None and clip_sample is None):
         return
     data = read_json(config)
-    if "clip_sample" in data or data.get("_class_name") in ("DDIMScheduler", "DDPMScheduler"):
+    kind = data.get("_class_name")
+    if sampler is not None:
+        clip_keys = ("_class_name", "clip_sample", "clip_sample_range")  # below: only where one was recorded
+        keys = [k for k in sampler if k not in clip_keys] if kind == "DDIMScheduler" else SCHEDULE_KEYS
+        data.update({k: sampler[k] for k in keys if k in sampler})
+    if clip_sample is not None and ("clip_sample" in data or kind in ("DDIMScheduler", "DDPMScheduler")):
         data["clip_sample"] = clip_sample
-        config.write_text(json.dumps(data, indent=2) + "\n")
+        if clip_sample:
+            data["clip_sample_range"] = 1.0
+    config.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def read(meta: Mapping, device: torch.device | str | None = None) -> nn.Module:

@@ -48,6 +48,7 @@ class Task:
     # it (None: it can).
     clip_sample: bool = False
     clip_refused: str | None = "this task declares no data range to clip its samples to"
+    eta: float = 0.0  # DDIM's η (a recipe's diffusion.eta): 0 deterministic, 1 DDPM's posterior noise at every step
 
     def set_clip_sample(self, value: bool | None) -> None:
         """Turn x₀ clipping on or off for sampling; None keeps the task's default."""
@@ -143,8 +144,8 @@ def ddpm_scheduler(
 
 
 def apply_diffusion_settings(task: Task, diffusion) -> None:
-    """Rebuild ``task.scheduler`` from a recipe's diffusion section; unset betas and clip_sample keep the task's
-    defaults."""
+    """Rebuild ``task.scheduler`` from a recipe's diffusion section and take its sampler settings (clip_sample,
+    eta); unset betas and clip_sample keep the task's defaults."""
     cfg = task.scheduler.config
     task.scheduler = ddpm_scheduler(
         diffusion.timesteps,
@@ -153,6 +154,7 @@ def apply_diffusion_settings(task: Task, diffusion) -> None:
         diffusion.beta_schedule,
     )
     task.set_clip_sample(diffusion.clip_sample)
+    task.eta = float(diffusion.eta)
 
 
 class EpsilonLoss:

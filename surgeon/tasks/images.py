@@ -188,9 +188,10 @@ class ImageTask(Task):
         steps: int | None = None,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """DDIM sampling (η = 0), x₀ clipped to [-1, 1] at every step when ``clip_sample`` (pixel space, the
-        default), with ε re-derived from the clipped x₀ as ADM's DDIM does; returns images in [-1, 1],
-        ``[n, C, H, W]``.
+        """DDIM sampling (η = ``self.eta``, 0 unless the recipe sets it), x₀ clipped to [-1, 1] at every step when
+        ``clip_sample`` (pixel space, the default), with ε re-derived from the clipped x₀ as ADM's DDIM does;
+        returns images in [-1, 1], ``[n, C, H, W]``. With η > 0 the step noise comes from ``generator`` too, drawn
+        as diffusers' ``DDIMPipeline`` draws it.
 
         Class-conditional models sample ``labels`` (``[n]``), by default every class in turn (``sample_labels``).
         """
@@ -210,7 +211,10 @@ class ImageTask(Task):
         try:
             for t in ddim.timesteps:
                 eps = self.predict(model, {"x_t": x, "t": t.expand(n).to(device), **cond})
-                x = ddim.step(eps, t, x, use_clipped_model_output=self.clip_sample).prev_sample
+                step = ddim.step(
+                    eps, t, x, eta=self.eta, use_clipped_model_output=self.clip_sample, generator=generator
+                )
+                x = step.prev_sample
         finally:
             model.train(was_training)
         return self.decode(x).clamp(-1, 1)

@@ -95,12 +95,13 @@ class SequenceTask(Task):
         steps: int | None = None,
         lengths: int | Sequence[int] | torch.Tensor | None = None,
         sampler: str = "ddim",
-        eta: float = 0.0,
+        eta: float | None = None,
     ) -> dict:
         """Generate ``n`` sequences: ``{"points": [n, Lmax, 3], "mask": [n, Lmax]}``, padding zeroed.
 
         lengths: one length, ``n`` lengths, or None to draw them from the training lengths (``self.lengths``,
-        filled from the training set once it is loaded), else ``max_points`` or 64 points.
+        filled from the training set once it is loaded), else ``max_points`` or 64 points. eta: DDIM's η, by default
+        the task's (``self.eta``, a recipe's ``diffusion.eta``).
         """
         if n < 1:
             raise SurgeonError(f"cannot sample n={n} sequences", "ask for at least one")
@@ -122,6 +123,7 @@ class SequenceTask(Task):
         x = torch.randn(shape, generator=generator, device=draw_device(generator, param.device))
         x = x.to(param.device, param.dtype)
         # DDPM's posterior mean already follows the clipped x₀; DDIM's direction term must be told to
+        eta = self.eta if eta is None else eta
         extra = {"eta": eta, "use_clipped_model_output": self.clip_sample} if sampler == "ddim" else {}
         was_training = model.training
         model.eval()
