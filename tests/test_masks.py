@@ -144,6 +144,96 @@ def test_mask_gradient_zero_at_pruned_equals_masked_dense_grad_at_kept():
     torch.testing.assert_close(grad, w_eff.grad * mask, rtol=0, atol=0)
 
 
+def _grads_of_plain_net(net: nn.Module, seed: int, accumulate: int = 1) -> dict[str, torch.Tensor]:
+    g = _gen(seed)
+    for _ in range(accumulate):
+        (net(torch.randn(4, 3, 6, 6, generator=g)) ** 2).mean().backward()
+    return {fqn: p.grad for fqn, p in net.named_parameters()}
+
+
+def _grads_of_masked_net(net: nn.Module, seed: int, accumulate: int = 1) -> dict[str, torch.Tensor]:
+    from surgeon.masking.surgery import sites
+
+    _grads_of_plain_net(net, seed, accumulate)
+    return {fqn: s.original.grad for fqn, s in sites(net).items()}
+
+
+@pytest.mark.parametrize("path", ["hook", "graph"])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_mask_gradient_equals_the_masked_dense_gradient_on_either_path(path, accumulate):
+    # "hook": inject's model, whose parameters mask their own .grad in place and whose forward returns W itself;
+    # "graph": the same model with masking in the autograd graph (RigL's capture steps, copies, FSDP2)
+    from surgeon.masking.surgery import fold, sites
+
+    net = _masked_net(2)
+    found = sites(net)
+    for site in found.values():
+        site.parametrization.capture_grad = path == "graph"
+        assert (site.effective() is site.original) == (path == "hook" and torch.is_grad_enabled())
+    got = _grads_of_masked_net(net, 5, accumulate)
+    dense = fold(_masked_net(2))  # the same weights (zero where pruned), unmasked
+    want = _grads_of_plain_net(dense, 5, accumulate)
+    for fqn, site in found.items():
+        assert (got[fqn][~site.mask] == 0).all() and (got[fqn][site.mask] != 0).any()
+        torch.testing.assert_close(got[fqn], want[fqn] * site.mask, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_zero_pruned_in_place_equals_torch_where_bit_for_bit(dtype, layout):
+    from surgeon.masking.masks import zero_pruned_
+
+    g = _gen(8)
+    grad = torch.randn(6, 5, 3, 3, generator=g).to(dtype)
+    grad[0, 0, 0, 0], grad[1, 0, 0, 0], grad[2, 0, 0, 0] = float("nan"), float("inf"), -0.0
+    mask = torch.rand(6, 5, 3, 3, generator=g) < 0.5
+    mask[:3, 0, 0, 0] = False  # the non-finite values and -0 sit at pruned positions
+    if layout == "channels_last":
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        grad, mask = grad[:, :, 0, 0].t(), mask[:, :, 0, 0].t()
+    want = torch.where(mask, grad, torch.zeros((), dtype=dtype))
+    zero_pruned_(grad, mask)
+    zero_pruned_(grad, mask)  # the reused buffer of the first call leaves no trace
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[grad.element_size()]
+    assert torch.equal(grad.view(bits), want.view(bits))  # bit for bit: +0.0 where pruned, not NaN, inf or -0.0
+
+
+def test_a_copy_masks_its_gradients_and_leaves_the_original_hooked():
+    import copy
+
+    from surgeon.masking.surgery import fold, sites
+
+    net = _masked_net(3)
+    twin = copy.deepcopy(net)  # tensors' hooks are not copied: the copy masks in the graph
+    for site in sites(twin).values():
+        assert not site.parametrization.masks_gradient_of(site.original)
+    for fqn, g in _grads_of_masked_net(twin, 6).items():
+        assert (g[~sites(twin)[fqn].mask] == 0).all()
+    fold(twin)  # releasing the copy's masks must not release the original's
+    for fqn, g in _grads_of_masked_net(net, 6).items():
+        site = sites(net)[fqn]
+        assert site.parametrization.masks_gradient_of(site.original)
+        assert (g[~site.mask] == 0).all() and (g[site.mask] != 0).any()
+
+
+@pytest.mark.parametrize("how", ["surgeon", "torch"])
+def test_an_unmasked_weight_gets_its_whole_gradient_again(how):
+    from surgeon.masking.surgery import remove, sites
+
+    net = _masked_net(4)
+    masks = {fqn: s.mask.clone() for fqn, s in sites(net).items()}
+    if how == "surgeon":
+        remove(net)
+    else:  # behind surgeon's back: the hook notices its weight is no longer parametrized
+        for fqn in masks:
+            module, _, name = fqn.rpartition(".")
+            parametrize.remove_parametrizations(net.get_submodule(module), name, leave_parametrized=False)
+    grads = _grads_of_plain_net(net, 7)
+    for fqn, mask in masks.items():
+        assert (grads[fqn][~mask] != 0).any()
+
+
 def test_mask_buffer_is_bool_and_current_mask():
     m = Mask(torch.tensor([[1.0, 0.0], [0.5, 0.0]]))
     assert m.mask.dtype == torch.bool

@@ -19,21 +19,24 @@ import json, sys
 import torch
 from accelerate import Accelerator
 from helpers_train import SyntheticImageTask, masks_of, save_state, small_recipe, tiny_model
+from surgeon.masking.surgery import sites
 from surgeon.training.loop import train
 
 out = sys.argv[1]
 acc = Accelerator(cpu=True)
 backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
 for name in ("rigl", "magran"):
-    recipe = small_recipe(name, **{"training.steps": 6, "dst.delta_t": 2, "training.batch_size": 4})
+    recipe = small_recipe(name, **{"training.steps": 7, "dst.delta_t": 2, "training.batch_size": 4})
     model = tiny_model(recipe)
     start = masks_of(model)
     result = train(model, SyntheticImageTask(model), recipe, f"{out}/{name}-run", accelerator=acc, progress=False)
     save_state(model, f"{out}/{name}-rank{acc.process_index}.safetensors")
     moved = sum(int((start[f] != m).sum()) for f, m in masks_of(model).items())
+    # step 7 follows the last update: DDP reads each gradient after the hook masked it, none reaches a pruned weight
+    leaked = sum(int(s.original[~s.mask].count_nonzero()) for s in sites(model).values())
     with open(f"{out}/{name}-rank{acc.process_index}.json", "w") as f:
         json.dump({"processes": acc.num_processes, "backend": backend, "distributed": str(acc.distributed_type),
-                   "updates": result.mask_updates, "moved": moved}, f)
+                   "updates": result.mask_updates, "moved": moved, "leaked": leaked}, f)
 
 from surgeon.models import presets
 from surgeon.recipe import load_recipe
@@ -92,6 +95,7 @@ def test_two_cpu_processes_end_with_identical_masks_and_weights(tmp_path):
             assert i["processes"] == 2 and i["backend"] == "gloo" and i["distributed"].endswith("MULTI_CPU")
             assert [u["step"] for u in i["updates"]] == [2, 4, 6]  # ΔT_e = 2, no stop step (small_recipe)
             assert i["moved"] > 0  # the masks did change
+            assert i["leaked"] == 0
         assert info[0]["updates"] == info[1]["updates"]
         a = load_file(str(tmp_path / f"{name}-rank0.safetensors"))
         b = load_file(str(tmp_path / f"{name}-rank1.safetensors"))

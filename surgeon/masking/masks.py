@@ -4,9 +4,14 @@ Each also carries what it was planned for (the plan it was injected from and its
 model's plan is read from its masks: nothing about the masking is stored on the model itself.
 
 Mask    fixed bool buffer; effective = W ⊙ mask, held in the stored tensor itself: W is exactly 0 at pruned
-        positions, so the forward reads W as it is (a view, no copy kept for backward) and the backward masks the
-        gradient, so W stays 0 there under AdamW (moments start at 0, see only zero gradients, and weight decay is a
-        product). Everything that writes W from outside (inject, load_state_dict, a mask update, EMA) re-zeros it.
+        positions, so the forward reads W as it is (no copy kept for backward) and only its gradient is masked, so
+        W stays 0 there under AdamW (moments start at 0, see only zero gradients, and weight decay is a product).
+        Everything that writes W from outside (inject, load_state_dict, a mask update, EMA) re-zeros it.
+        Where the gradient is masked: on the parameter inject registered it for, in place, as each gradient
+        accumulates into ``.grad`` (a post-accumulate-grad hook, :func:`zero_pruned_`: about 9x cheaper on CPU than
+        masking a copy in the autograd graph; it runs before DDP's reducer reads the gradient); for any other tensor
+        (FSDP2's gathered weight, a copy of the model, a parameter swapped in by the caller) and at RigL's capture
+        steps, inside the autograd graph (``_MaskedGradient``).
 NMMask  N:M straight-through: effective = S(W) keeps the N largest |w| of every M along the reduction dimension,
         recomputed each forward; backward passes the gradient straight through to W, plus the SR-STE term
         λ_W·(W − S(W)) when λ_W > 0 (SparseDM eq. 9, after Zhou et al., 2021).
@@ -14,6 +19,8 @@ NMMask  N:M straight-through: effective = S(W) keeps the N largest |w| of every 
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,7 +51,37 @@ class Mask(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and w.requires_grad):
             return w  # no backward: W itself (a no_grad view of a leaf would carry requires_grad without a grad_fn)
+        if not self.capture_grad and self.masks_gradient_of(w):
+            return w  # its hook masks the gradient as it accumulates
         return _MaskedGradient.apply(w, self)
+
+    def mask_gradient_of(self, param: nn.Parameter, module: nn.Module, name: str) -> None:
+        """Mask ``param.grad`` in place each time a gradient accumulates into it, for as long as ``param`` is the
+        original of ``module.parametrizations[name]`` (the list this mask belongs to)."""
+        self.release_gradient()
+        handle = param.register_post_accumulate_grad_hook(self._mask_accumulated)
+        _GRADIENT_HOOKS[self] = (weakref.ref(param), weakref.ref(module), name, handle)
+
+    def release_gradient(self) -> None:
+        hooked = _GRADIENT_HOOKS.pop(self, None)
+        if hooked is not None:
+            hooked[3].remove()
+
+    def masks_gradient_of(self, w: torch.Tensor) -> bool:
+        hooked = _GRADIENT_HOOKS.get(self)
+        return hooked is not None and hooked[0]() is w
+
+    def _mask_accumulated(self, param: torch.Tensor) -> None:
+        hooked = _GRADIENT_HOOKS.get(self)
+        module = hooked[1]() if hooked is not None else None
+        plists = getattr(module, "parametrizations", None)
+        if plists is None or hooked is None or hooked[2] not in plists or plists[hooked[2]].original is not param:
+            # unparametrized behind surgeon's back (torch's remove_parametrizations): a plain weight again
+            self.release_gradient()
+            return
+        if self.capture_grad or param.grad is None:
+            return  # a capture step's forward took the autograd path, which masked this gradient already
+        zero_pruned_(param.grad, self.mask)
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         """What is stored for a weight given to the parametrization (registering it, or assigning the weight):
@@ -62,6 +99,38 @@ class Mask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"density={self.mask.float().mean().item():.4f}"
+
+
+_SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_scratch = threading.local()  # per backward thread: one reused integer buffer per (device, width)
+
+
+def zero_pruned_(grad: torch.Tensor, mask: torch.Tensor) -> None:
+    """``grad[~mask] = 0`` in place and exactly (+0.0, a non-finite value included), as torch.where would.
+
+    On CPU the gradient's bits are ANDed with the mask widened to all-ones/all-zeros words in a reused buffer:
+    ~0.6 ns per element at 1 thread, against 2.2 for ``mul_`` by the bool mask (which allocates a float copy of
+    it) and 3.8-5.5 for ``masked_fill_``/``torch.where``, whose CPU kernels run per element and whose fresh output
+    pays a page fault per 4 KiB. On accelerators torch.where writing in place is one memory-bound kernel.
+    """
+    if grad.device.type != "cpu" or grad.element_size() not in _SIGNED:
+        torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device), out=grad)
+        return
+    width = _SIGNED[grad.element_size()]
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (grad.device, width)
+    words = buffers.get(key)
+    if words is None or words.numel() < grad.numel():
+        words = buffers[key] = torch.empty(grad.numel(), dtype=width, device=grad.device)
+    words = words[: grad.numel()].view(grad.shape)
+    words.copy_(mask).neg_()  # True -> 1 -> -1: every bit set
+    grad.view(width).bitwise_and_(words)
+
+
+# Mask -> (weakref to the hooked parameter, weakref to its module, tensor name, hook handle). Outside the module's
+# attributes so that a copy of the model (copy.deepcopy, which does not copy a tensor's hooks) starts unhooked and
+# masks in the graph, and can never remove its original's hook.
+_GRADIENT_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _MaskedGradient(torch.autograd.Function):

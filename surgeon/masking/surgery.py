@@ -234,6 +234,7 @@ def inject(
         parametrization.adopting = w  # registering zeros the pruned weights in place, once (Mask.right_inverse)
         parametrize.register_parametrization(module, name, parametrization, unsafe=True)
         parametrization.adopting = None
+        parametrization.mask_gradient_of(module.parametrizations[name].original, module, name)
         module.parametrizations[name].register_load_state_dict_post_hook(_zero_pruned_after_load)
     for module in {id(m): m for m in (s.module for s in sites(model).values())}.values():
         if isinstance(module, nn.RNNBase) and _rnn_release_flat_weights not in module._forward_hooks.values():
@@ -245,6 +246,8 @@ def _strip(model: nn.Module, leave_parametrized: bool) -> nn.Module:
     check_module(model)
     for site in sites(model).values():
         _own_class(site.module)
+        if isinstance(site.parametrization, Mask):
+            site.parametrization.release_gradient()  # the weight is a plain one again: its gradient is not masked
         parametrize.remove_parametrizations(site.module, site.name, leave_parametrized=leave_parametrized)
     for module in model.modules():
         for key, hook in list(module._forward_hooks.items()):
