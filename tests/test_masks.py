@@ -180,8 +180,8 @@ def test_mask_gradient_equals_the_masked_dense_gradient_on_either_path(path, acc
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
-def test_zero_pruned_in_place_equals_torch_where_bit_for_bit(dtype, layout):
-    from surgeon.masking.masks import zero_pruned_
+def test_zeroing_in_place_equals_torch_where_bit_for_bit(dtype, layout):
+    from surgeon.masking.zeroing import keep_only_, zero_at_
 
     g = _gen(8)
     grad = torch.randn(6, 5, 3, 3, generator=g).to(dtype)
@@ -192,11 +192,14 @@ def test_zero_pruned_in_place_equals_torch_where_bit_for_bit(dtype, layout):
         grad = grad.contiguous(memory_format=torch.channels_last)
     elif layout == "transposed":
         grad, mask = grad[:, :, 0, 0].t(), mask[:, :, 0, 0].t()
-    want = torch.where(mask, grad, torch.zeros((), dtype=dtype))
-    zero_pruned_(grad, mask)
-    zero_pruned_(grad, mask)  # the reused buffer of the first call leaves no trace
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[grad.element_size()]
-    assert torch.equal(grad.view(bits), want.view(bits))  # bit for bit: +0.0 where pruned, not NaN, inf or -0.0
+    kept, dropped = grad.clone(), grad.clone()
+    want = torch.where(mask, grad, torch.zeros((), dtype=dtype))
+    keep_only_(kept, mask)
+    keep_only_(kept, mask)  # the reused buffer of the first call leaves no trace
+    assert torch.equal(kept.view(bits), want.view(bits))  # bit for bit: +0.0 where pruned, not NaN, inf or -0.0
+    zero_at_(dropped, ~mask)
+    assert torch.equal(dropped.view(bits), want.view(bits))
 
 
 def test_a_copy_masks_its_gradients_and_leaves_the_original_hooked():

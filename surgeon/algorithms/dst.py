@@ -20,8 +20,9 @@ import torch
 
 from surgeon import seeding
 from surgeon.algorithms.base import Algorithm
-from surgeon.masking.shards import full, like
+from surgeon.masking.shards import full
 from surgeon.masking.surgery import Site, sites
+from surgeon.masking.zeroing import zero_at_
 from surgeon.sparsity.patterns import topk_mask
 from surgeon.sparsity.schedules import drop_fraction, is_update_step
 
@@ -78,7 +79,7 @@ class MagRan(Algorithm):
             new_mask = keep | grow
             new = grow & ~mask  # truly new connections; a dropped-and-regrown position is unchanged
             site.set_mask(new_mask)  # zeroes what it prunes; under FSDP2 each rank writes its own shard only
-            w.masked_fill_(like(new, w), 0.0)
+            zero_at_(w, new)
             resets[fqn] = (mask & ~new_mask) | new  # truly dropped, and truly new
             moved += int(new.sum())
         self.history.append({"step": step, "p": frac, "regrown": moved})

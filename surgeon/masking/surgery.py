@@ -18,7 +18,8 @@ from torch.nn.utils import parametrize
 from surgeon.errors import SurgeonError, check_arg, check_module
 from surgeon.masking.masks import Mask, NMMask
 from surgeon.masking.plan import LayerPlan, Plan
-from surgeon.masking.shards import full, like
+from surgeon.masking.shards import full
+from surgeon.masking.zeroing import keep_only_
 from surgeon.seeding import generator
 from surgeon.sparsity.patterns import random_mask, topk_mask
 
@@ -63,7 +64,7 @@ class Site:
             raise TypeError(f"{self.fqn} has an N:M mask; it is recomputed every forward")
         p.mask.copy_(mask.to(p.mask.device))
         with torch.no_grad():  # the forward reads the stored tensor: what the new mask prunes must be 0 there now
-            self.original.masked_fill_(like(~p.mask, self.original), 0.0)
+            keep_only_(self.original, p.mask)
 
 
 def _split(fqn: str) -> tuple[str, str]:
@@ -154,7 +155,7 @@ def _zero_pruned_after_load(plist: parametrize.ParametrizationList, incompatible
     """load_state_dict post hook: the forward reads the stored tensor as it is, so a loaded one is re-zeroed where
     pruned (its mask, a child buffer, is loaded first), whatever the state dict held there."""
     with torch.no_grad():
-        plist.original.masked_fill_(like(~plist[0].mask, plist.original), 0.0)
+        keep_only_(plist.original, plist[0].mask)
 
 
 def _initial_mask(w: torch.Tensor, lp: LayerPlan, init: str, gen: torch.Generator) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from surgeon.masking.shards import like
+from surgeon.masking.zeroing import zero_at_
 
 
 class EMA:
@@ -25,7 +26,7 @@ class EMA:
     def reset(self, positions: dict[str, torch.Tensor]) -> None:
         """Zero the average where a mask update dropped or grew a weight ({parameter name: bool positions})."""
         for n, pos in positions.items():
-            self.shadow[n].masked_fill_(like(pos, self.shadow[n]), 0.0)
+            zero_at_(self.shadow[n], pos)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -26,7 +26,8 @@ from surgeon.errors import Interrupted, SurgeonError, brief
 from surgeon.evaluation.heldout import heldout_loss
 from surgeon.io.atomic import atomic_path, write_error
 from surgeon.masking.measure import measure
-from surgeon.masking.shards import like, model_is_sharded
+from surgeon.masking.shards import model_is_sharded
+from surgeon.masking.zeroing import zero_at_
 from surgeon.progress import TrainProgress
 from surgeon.recipe import Recipe
 from surgeon.seeding import derive_seed, generator, own_rng
@@ -119,7 +120,7 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, 
     a sharded state tensor zeroes its own part)."""
     for value in optimizer.state.get(param, {}).values():
         if torch.is_tensor(value) and value.shape == param.shape:
-            value.masked_fill_(like(positions, value), 0)
+            zero_at_(value, positions)
 
 
 @own_rng()  # the loop seeds the global RNG per step (dropout inside the model); the caller's state comes back
