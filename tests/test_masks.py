@@ -162,14 +162,15 @@ def _grads_of_masked_net(net: nn.Module, seed: int, accumulate: int = 1) -> dict
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_mask_gradient_equals_the_masked_dense_gradient_on_either_path(path, accumulate):
     # "hook": inject's model, whose parameters mask their own .grad in place and whose forward returns W itself;
-    # "graph": the same model with masking in the autograd graph (RigL's capture steps, copies, FSDP2)
+    # "graph": a copy of it, which masks in the autograd graph (as FSDP2's gathered weights are)
+    import copy
+
     from surgeon.masking.surgery import fold, sites
 
-    net = _masked_net(2)
+    net = _masked_net(2) if path == "hook" else copy.deepcopy(_masked_net(2))
     found = sites(net)
     for site in found.values():
-        site.parametrization.capture_grad = path == "graph"
-        assert (site.effective() is site.original) == (path == "hook" and torch.is_grad_enabled())
+        assert (site.effective() is site.original) == (path == "hook")
     got = _grads_of_masked_net(net, 5, accumulate)
     dense = fold(_masked_net(2))  # the same weights (zero where pruned), unmasked
     want = _grads_of_plain_net(dense, 5, accumulate)
@@ -200,6 +201,28 @@ def test_zeroing_in_place_equals_torch_where_bit_for_bit(dtype, layout):
     assert torch.equal(kept.view(bits), want.view(bits))  # bit for bit: +0.0 where pruned, not NaN, inf or -0.0
     zero_at_(dropped, ~mask)
     assert torch.equal(dropped.view(bits), want.view(bits))
+
+
+@pytest.mark.parametrize("path", ["hook", "graph"])
+def test_a_capture_step_gives_the_whole_gradient_and_masks_the_parameters(path):
+    # RigL's update steps: dL/dW_effective at every position (summed over two micro-batches), then the optimizer
+    # sees the masked gradient; the hook path's is DDP's averaged .grad, the graph path's this process's own
+    import copy
+
+    from surgeon.masking.surgery import fold, sites
+
+    net = _masked_net(6) if path == "hook" else copy.deepcopy(_masked_net(6))
+    for site in sites(net).values():
+        site.parametrization.capture_grad = True
+    _grads_of_masked_net(net, 9, accumulate=2)
+    want = _grads_of_plain_net(fold(_masked_net(6)), 9, accumulate=2)
+    for fqn, site in sites(net).items():
+        dense, averaged = site.parametrization.take_dense_grad(site.original)
+        assert averaged == (path == "hook") and dense.dtype == torch.float32
+        assert (dense[~site.mask] != 0).any()
+        torch.testing.assert_close(dense, want[fqn], rtol=1e-6, atol=0)
+        torch.testing.assert_close(site.original.grad, want[fqn] * site.mask, rtol=1e-6, atol=0)
+        assert (site.original.grad[~site.mask] == 0).all()
 
 
 def test_a_copy_masks_its_gradients_and_leaves_the_original_hooked():

@@ -248,3 +248,28 @@ def test_nm_mask_equals_a_stable_sort_ties_included(n, m, shape):
     idx = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
     expected = nm_ungroup(torch.zeros_like(groups, dtype=torch.bool).scatter_(1, idx, True), w.shape)
     assert torch.equal(nm_mask(w, n, m), expected)
+
+
+@pytest.mark.parametrize("sampled_from", [1 << 20, 1000])
+@pytest.mark.parametrize("seed", range(3))
+def test_topk_among_equals_the_stable_sort_with_minus_inf_outside(seed, sampled_from, monkeypatch):
+    # signed scores with both zeros, ±inf and ties; `among` ranks everything outside it last, by index
+    from surgeon.sparsity import patterns
+
+    monkeypatch.setattr(patterns, "_SAMPLED_SELECTION_FROM", sampled_from)
+    monkeypatch.setattr(patterns, "_SAMPLE", 256)
+    g = torch.Generator().manual_seed(seed)
+    shape = (48, 40, 3)
+    scores = torch.randn(shape, generator=g)
+    scores[torch.rand(shape, generator=g) < 0.2] = 0.0
+    scores[torch.rand(shape, generator=g) < 0.1] = -0.0
+    scores[torch.rand(shape, generator=g) < 0.05] = torch.randint(-3, 4, (1,), generator=g).float()
+    scores.view(-1)[:7] = torch.tensor([torch.inf, -torch.inf, 5e-45, -5e-45, 3.0, -3.0, 0.0])
+    among = torch.rand(shape, generator=g) < 0.6
+    inside = int(among.sum())
+    for k in (1, 333, inside // 2, inside, inside + 100, scores.numel() - 1):
+        want = _stable_sort_topk(torch.where(among, scores, -torch.inf), k)
+        if k > inside:  # past `among`, the rest by index: the sort ranks the eligible -inf first, then by index
+            want = _stable_sort_topk(torch.where(among, scores.clamp(min=-1e38), -torch.inf), k)
+        assert torch.equal(topk_mask(scores, k, among=among), want)
+    assert torch.equal(topk_mask(scores, 500), _stable_sort_topk(scores, 500))

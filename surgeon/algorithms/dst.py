@@ -25,6 +25,7 @@ from surgeon.masking.surgery import Site, sites
 from surgeon.masking.zeroing import zero_at_
 from surgeon.sparsity.patterns import topk_mask
 from surgeon.sparsity.schedules import drop_fraction, is_update_step
+from surgeon.sparsity.scratch import buffer
 
 
 class MagRan(Algorithm):
@@ -53,11 +54,14 @@ class MagRan(Algorithm):
 
     def drop_scores(self, site: Site) -> torch.Tensor:
         """Higher = kept first among the active weights. Magnitude, as Algorithm 2 of the paper prescribes."""
-        return full(site.original).abs()
+        w = full(site.original)
+        return torch.abs(w, out=buffer("dst.drop", w.shape, w.dtype, w.device))  # read before the next layer's
 
     def grow_scores(self, site: Site, generator: torch.Generator) -> torch.Tensor:
         """Higher = grown first. MagRan: i.i.d. uniform, drawn from a generator seeded identically on every process."""
-        return torch.rand(site.original.shape, generator=generator).to(site.original.device)
+        shape = site.original.shape
+        drawn = torch.rand(shape, generator=generator, out=buffer("dst.grow", shape, torch.float32, "cpu"))
+        return drawn.to(site.original.device)
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> dict[str, torch.Tensor]:
@@ -69,13 +73,13 @@ class MagRan(Algorithm):
         resets, moved = {}, 0
         for fqn, site in self.sites.items():
             w, mask = site.original, site.mask.clone()  # set_mask below writes the buffer in place
-            k = int(mask.sum())
+            k = int(torch.count_nonzero(mask))
             n = int(frac * k)
             scores = self.grow_scores(site, generator)  # drawn for every layer so the random stream stays aligned
             if n == 0:
                 continue
-            keep = topk_mask(torch.where(mask, self.drop_scores(site).float(), -torch.inf), k - n)
-            grow = topk_mask(torch.where(keep, -torch.inf, scores.float()), n)  # just-dropped positions may return
+            keep = topk_mask(self.drop_scores(site), k - n, among=mask)
+            grow = topk_mask(scores, n, among=~keep)  # just-dropped positions may return
             new_mask = keep | grow
             new = grow & ~mask  # truly new connections; a dropped-and-regrown position is unchanged
             site.set_mask(new_mask)  # zeroes what it prunes; under FSDP2 each rank writes its own shard only
@@ -109,14 +113,14 @@ class RigL(MagRan):
         if not self.updating:
             return
         for site in self.sites.values():
-            g = site.parametrization.dense_grad
+            g, averaged = site.parametrization.take_dense_grad(site.original)
             if g is None:  # the layer took no part in this step's forward
                 g = torch.zeros(site.original.shape, dtype=torch.float32, device=site.mask.device)
-            # average over processes so every rank ranks the same scores and grows the same positions
-            site.parametrization.dense_grad = self.accelerator.reduce(g, reduction="mean")
+            # averaged over processes so every rank ranks the same scores and grows the same positions
+            site.parametrization.dense_grad = g if averaged else self.accelerator.reduce(g, reduction="mean")
 
     def grow_scores(self, site: Site, generator: torch.Generator) -> torch.Tensor:
-        return site.parametrization.dense_grad.abs()
+        return site.parametrization.dense_grad.abs_()  # the capture's own tensor, read once
 
     def end_update(self) -> None:
         super().end_update()

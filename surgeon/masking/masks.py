@@ -9,9 +9,10 @@ Mask    fixed bool buffer; effective = W ⊙ mask, held in the stored tensor its
         Everything that writes W from outside (inject, load_state_dict, a mask update, EMA) re-zeros it.
         Where the gradient is masked: on the parameter inject registered it for, in place, as each gradient
         accumulates into ``.grad`` (a post-accumulate-grad hook, :func:`~surgeon.masking.zeroing.keep_only_`: 9x cheaper on CPU than
-        masking a copy in the autograd graph; it runs before DDP's reducer reads the gradient); for any other tensor
-        (FSDP2's gathered weight, a copy of the model, a parameter swapped in by the caller) and at RigL's capture
-        steps, inside the autograd graph (``_MaskedGradient``).
+        masking a copy in the autograd graph; it runs before DDP's reducer reads the gradient; at RigL's capture
+        steps it leaves the whole gradient for :meth:`Mask.take_dense_grad`); for any other tensor (FSDP2's
+        gathered weight, a copy of the model, a parameter swapped in by the caller), inside the autograd graph
+        (``_MaskedGradient``).
 NMMask  N:M straight-through: effective = S(W) keeps the N largest |w| of every M along the reduction dimension,
         recomputed each forward; backward passes the gradient straight through to W, plus the SR-STE term
         λ_W·(W − S(W)) when λ_W > 0 (SparseDM eq. 9, after Zhou et al., 2021).
@@ -41,7 +42,8 @@ class Mask(nn.Module):
         # a copy: DST updates the buffer in place, which must never write through to the caller's tensor
         self.register_buffer("mask", mask.detach().to(torch.bool, copy=True))
         # RigL needs dL/dW_effective at every position, pruned ones included; the gradient reaching the original
-        # is masked, so at update steps the backward sums what flows into the effective weight before masking it.
+        # is masked, so at update steps the hook leaves it whole until take_dense_grad (the autograd path instead
+        # sums what flows into the effective weight into dense_grad before masking it).
         self.capture_grad = False
         self.dense_grad: torch.Tensor | None = None
         # set by inject while it registers this mask: right_inverse zeros that one tensor (the module's own weight)
@@ -51,8 +53,8 @@ class Mask(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and w.requires_grad):
             return w  # no backward: W itself (a no_grad view of a leaf would carry requires_grad without a grad_fn)
-        if not self.capture_grad and self.masks_gradient_of(w):
-            return w  # its hook masks the gradient as it accumulates
+        if self.masks_gradient_of(w):
+            return w  # its hook masks the gradient as it accumulates (at a capture step: take_dense_grad does)
         return _MaskedGradient.apply(w, self)
 
     def mask_gradient_of(self, param: nn.Parameter, module: nn.Module, name: str) -> None:
@@ -80,13 +82,25 @@ class Mask(nn.Module):
             self.release_gradient()
             return
         if self.capture_grad or param.grad is None:
-            return  # a capture step's forward took the autograd path, which masked this gradient already
+            return  # a capture step: the whole sum stays in .grad until take_dense_grad
         keep_only_(param.grad, self.mask)
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         """What is stored for a weight given to the parametrization (registering it, or assigning the weight):
         W with its pruned entries set to 0 (a copy: an assigned tensor stays the caller's)."""
         return keep_only_(w if w is self.adopting else w.clone(), self.mask)
+
+    def take_dense_grad(self, param: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        """After a capture step's backward: dL/dW_effective at every position (float32, summed over micro-batches),
+        and whether it is already averaged over processes (DDP reduced the hooked parameter's whole gradient);
+        the parameter's gradient is masked from here on. (None, False) when this layer saw no backward."""
+        if self.dense_grad is not None:  # captured in the autograd graph, by this process alone
+            return self.dense_grad, False
+        if param.grad is None or not self.masks_gradient_of(param):
+            return None, False
+        dense = param.grad.detach().to(torch.float32, copy=True)
+        keep_only_(param.grad, self.mask)
+        return dense, True
 
     def _accumulate_dense_grad(self, grad: torch.Tensor) -> None:
         grad = grad.detach().float()

@@ -9,14 +9,10 @@ in a reused buffer and ANDed into the tensor's bits: 0.6 ns, and +0.0 wherever z
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from surgeon.masking.shards import is_sharded, like, local
-
-_SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_scratch = threading.local()  # per thread (the backward runs hooks on its own): one buffer per (device, width)
+from surgeon.sparsity.scratch import SIGNED, widened
 
 
 def keep_only_(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -31,25 +27,13 @@ def zero_at_(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def words(flags: torch.Tensor, width: torch.dtype, keep: bool) -> torch.Tensor:
-    """``flags`` as integer words of ``width`` in this thread's reused buffer: all bits set where ``flags`` is
-    True (``keep``) or False (not ``keep``), none elsewhere. Valid until this thread's next call."""
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    key = (flags.device, width)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < flags.numel():
-        buffer = buffers[key] = torch.empty(flags.numel(), dtype=width, device=flags.device)
-    out = buffer[: flags.numel()].view(flags.shape).copy_(flags)  # True -> 1
-    return out.neg_() if keep else out.sub_(1)  # 1 -> -1 (all bits), or 0 -> -1
-
-
 def _and_(t: torch.Tensor, flags: torch.Tensor, keep: bool) -> None:
     if is_sharded(t):
         t, flags = local(t), local(like(flags, t))
     flags = flags.to(t.device)
-    if t.device.type != "cpu" or t.element_size() not in _SIGNED or t.is_complex():
+    if t.device.type != "cpu" or t.element_size() not in SIGNED or t.is_complex():
         zero = torch.zeros((), dtype=t.dtype, device=t.device)
         torch.where(flags, t, zero, out=t) if keep else torch.where(flags, zero, t, out=t)
         return
-    width = _SIGNED[t.element_size()]
-    t.view(width).bitwise_and_(words(flags, width, keep))
+    width = SIGNED[t.element_size()]
+    t.view(width).bitwise_and_(widened(flags, width, keep))
