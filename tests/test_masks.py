@@ -371,3 +371,22 @@ def test_nm_current_mask_matches_forward():
     p = NMMask(1, 4)
     assert torch.equal(p.current_mask(w), p(w) != 0)
     assert p.current_mask(w).sum() == w.numel() // 4
+
+
+def test_zeroing_reuses_words_only_for_the_same_unchanged_flags():
+    from surgeon.masking.zeroing import keep_only_, zero_at_
+
+    g = _gen(11)
+    flags = torch.rand(40, 30, generator=g) < 0.5
+    a, b, c = (torch.randn(40, 30, generator=g) for _ in range(3))
+    want_a, want_b = torch.where(flags, 0.0, a), torch.where(flags, 0.0, b)
+    zero_at_(a, flags)
+    zero_at_(b, flags)  # the same flags: the words are reused
+    assert torch.equal(a, want_a) and torch.equal(b, want_b)
+    flags[0].logical_not_()  # changed in place: widened again
+    want_c = torch.where(flags, 0.0, c)
+    zero_at_(c, flags)
+    assert torch.equal(c, want_c)
+    d = torch.randn(40, 30, generator=g)
+    keep_only_(d, flags)  # same flags, the other polarity
+    assert torch.equal(d, torch.where(flags, d, 0.0)) and (d[~flags] == 0).all() and (d[flags] != 0).all()

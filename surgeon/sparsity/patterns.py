@@ -75,9 +75,9 @@ def _ordered_keys(x: torch.Tensor) -> torch.Tensor:
 
 def _floor_outside(keys: torch.Tensor, among: torch.Tensor) -> None:
     """Set the keys outside ``among`` to the smallest integer, which no key of a NaN-free score takes."""
-    keys.bitwise_and_(widened(among, keys.dtype, True, slot="topk.among"))
-    floor = widened(among, keys.dtype, False, slot="topk.among")
-    keys.bitwise_or_(floor.bitwise_and_(torch.iinfo(keys.dtype).min))
+    words = widened(among, keys.dtype, True, slot="topk.among")
+    keys.bitwise_and_(words)
+    keys.bitwise_or_(words.bitwise_not_().bitwise_and_(torch.iinfo(keys.dtype).min))
 
 
 # below this many keys one kthvalue (about 57 ns a key on a CPU at one thread) is cheaper than sampling
@@ -101,13 +101,15 @@ def _kth_largest(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | 
     m = sample.numel()
     rank, margin = k / n * m, 8 * (m * (k / n) * (1 - k / n)) ** 0.5 + 8
     hi, lo = sample[max(int(rank - margin), 0)], sample[min(int(rank + margin), m - 1)]
-    above = int(torch.count_nonzero(x > hi))  # count_nonzero: several times faster than a bool sum on CPU
+    over = torch.gt(x, hi, out=buffer("topk.over", x.shape, torch.bool, x.device))
+    above = int(torch.count_nonzero(over))  # count_nonzero: several times faster than a bool sum on CPU
     if above < k:
         if bool(hi == lo):  # a value so common that the bracket is that value alone
             if above + int(torch.count_nonzero(x == hi)) >= k:
                 return hi, None
         else:
-            inside = torch.nonzero((x >= lo) & (x <= hi)).squeeze(1)  # faster than a bool-mask select
+            bracket = torch.ge(x, lo, out=buffer("topk.bracket", x.shape, torch.bool, x.device)).bitwise_xor_(over)
+            inside = torch.nonzero(bracket).squeeze(1)  # lo <= x <= hi; faster than a bool-mask select
             if above + inside.numel() >= k:
                 values, rank = x.index_select(0, inside), k - above
                 if inside.numel() < n // 2:  # the bracket narrowed the search: narrow it again

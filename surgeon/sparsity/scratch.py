@@ -9,6 +9,7 @@ tensor needs it. Its contents are garbage on return and valid until the same thr
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
@@ -31,6 +32,18 @@ def buffer(slot: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, d
 
 def widened(flags: torch.Tensor, width: torch.dtype, where: bool, slot: str = "words") -> torch.Tensor:
     """``flags`` as integer words of ``width`` (a buffer): all bits set where ``flags`` equals ``where``, none
-    elsewhere. ANDing a tensor's bits with it keeps those entries and sets the others to +0.0 (or integer 0)."""
+    elsewhere. ANDing a tensor's bits with it keeps those entries and sets the others to +0.0 (or integer 0).
+
+    The default slot is read-only for callers and remembers what it holds: the same unchanged ``flags`` asked for
+    again (AdamW's two moments and the EMA zeroed at one update's positions) reuse the words."""
+    made = _local.__dict__.setdefault("widened", {})
+    key = (width, where, flags.shape, flags.device)
+    if slot == "words":
+        held = made.get(slot)
+        if held is not None and held[0]() is flags and held[1] == (flags._version, key):
+            return held[2]
     out = buffer(slot, flags.shape, width, flags.device).copy_(flags)  # True -> 1
-    return out.neg_() if where else out.sub_(1)  # 1 -> -1 (all bits set), or 0 -> -1
+    out = out.neg_() if where else out.sub_(1)  # 1 -> -1 (all bits set), or 0 -> -1
+    if slot == "words":
+        made[slot] = (weakref.ref(flags), (flags._version, key), out)
+    return out
