@@ -43,6 +43,24 @@ def reproduce(
             help="Training steps per run, instead of sharing out --budget-minutes by a calibration.",
         ),
     ] = None,
+    eta: Annotated[
+        float | None,
+        typer.Option(
+            "--eta",
+            show_default=False,
+            help="DDIM's eta in [0, 1] for every run's samples and scoring (0 deterministic, 1 DDPM's noise at "
+            "every step). Default 0 (a resumed study keeps its own).",
+        ),
+    ] = None,
+    ema: Annotated[
+        float | None,
+        typer.Option(
+            "--ema",
+            show_default=False,
+            help="EMA decay of the weights for every run (e.g. 0.995); the EMA weights are saved and scored. "
+            "Default: no EMA (a resumed study keeps its own).",
+        ),
+    ] = None,
     force: Force = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
@@ -64,6 +82,8 @@ def reproduce(
         extractor=extractor,
         only=only,
         seeds=seeds,
+        eta=eta,
+        ema=ema,
         steps=None if steps is None else (steps, steps),
     )
     console.print(report.read_text(), soft_wrap=True, markup=False, highlight=False)

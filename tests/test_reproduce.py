@@ -64,9 +64,18 @@ def test_a_micro_study_runs_scores_reports_and_resumes(tmp_path, monkeypatch):
         only=["dense", "rigl-s0.9-p0.05", "chiro-dense"],
         steps=(2, 2),
         seeds=2,
+        eta=1.0,
+        ema=0.9,
     )
     report = reproduce(1, out, **kw)
     text = report.read_text()
+    # η and EMA reach every run's recipe (so its samples and scores), the plan and the report
+    from surgeon.recipe import load_recipe
+
+    for run in ("images/dense", "images/rigl-s0.9-p0.05", "strokes/chiro-dense"):
+        recorded = load_recipe(str(out / run / "seed-1/recipe.yaml"))
+        assert recorded.diffusion.eta == 1.0 and recorded.training.ema_decay == 0.9, run
+    assert "EMA decay 0.9" in text.splitlines()[2] and "η = 1," in text.splitlines()[2]
     assert "not comparable with Inception FID" in text and "| rigl-s0.9-p0.05 | rigl | 0.90 | 0.05 | 2 |" in text
     # two independent runs per configuration: seeds 0 and 1 draw different masks, and the table shows mean ± std
     from surgeon.formats.loading import load_model
@@ -99,6 +108,10 @@ def test_a_micro_study_runs_scores_reports_and_resumes(tmp_path, monkeypatch):
         assert (out / name).stat().st_size > 1000, name
     plan = json.loads((out / "plan.json").read_text())
     assert plan["image_steps"] == 2 and plan["runs"] == ["dense", "rigl-s0.9-p0.05", "chiro-dense"]
+    assert plan["eta"] == 1.0 and plan["ema"] == 0.9
+    for flag, value in (("eta", 0.0), ("ema", 0.99)):  # a resumed study keeps its sampler and EMA
+        with pytest.raises(SurgeonError, match=f"planned with --{flag} "):
+            reproduce(1, out, **{**kw, flag: value})
     rigl = json.loads((out / "images/rigl-s0.9-p0.05/seed-0/eval.json").read_text())
     assert rigl["sparsity"] == pytest.approx(0.9, abs=0.01) and rigl["fid"] > 0 and rigl["n_samples"] == 4
 
@@ -128,6 +141,9 @@ def test_bad_inputs(tmp_path):
         assert r.exit_code == 2 and "Traceback" not in r.output, r.output
         assert lines == [lines[0], lines[1]] and lines[0].startswith(f"error: --seeds {bad} must be")
         assert lines[1].startswith("hint: ")
+    for flag, bad in (("--eta", "1.5"), ("--eta", "-0.1"), ("--ema", "1"), ("--ema", "0")):
+        r = CliRunner().invoke(app, ["reproduce", flag, bad, "--steps", "2", "--out", str(tmp_path / "o")])
+        assert r.exit_code == 2 and f"error: {flag} {float(bad)} must be in" in r.stderr and "hint:" in r.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -150,9 +166,13 @@ def test_every_run_of_the_study_has_a_valid_recipe():
         "efficientnet-lite0",
         [r.name for r in study_runs()],
     )
+    old = _recipe(study_runs()[0], plan)  # a plan from before η and EMA were settings: what it trained with
+    assert old.diffusion.eta == 0.0 and old.training.ema_decay is None
+    plan.eta, plan.ema = 1.0, 0.995
     for spec in study_runs():
         r = _recipe(spec, plan)
         assert r.algorithm == spec.algorithm and r.name == spec.name
+        assert r.diffusion.eta == 1.0 and r.training.ema_decay == 0.995
         assert r.training.steps == (200 if spec.study == "images" else 100)
         if spec.algorithm in ("rigl", "magran"):
             assert r.dst.p == spec.p and r.dst.delta_t == (20 if spec.study == "images" else 10)

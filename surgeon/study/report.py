@@ -239,8 +239,9 @@ def write_report(out: Path, plan, rows, elapsed: float) -> Path:
         "",
         f"{budget}; this invocation took {elapsed / 60:.1f} min (a resumed study counts only "
         f"its last invocation). {'; '.join(parts)}; batch {plan.batch_size}, {plan.updates} mask updates "
-        f"per run, n = {plan.n} samples per model ({plan.sample_steps} DDIM steps, x₀ clipped to [-1, 1] for "
-        f"pixel-space images); every run trained with {plan.seeds} seed(s) (0..{plan.seeds - 1}: masks, initial "
+        f"per run, {'no EMA' if plan.ema is None else f'EMA decay {plan.ema:g}'}, n = {plan.n} samples per "
+        f"model ({plan.sample_steps} DDIM steps, η = {plan.eta:g}, x₀ clipped to [-1, 1] for pixel-space "
+        "images); every run trained with {plan.seeds} seed(s) (0..{plan.seeds - 1}: masks, initial "
         "weights, data order, noise).",
         "",
         f"Metric: {label}. Every metric is mean ± std over the seeds (sample std; a single seed shows its value). "

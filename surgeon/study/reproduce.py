@@ -82,6 +82,9 @@ class StudyPlan:
     calibration: dict = field(default_factory=dict)
     seeds: int = 1  # every run is trained with seeds 0..seeds-1
     version: int = PLAN_VERSION
+    # the sampler's DDIM η and the weights' EMA decay (None: no EMA); a plan written before they existed has these
+    eta: float = 0.0
+    ema: float | None = None
 
     def delta_t(self, study: str) -> int:
         return max(1, (self.image_steps if study == "images" else self.chiro_steps) // self.updates)
@@ -100,6 +103,8 @@ def _recipe(spec: RunSpec, plan: StudyPlan, seed: int = 0):
         "training.num_samples": 16,
         "training.log_every": max(1, steps // 50),
         "diffusion.sample_steps": plan.sample_steps,
+        "diffusion.eta": plan.eta,  # recorded in the model, so scoring samples with it too
+        "training.ema_decay": plan.ema,
     }
     if spec.algorithm != "dense":
         changes["sparsity"] = spec.sparsity
@@ -217,6 +222,8 @@ def make_plan(
     steps: tuple[int, int] | None = None,
     console=None,
     seeds: int = 1,
+    eta: float = 0.0,
+    ema: float | None = None,
 ) -> StudyPlan:
     """Calibrate and share out the budget, or take ``steps`` = (image steps, ChiroDiff steps) as given."""
     from surgeon.evaluation.extractors import resolve_extractor
@@ -257,6 +264,8 @@ def make_plan(
         [r.name for r in runs],
         timing,
         seeds,
+        eta=eta,
+        ema=ema,
     )
 
 
@@ -363,12 +372,16 @@ def reproduce(
     only: Sequence[str] | None = None,
     steps: tuple[int, int] | None = None,
     seeds: int | None = None,
+    eta: float | None = None,
+    ema: float | None = None,
 ) -> Path:
     """Run (or resume) the study in ``out``; returns the path of its report (``README.md``).
 
     ``steps`` = (steps per image run, steps per ChiroDiff run) skips the calibration and the budget's share-out.
     ``seeds`` = K trains every run with seeds 0..K-1 (default 1; a resumed study keeps its plan's).
     ``only`` restricts the study to the named runs; ``limit`` uses only the first N examples of each split.
+    ``eta`` (DDIM's η, default 0) and ``ema`` (EMA decay, default none) apply to every run, training and scoring;
+    a resumed study keeps its plan's.
     """
     import shutil
 
@@ -378,6 +391,10 @@ def reproduce(
         raise UsageError(f"--n {n}: FID/KID need at least 2 samples", "the default is 256")
     if seeds is not None:
         check_seeds(seeds)
+    if eta is not None and not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+        raise UsageError(f"--eta {eta} must be in [0, 1]", "0 is deterministic DDIM, 1 samples like DDPM")
+    if ema is not None and not (isinstance(ema, (int, float)) and 0.0 < ema < 1.0):
+        raise UsageError(f"--ema {ema} must be in (0, 1)", "e.g. --ema 0.995 (the demo's)")
     if steps is not None and min(steps) < 1:
         raise UsageError(f"--steps {min(steps)} must be at least 1", "e.g. --steps 1000, or give --budget-minutes")
     runs = study_runs()
@@ -402,6 +419,12 @@ def reproduce(
                 f"the study in {out} was planned with --seeds {plan.seeds}, not {seeds}",
                 f"re-run with --seeds {plan.seeds} (or without it) to resume, or pass --force to start over",
             )
+        for flag, given, planned in (("--eta", eta, plan.eta), ("--ema", ema, plan.ema)):
+            if given is not None and given != planned:
+                raise SurgeonError(
+                    f"the study in {out} was planned with {flag} {planned}, not {given}",
+                    f"re-run without {flag} to resume, or pass --force to start over",
+                )
         runs = [r for r in study_runs() if r.name in plan.runs]
         if console is not None:
             console.print(f"resuming the study in {out} ({plan.image_steps} steps per image run; --force starts over)")
@@ -424,6 +447,8 @@ def reproduce(
             steps,
             console,
             seeds or 1,
+            0.0 if eta is None else float(eta),
+            None if ema is None else float(ema),
         )
         _write_json(plan_path, asdict(plan))
     # every model is trained before any is scored: an interrupted study resumes per (run, seed) either way
