@@ -252,7 +252,7 @@ def test_an_exported_pixel_pipeline_and_model_folder_sample_as_surgeon_does(tmp_
     alone = UNet2DModel.from_pretrained(tmp_path / "unet", use_safetensors=True)
     for pipe in (
         DDIMPipeline.from_pretrained(tmp_path / "deploy", use_safetensors=True),
-        DDIMPipeline(unet=alone, scheduler=DDIMScheduler.from_pretrained(tmp_path / "unet")),
+        DDIMPipeline(unet=alone, scheduler=DDIMScheduler.from_config(DDIMScheduler.load_config(tmp_path / "unet"))),
     ):
         pipe.set_progress_bar_config(disable=True)
         images = pipe(

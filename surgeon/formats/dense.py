@@ -43,7 +43,7 @@ def write(model: nn.Module, out: Path, opts: Options) -> list[Row]:
         with atomic_folder(out, opts.force) as tmp:
             _holding(model, state).save_pretrained(tmp, safe_serialization=True)
             sampler = recorded_sampler(model, opts.recipe)
-            if sampler is not None:  # DDIMScheduler.from_pretrained(out) then samples as surgeon does
+            if sampler is not None:  # a DDIMScheduler loaded from the folder then samples as surgeon does
                 (tmp / SCHEDULER_CONFIG).write_text(json.dumps(sampler, indent=2) + "\n")
     else:
         write_model(model, out, state, LAYOUT, header_fields(model, {}, opts.recipe, opts.extra), opts.force)
