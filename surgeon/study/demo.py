@@ -8,8 +8,8 @@ and ``eval/`` (the two sample grids side by side, results.json).
 
 Sampling is DDIM with η = 1 (``diffusion.eta``): at η = 0 a third of the grid's tiles were over-inked tangles.
 Sizes: ``SURGEON_DEMO_STEPS`` (default 1500) training steps per model, ``SURGEON_DEMO_N`` (default 192) samples
-scored per model; 11.8 min at 1 thread on a shared machine (load 2.4–4.6), about 6 min on two idle cores
-(estimated from the 1000-step demo's 4.5 min there; README, "Quality numbers").
+scored per model. The two runs train side by side, one process each (a model this small does not use two threads
+well); 5 min 54 s on two idle cores (README, "Quality numbers").
 """
 
 from __future__ import annotations
@@ -59,19 +59,21 @@ def recipes(steps: int = STEPS) -> list:
 def run(out: Path = OUT, steps: int = STEPS, n: int = N, progress: bool = True) -> None:
     from surgeon.evaluation.evaluate import evaluate
     from surgeon.evaluation.tables import comparison_table, wide_console
-    from surgeon.training.run import sparsify
+    from surgeon.study.side_by_side import train_side_by_side
 
     console = wide_console()
     console.print(
         f"[bold]surgeon demo[/]: UNet2DModel (preset unet-kanji, 32×32) on KanjiVG glyphs, {steps} steps "
         f"each, then FID/KID/precision/recall on {n} samples each"
     )
-    summaries = []
-    for name, sparsity, recipe in recipes(steps):
-        console.print(f"\n[bold]{name}[/]" + (f" at S = {sparsity}" if sparsity else ""))
-        summaries.append(
-            sparsify("unet-kanji", recipe, "kanjivg", out / name, limit=LIMIT, force=True, progress=progress)
-        )
+    for name, sparsity, _ in recipes(steps):
+        console.print(f"[bold]{name}[/]" + (f" at S = {sparsity}" if sparsity else ""), end="  ")
+    console.print("(trained side by side, one process each)")
+    jobs = [
+        dict(model="unet-kanji", recipe=recipe, data="kanjivg", out=out / name, limit=LIMIT, force=True)
+        for name, _, recipe in recipes(steps)
+    ]
+    summaries = train_side_by_side(jobs, [steps] * len(jobs), progress=progress)
     console.print("\n[bold]scoring[/] (sampling and feature extraction)")
     result = evaluate(
         [out / "dense", out / "rigl"],
@@ -100,3 +102,6 @@ if __name__ == "__main__":
         if err.hint:
             print(f"hint: {err.hint}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
