@@ -42,20 +42,25 @@ class TrainProgress:
         )
 
 
+def counted_bars(enabled: bool = True, transient: bool = False) -> Progress:
+    """Bars of counted work (label, bar, done/total, elapsed, remaining) on stderr; add one task per bar."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=transient,
+    )
+
+
 class WorkProgress:
     """A bar for counted work other than training (sampling, feature extraction); ``advance(n)`` as it goes."""
 
     def __init__(self, label: str, total: int, enabled: bool = True):
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            disable=not enabled,
-            transient=True,
-        )
+        self.progress = counted_bars(enabled, transient=True)
         self.task = self.progress.add_task(label, total=total)
 
     def __enter__(self):

@@ -17,9 +17,7 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+from surgeon.progress import counted_bars
 from surgeon.training.run import RunSummary
 
 
@@ -67,15 +65,7 @@ def train_side_by_side(
     """
     processes, shared = workers_for(len(jobs))
     threads = threads or shared
-    bars = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not progress,
-    )
+    bars = counted_bars(progress)
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker, initargs=(threads,))
     try:
