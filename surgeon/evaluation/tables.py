@@ -34,9 +34,10 @@ def _params(kept: int, total: int) -> str:
 
 
 def wide_console(**kwargs) -> Console:
-    """A console at least 120 columns wide: piped output (80 columns by default) would squeeze the tables' first
-    column to nothing."""
-    return Console(width=max(120, Console().width), **kwargs)
+    """A console at least 120 columns wide (160 when piped): piped output (80 columns by default) would squeeze the
+    tables' first column to nothing, and the demo's table of runs and scores needs about 150."""
+    probe = Console()
+    return Console(width=max(120 if probe.is_terminal else 160, probe.width), **kwargs)
 
 
 def summary_table(summaries, title: str = "surgeon sparsify") -> Table:
