@@ -66,12 +66,13 @@ def run(out: Path = OUT, steps: int = STEPS, n: int = N, progress: bool = True) 
         f"[bold]surgeon demo[/]: UNet2DModel (preset unet-kanji, 32×32) on KanjiVG glyphs, {steps} steps "
         f"each, then FID/KID/precision/recall on {n} samples each"
     )
-    for name, sparsity, _ in recipes(steps):
+    runs = recipes(steps)
+    for name, sparsity, _ in runs:
         console.print(f"[bold]{name}[/]" + (f" at S = {sparsity}" if sparsity else ""), end="  ")
     console.print("(trained side by side, one process each)")
     jobs = [
         dict(model="unet-kanji", recipe=recipe, data="kanjivg", out=out / name, limit=LIMIT, force=True)
-        for name, _, recipe in recipes(steps)
+        for name, _, recipe in runs
     ]
     summaries = train_side_by_side(jobs, [steps] * len(jobs), progress=progress)
     console.print("\n[bold]scoring[/] (sampling and feature extraction)")

@@ -1,10 +1,10 @@
 """Train several small runs at once, one process each, with one progress bar per run.
 
-A small model does not use two threads well: ``unet-kanji`` trains 1500 steps in 3 min 9 s at two threads and
-4 min 29 s at one, so ``make demo``'s two runs side by side, one core each, finish in 4 min 41 s instead of about
-6 min 30 s one after the other (README, "Quality numbers"). Each worker is a fresh (spawned) process, so no
-state is shared; the parent follows each run's ``metrics.jsonl`` for its bar and reads back the summary the run
-returns. Ctrl-C is handled by the parent alone: it stops the workers and re-raises.
+A small model does not use two threads well: ``unet-kanji`` trains 1500 steps in 3 min 9 s at two threads and 4 min
+29 s at one, so ``make demo``'s two runs side by side, one core each, finish in 4 min 41 s instead of 6 min 23 s one
+after the other at two threads (dense 189 s, RigL 194 s; README, "Quality numbers"). Each worker is a fresh
+(spawned) process, so no state is shared; the parent follows each run's ``metrics.jsonl`` for its bar and reads back
+the summary the run returns. Ctrl-C is handled by the parent alone: it stops the workers and re-raises.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def last_step(metrics: Path) -> int:
 
 def workers_for(jobs: int, cpus: int | None = None) -> tuple[int, int]:
     """(processes, threads per process): one process per job up to the cores, the cores shared out among them."""
-    cpus = max(1, cpus or os.cpu_count() or 1)
+    if cpus is None:  # the cores this process may run on (a container's share, not the host's count)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = max(1, cpus or 1)
     processes = max(1, min(jobs, cpus))
     return processes, max(1, cpus // processes)
 
@@ -72,8 +74,9 @@ def train_side_by_side(
         with bars:
             tasks = [bars.add_task(Path(job["out"]).name, total=n) for job, n in zip(jobs, steps)]
             futures = [pool.submit(_train, job) for job in jobs]
-            while wait(futures, timeout=0.5, return_when=FIRST_EXCEPTION).not_done:
-                if any(f.done() and f.exception() for f in futures):
+            while True:
+                done, running = wait(futures, timeout=0.5, return_when=FIRST_EXCEPTION)
+                if not running or any(f.exception() for f in done):
                     break
                 for task, job in zip(tasks, jobs):
                     bars.update(task, completed=last_step(Path(job["out"]) / "metrics.jsonl"))
