@@ -15,7 +15,7 @@ from torch import nn
 
 import surgeon
 from surgeon import SurgeonError
-from surgeon.io.bitpack import pack_mask, unpack_mask
+from surgeon.io.bitpack import kept_values, pack_mask, unpack_mask
 from surgeon.io.container import digests, read_metadata
 from surgeon.masking.surgery import get_plan, sites
 from surgeon.models.presets import build
@@ -151,6 +151,18 @@ def test_pack_unpack_match_numpy_and_invert(shape, seed, p):
     rows = mask.reshape(shape[0], -1).numpy()
     assert np.array_equal(packed.numpy(), np.packbits(rows, axis=-1, bitorder="little"))
     assert torch.equal(unpack_mask(packed, shape), mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8])
+def test_kept_values_equal_boolean_indexing_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(6, 10, generator=g) * 50).to(dtype)
+    if dtype.is_floating_point:
+        t[0, :4] = torch.tensor([float("nan"), -0.0, float("inf"), -float("inf")]).to(dtype)
+    mask = torch.rand(6, 10, generator=g) < 0.5
+    for a, m in [(t, mask), (t[:, 1:7], mask[:, 1:7]), (t.t(), mask.t())]:  # non-contiguous views too
+        got, want = kept_values(a, m), a[m]
+        assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))
 
 
 def test_file_bytes_are_values_plus_one_bit_per_weight(tmp_path):

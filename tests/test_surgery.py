@@ -512,3 +512,39 @@ def test_nm_gru_forward_uses_the_projection():
         torch.testing.assert_close(gru(x)[0], dense(x)[0], rtol=1e-5, atol=1e-6)
     gru(x)[0].sum().backward()
     assert all((s.original.grad[~s.mask] != 0).any() for s in ss.values())  # straight through: pruned W trains
+
+
+# ------------------------------------------------------------------------------------------- adopting given masks
+
+
+def _given_masks(model: nn.Module, p: Plan) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {fqn: torch.rand(lp.shape, generator=g) < 0.5 for fqn, lp in p.layers.items() if not lp.is_dense}
+
+
+def test_given_masks_are_copied_unless_adopted():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    p = plan(model, sparsity=0.5, distribution="uniform")
+    given = _given_masks(model, p)
+    inject(model, p, masks=given)
+    for fqn, s in sites(model).items():
+        assert torch.equal(s.mask, given[fqn]) and s.mask.data_ptr() != given[fqn].data_ptr()
+        assert (s.original[~s.mask] == 0).all()  # inject zeroed what the mask prunes
+    adopted = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    with torch.no_grad():  # a loader's contract: the weights are already 0 wherever the mask prunes
+        for fqn, m in given.items():
+            adopted.get_parameter(fqn).mul_(m)
+    inject(adopted, p, masks=given, adopt=True)
+    for fqn, s in sites(adopted).items():
+        assert s.mask.data_ptr() == given[fqn].data_ptr()
+
+
+def test_adopting_trusts_the_weights_and_a_fresh_inject_does_not():
+    # adopt skips the zeroing a loader has already done: a weight left nonzero where pruned stays so, which is why
+    # only a reader that has just written the weights may pass it (the default path zeroes, tested above)
+    model = nn.Sequential(nn.Linear(8, 8))
+    p = plan(model, sparsity=0.5, distribution="uniform")
+    given = _given_masks(model, p)
+    inject(model, p, masks=given, adopt=True)
+    s = sites(model)["0.weight"]
+    assert bool((s.original[~s.mask] != 0).any())

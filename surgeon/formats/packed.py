@@ -24,7 +24,7 @@ from torch import nn
 
 from surgeon.errors import SurgeonError, check_module, check_path
 from surgeon.io.atomic import atomic_folder, atomic_path, check_output
-from surgeon.io.bitpack import pack_mask, packed_shape, unpack_mask
+from surgeon.io.bitpack import kept_values, pack_mask, packed_shape, unpack_mask
 from surgeon.io.classes import build_from_record, class_path, config_record, read_json, trusting_code
 from surgeon.io.container import WEIGHTS, corrupt_metadata, read_metadata, read_tensors, verify_integrity, write_file
 from surgeon.io.folders import inside
@@ -86,7 +86,7 @@ def encode(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str
     for fqn, site in sites(model).items():
         with torch.no_grad():
             mask = site.mask.detach().to("cpu")
-            values = site.original.detach().to("cpu")[mask]
+            values = kept_values(site.original, mask)
         if dtype is not None:
             values = values.to(dtype)
         _claim(tensors, f"{fqn}.values", f"{fqn}.mask")
@@ -316,7 +316,9 @@ def restore_masked(
         raise SurgeonError(f"{path} does not hold every tensor of the model", "save the model again")
     if entries:
         nm = {fqn for fqn, info in meta["tensors"].items() if info["nm"]}
-        inject(model, _injection_plan(meta, path), masks={f: m for f, (_, m) in entries.items() if f not in nm})
+        # the masks are this reader's own (just unpacked) and the weights were just written 0 wherever they prune
+        masks = {f: m for f, (_, m) in entries.items() if f not in nm}
+        inject(model, _injection_plan(meta, path), masks=masks, adopt=True)
         restored = sites(model)
         for fqn in nm:
             restored[fqn].parametrization.lambda_w = float(meta["tensors"][fqn]["lambda_w"] or 0.0)

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-# Packing works on 8 mask bytes at once, read as one little-endian int64 (torch only runs on little-endian hosts)
-# (byte i = bits 8i..8i+7, each 0 or 1). Multiplying by _GATHER moves byte i's bit to bit 56 + i and every cross
-# term out of bits 56..63 (they are 56 + 8i - 7j for j != i: distinct, so no carries), leaving the packed byte in
-# the top 8 bits.
-_GATHER = 0x0102040810204080
-# Unpacking is the inverse by table: byte value → the int64 whose 8 bytes are its bits, 0 or 1.
-_SPREAD = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8).view(torch.int64).squeeze(1)
+# numpy's packbits/unpackbits are this layout (rows on their own, little bit order) and run at about 0.1 ns per
+# mask element on a CPU at one thread, several times faster than the same packing in torch tensor arithmetic.
 
 
 def rows_cols(shape) -> tuple[int, int]:
@@ -34,14 +30,26 @@ def packed_shape(shape) -> tuple[int, int]:
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """bool ``shape`` → uint8 ``[shape[0], ceil(cols / 8)]``; element 8j+i of a row is bit i of byte j."""
     rows, cols = rows_cols(mask.shape)
-    bits = mask.detach().to("cpu", torch.bool).contiguous().view(torch.uint8).reshape(rows, cols)
-    if cols % 8 or bits.storage_offset() % 8:  # int64 views need whole, aligned groups of 8 bytes
-        bits = torch.nn.functional.pad(bits, (0, -cols % 8))
-    return ((bits.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
+    bits = mask.detach().to("cpu", torch.bool).contiguous().view(torch.uint8).reshape(rows, cols).numpy()
+    return torch.from_numpy(np.packbits(bits, axis=1, bitorder="little"))
 
 
 def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
-    """The inverse of :func:`pack_mask`: a bool tensor of ``shape``."""
+    """The inverse of :func:`pack_mask`: a bool tensor of ``shape`` (a new one, nobody else's)."""
     rows, cols = rows_cols(shape)
-    bits = _SPREAD[packed.long()].view(torch.uint8)  # [rows, 8 * bytes], one 0/1 byte per element
-    return bits[:, :cols].view(torch.bool).reshape(tuple(shape))
+    packed = packed.detach().to("cpu", torch.uint8).contiguous().reshape(packed_shape(shape))
+    bits = np.unpackbits(packed.numpy(), axis=1, count=cols, bitorder="little")  # one 0/1 byte per element
+    return torch.from_numpy(bits).view(torch.bool).reshape(tuple(shape))
+
+
+def kept_values(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``t[mask]`` (1-D, on CPU), by numpy's boolean indexing: about twice as fast as torch's on a CPU at one thread
+    (5 vs 11 ns per element at 860M weights). Dtypes numpy lacks (bfloat16) are moved as integers of their width."""
+    t, mask = t.detach().to("cpu").contiguous(), mask.detach().to("cpu", torch.bool).contiguous()
+    if t.is_complex() or t.element_size() not in _SAME_WIDTH:
+        return t[mask]
+    picked = t.view(_SAME_WIDTH[t.element_size()]).numpy()[mask.numpy()]
+    return torch.from_numpy(picked).view(t.dtype)
+
+
+_SAME_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

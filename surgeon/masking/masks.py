@@ -36,19 +36,25 @@ if TYPE_CHECKING:
 class Mask(nn.Module):
     mask: torch.Tensor  # a buffer: nn.Module's attribute lookup alone would type it Tensor | Module
 
-    def __init__(self, mask: torch.Tensor, plan: Plan | None = None, layer: LayerPlan | None = None):
+    def __init__(
+        self, mask: torch.Tensor, plan: Plan | None = None, layer: LayerPlan | None = None, adopt: bool = False
+    ):
         super().__init__()
         self.plan, self.layer = plan, layer
-        # a copy: DST updates the buffer in place, which must never write through to the caller's tensor
-        self.register_buffer("mask", mask.detach().to(torch.bool, copy=True))
+        # a copy: DST updates the buffer in place, which must never write through to the caller's tensor;
+        # ``adopt``: a bool tensor nobody else holds (inject's own initial mask) is taken as it is
+        keep = mask.detach()
+        self.register_buffer("mask", keep if adopt and keep.dtype == torch.bool else keep.to(torch.bool, copy=True))
         # RigL needs dL/dW_effective at every position, pruned ones included; the gradient reaching the original
         # is masked, so at update steps the hook leaves it whole until take_dense_grad (the autograd path instead
         # sums what flows into the effective weight into dense_grad before masking it).
         self.capture_grad = False
         self.dense_grad: torch.Tensor | None = None
         # set by inject while it registers this mask: right_inverse zeros that one tensor (the module's own weight)
-        # in place, instead of allocating a zeroed copy of it
+        # in place, instead of allocating a zeroed copy of it; not even that when a loader has just written it
+        # with zeros wherever the mask prunes
         self.adopting: torch.Tensor | None = None
+        self.adopting_zeroed = False
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and w.requires_grad):
@@ -88,7 +94,9 @@ class Mask(nn.Module):
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         """What is stored for a weight given to the parametrization (registering it, or assigning the weight):
         W with its pruned entries set to 0 (a copy: an assigned tensor stays the caller's)."""
-        return keep_only_(w if w is self.adopting else w.clone(), self.mask)
+        if w is self.adopting:
+            return w if self.adopting_zeroed else keep_only_(w, self.mask)
+        return keep_only_(w.clone(), self.mask)
 
     def take_dense_grad(self, param: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
         """After a capture step's backward: dL/dW_effective at every position (float32, summed over micro-batches),
