@@ -273,3 +273,29 @@ def test_topk_among_equals_the_stable_sort_with_minus_inf_outside(seed, sampled_
             want = _stable_sort_topk(torch.where(among, scores.clamp(min=-1e38), -torch.inf), k)
         assert torch.equal(topk_mask(scores, k, among=among), want)
     assert torch.equal(topk_mask(scores, 500), _stable_sort_topk(scores, 500))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_topk_brackets_structured_scores_and_k_near_the_among_count(seed, monkeypatch):
+    # A convolution's gradient differs in scale per kernel tap, and RigL's drop keeps nearly all of a sparse layer's
+    # active weights (k close to the count of `among`): the bracket must neither read one tap only nor reach down
+    # into the keys outside `among`. Exact either way; the full-tensor fallback is what must not run.
+    from surgeon.sparsity import patterns
+
+    monkeypatch.setattr(patterns, "_SAMPLED_SELECTION_FROM", 1000)
+    monkeypatch.setattr(patterns, "_SAMPLE", 4096)
+    g = torch.Generator().manual_seed(seed)
+    shape = (32, 64, 3, 3)
+    tap = torch.tensor([[1.0, 0.3, 1.0], [0.3, 3.0, 0.3], [1.0, 0.3, 1.0]])
+    grad = torch.randn(shape, generator=g).abs() * tap
+    w = torch.randn(shape, generator=g)
+    among = torch.rand(shape, generator=g) < 0.15
+    searched = []
+    real = torch.kthvalue
+    monkeypatch.setattr(patterns.torch, "kthvalue", lambda x, k: searched.append(x.numel()) or real(x, k))
+    k = int(0.95 * int(among.sum()))
+    keep = topk_mask(w.abs(), k, among=among)
+    assert torch.equal(keep, _stable_sort_topk(torch.where(among, w.abs(), -torch.inf), k))
+    grow = topk_mask(grad, 300, among=~keep)
+    assert torch.equal(grow, _stable_sort_topk(torch.where(~keep, grad, -torch.inf), 300))
+    assert max(searched) < w.numel() // 4, searched

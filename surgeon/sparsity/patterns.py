@@ -40,9 +40,14 @@ def topk_mask(scores: torch.Tensor, k: int, among: torch.Tensor | None = None) -
         keys = _ordered_keys(x)
     else:
         keys = flat.to(torch.int64, copy=True)
+    floor = None
     if among is not None:
         _floor_outside(keys, among)
-    kth, candidates = _kth_largest(keys, k)
+        # a float's key is never the floor, so when ``among`` holds k the k-th largest lies above it: a bracket that
+        # reaches down into the floored keys (k close to their count) can stop just above them
+        if keys.dtype == torch.int32 and k <= int(torch.count_nonzero(among)):
+            floor = torch.iinfo(torch.int32).min
+    kth, candidates = _kth_largest(keys, k, floor)
     mask = keys > kth
     short = k - int(torch.count_nonzero(mask))
     if short:
@@ -85,22 +90,28 @@ _SAMPLED_SELECTION_FROM = 1 << 15
 _SAMPLE = 1 << 16  # the most keys sampled: 1 in 16 of a smaller tensor
 
 
-def _kth_largest(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _kth_largest(x: torch.Tensor, k: int, floor: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The k-th largest value of the 1-D ``x`` (1 ≤ k < len), exactly, and the ascending indices of a bracket of
-    values around it that holds every value equal to it (None when the whole of ``x`` was searched).
+    values around it that holds every value equal to it (None when the whole of ``x`` was searched). ``floor``: a
+    value the k-th largest is known to lie above.
 
-    Large tensors: two order statistics of an evenly strided sample bracket it (8 standard deviations of the rank
-    estimate either side), a few comparisons count what lies above and keep the few percent inside, and the search
-    goes on inside those alone; a bracket that misses (it cannot be wrong, only useless) falls back to the full
-    kthvalue.
+    Large tensors: two order statistics of a sample at pseudo-random positions bracket it (8 standard deviations of
+    the rank estimate either side), a few comparisons count what lies above and keep the few percent inside, and the
+    search goes on inside those alone; a bracket that misses (it cannot be wrong, only useless) falls back to the
+    full kthvalue. The positions are random (from a fixed seed: the same every call) because an even stride samples
+    a weight's structure: a stride that divides a convolution's 3x3 taps reads one kernel position only.
     """
     n = x.numel()
     if n < _SAMPLED_SELECTION_FROM:
         return torch.kthvalue(x, n - k + 1).values, None
-    sample = torch.sort(x[:: max(n // _SAMPLE, 16)].contiguous(), descending=True).values
-    m = sample.numel()
+    m = min(_SAMPLE, max(n // 16, 1))
+    positions = torch.randint(n, (m,), generator=torch.Generator().manual_seed(0)).to(x.device)
+    sample = torch.sort(x.index_select(0, positions), descending=True).values
     rank, margin = k / n * m, 8 * (m * (k / n) * (1 - k / n)) ** 0.5 + 8
     hi, lo = sample[max(int(rank - margin), 0)], sample[min(int(rank + margin), m - 1)]
+    if floor is not None and bool(lo <= floor):
+        lo = torch.full_like(lo, floor + 1)
+        hi = torch.maximum(hi, lo)
     over = torch.gt(x, hi, out=buffer("topk.over", x.shape, torch.bool, x.device))
     above = int(torch.count_nonzero(over))  # count_nonzero: several times faster than a bool sum on CPU
     if above < k:
@@ -113,7 +124,7 @@ def _kth_largest(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | 
             if above + inside.numel() >= k:
                 values, rank = x.index_select(0, inside), k - above
                 if inside.numel() < n // 2:  # the bracket narrowed the search: narrow it again
-                    return _kth_largest(values, rank)[0], inside
+                    return _kth_largest(values, rank, floor)[0], inside
                 return torch.kthvalue(values, values.numel() - rank + 1).values, inside
     return torch.kthvalue(x, n - k + 1).values, None
 
