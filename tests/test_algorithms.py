@@ -17,10 +17,11 @@ from torch import nn
 
 import surgeon.training.loop as train_mod
 from surgeon.algorithms import ALGORITHMS, MagRan, RigL
+from surgeon.errors import SurgeonError
 from surgeon.masking.plan import plan
 from surgeon.masking.surgery import get_plan, inject, sites
 from surgeon.recipe import load_recipe
-from surgeon.training.loop import train
+from surgeon.training.loop import train, zero_optimizer_state
 
 
 # --------------------------------------------------------------------------------------------- loop-level probe
@@ -170,6 +171,59 @@ def _dst_recipe(algorithm: str, p: float, seed: int = 0):
     )
 
 
+@pytest.mark.parametrize("p", [0.5, 0.01])  # 0.01: no weight moves (n = 0), so none is captured
+def test_rigl_capture_step_ends_as_if_the_optimizer_had_seen_the_masked_gradient(p):
+    # At a capture step AdamW steps on the whole gradient (no copy of it is made); after the mask update and the
+    # loop's resets, weights and moments must equal a step on the masked gradient wherever a weight stays active,
+    # and be exactly 0 everywhere else.
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(8, 12, generator=g) < 0.5
+    model, site = _layer(8, 12, mask)
+    with torch.no_grad():
+        site.original.copy_(torch.randn(8, 12, generator=g) * mask)
+    reference = site.original.detach().clone().requires_grad_(True)
+    opt = torch.optim.AdamW([site.original], lr=0.1, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW([reference], lr=0.1, weight_decay=0.1)
+    x = torch.randn(6, 12, generator=g)
+
+    def backward_both() -> None:
+        (model(x) ** 2).sum().backward()
+        (torch.nn.functional.linear(x, reference) ** 2).sum().backward()
+        reference.grad *= site.mask  # what the optimizer used to see: the masked gradient
+
+    def step_both() -> None:
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+
+    backward_both()  # an ordinary masked step first, so that the moments are nonzero at the capture step
+    step_both()
+    algo = RigL(_dst_recipe("rigl", p=p), total_steps=10)
+    algo.setup(model, Accelerator(cpu=True))
+    algo.begin_step(1)
+    backward_both()
+    algo.after_backward(1)
+    step_both()
+    before = site.mask.clone()
+    resets = algo.after_optimizer_step(1)
+    for fqn, positions in resets.items():
+        zero_optimizer_state(opt, algo.sites[fqn].original, positions)
+    after = site.mask
+    stayed = before & after
+    state, ref_state = opt.state[site.original], ref_opt.state[reference]
+    assert torch.equal(site.original.detach()[stayed], reference.detach()[stayed])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(state[key][stayed], ref_state[key][stayed]), key
+        assert bool((state[key][~stayed] == 0).all()), key
+    assert bool((site.original.detach()[~after] == 0).all())
+    assert bool((site.original.detach()[after & ~before] == 0).all())  # grown: start at 0
+    if p == 0.01:  # nothing moves: nothing was captured, the optimizer saw the masked gradient, nothing to reset
+        assert resets == {} and torch.equal(before, after)
+    else:
+        assert torch.equal(resets["0.weight"], ~stayed)
+
+
 def _as_set(t: torch.Tensor) -> set[int]:
     return set(torch.nonzero(t.flatten()).flatten().tolist())
 
@@ -195,7 +249,10 @@ def test_rigl_grows_top_dense_gradient_from_a_real_backward():
     algo.after_backward(1)
     dense = site.parametrization.dense_grad
     assert torch.allclose(dense, expected_grad, atol=1e-5)
-    assert torch.all(site.original.grad[~mask] == 0)  # what the optimizer sees is masked; RigL's score is not
+    assert dense.data_ptr() == site.original.grad.data_ptr()  # the gradient itself, whole: no copy
+    with pytest.raises(SurgeonError, match="zero_grad"):  # still the parameter's .grad: a zero_grad would zero it
+        algo.after_optimizer_step(1)
+    site.original.grad = None  # the loop's zero_grad(set_to_none=True), here with no optimizer step between
     before_w = site.original.detach().clone()
     resets = algo.after_optimizer_step(1)
 
@@ -205,7 +262,8 @@ def test_rigl_grows_top_dense_gradient_from_a_real_backward():
     new = site.mask
     assert _as_set(new) == kept | grown
     old = _as_set(mask)
-    assert _as_set(resets["0.weight"]) == (dropped - grown) | (grown - old)  # truly dropped, truly new
+    # every position not active both before and after: truly dropped, truly new, and the pruned ones
+    assert _as_set(resets["0.weight"]) == set(range(out_f * in_f)) - (old & (kept | grown))
     assert int(new.sum()) == 12
     flat = site.original.detach().flatten()
     assert all(flat[i] == 0 for i in grown - old)
