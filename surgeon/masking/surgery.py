@@ -94,7 +94,7 @@ def _layer_of(site: Site) -> LayerPlan:
     shape = tuple(site.original.shape)
     if site.is_nm:
         return LayerPlan("other", shape, nm=(p.n, p.m))
-    return LayerPlan("other", shape, density=int(p.mask.sum()) / math.prod(shape))
+    return LayerPlan("other", shape, density=int(torch.count_nonzero(p.mask)) / math.prod(shape))
 
 
 def masked_fqns(plan: Plan) -> set[str]:
