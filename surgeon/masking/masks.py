@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from surgeon.masking.zeroing import keep_only_
-from surgeon.sparsity.patterns import nm_mask
+from surgeon.sparsity.patterns import nm_apply, nm_decay_pruned, nm_mask
 
 if TYPE_CHECKING:
     from surgeon.masking.plan import LayerPlan, Plan
@@ -143,17 +143,17 @@ class _MaskedGradient(torch.autograd.Function):
 class _NMStraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: torch.Tensor, n: int, m: int, lambda_w: float):
-        keep = nm_mask(w, n, m)
-        ctx.save_for_backward(w if lambda_w > 0 else None, keep if lambda_w > 0 else None)
-        ctx.lambda_w = lambda_w
-        return w * keep
+        # SR-STE saves W itself (the parameter: no copy); the mask is recomputed from it in backward
+        ctx.save_for_backward(w if lambda_w > 0 else None)
+        ctx.n, ctx.m, ctx.lambda_w = n, m, lambda_w
+        return nm_apply(w, n, m)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        w, keep = ctx.saved_tensors
+        (w,) = ctx.saved_tensors
         if ctx.lambda_w > 0:
             # SR-STE: λ_W·(W − S(W)) is λ_W·W at pruned positions, 0 at kept ones
-            grad = grad + ctx.lambda_w * w * ~keep
+            grad = nm_decay_pruned(grad, w, ctx.n, ctx.m, ctx.lambda_w)
         return grad, None, None, None
 
 
