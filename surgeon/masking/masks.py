@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from surgeon.masking.recompute import effective_weight
 from surgeon.masking.zeroing import keep_only_
-from surgeon.sparsity.patterns import nm_apply, nm_decay_pruned, nm_mask
+from surgeon.sparsity.patterns import nm_decay_pruned, nm_mask
 
 if TYPE_CHECKING:
     from surgeon.masking.plan import LayerPlan, Plan
@@ -146,7 +147,7 @@ class _NMStraightThrough(torch.autograd.Function):
         # SR-STE saves W itself (the parameter: no copy); the mask is recomputed from it in backward
         ctx.save_for_backward(w if lambda_w > 0 else None)
         ctx.n, ctx.m, ctx.lambda_w = n, m, lambda_w
-        return nm_apply(w, n, m)
+        return effective_weight(w, n, m)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -184,13 +184,15 @@ def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep
 
 
-def nm_apply(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+def nm_apply(w: torch.Tensor, n: int, m: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The effective weight ``w * nm_mask(w, n, m)`` (bit for bit: pruned entries are ±0, or NaN where w is
-    non-finite), made chunk by chunk into one new tensor: about one read of ``w`` and one write of the result."""
+    non-finite), made chunk by chunk into ``out`` (contiguous, w's shape and dtype; default a new tensor): about one
+    read of ``w`` and one write of the result."""
     if not _ranks_in_place(w, m):
         return w * _nm_mask_by_ops(w, n, m)
     w = w.detach().contiguous()
-    out = torch.empty_like(w, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty_like(w, memory_format=torch.contiguous_format)
     return nm_ranks.apply_chunked(w, n, m, out, lambda chunk, keep, into: torch.mul(chunk, keep, out=into))
 
 
