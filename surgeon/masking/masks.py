@@ -16,6 +16,12 @@ Mask    fixed bool buffer; effective = W ⊙ mask, held in the stored tensor its
 NMMask  N:M straight-through: effective = S(W) keeps the N largest |w| of every M along the reduction dimension,
         recomputed each forward; backward passes the gradient straight through to W, plus the SR-STE term
         λ_W·(W − S(W)) when λ_W > 0 (SparseDM eq. 9, after Zhou et al., 2021).
+        S(W) is made by the rank kernel (:mod:`surgeon.sparsity.nm_ranks`: about one read of W and one write of
+        S(W), no copy of W in group order). Only W is kept for backward: inside a module's training forward S(W) is
+        written into a recycled block, and what the layer's op saves of it is replaced by (W, N, M) and recomputed
+        at unpack (:mod:`surgeon.masking.recompute`), so training holds no second copy of the masked weights; the
+        SR-STE term recomputes its mask from W in backward rather than saving a bool one. Gradients are bit for bit
+        those of saving S(W).
 """
 
 from __future__ import annotations
