@@ -35,17 +35,19 @@ RANKED_UP_TO_M = 8  # int8 counts; beyond this the M-1 shifted passes cost more 
 # overhead on CPU, 256K spills (measured on a 1280x5120 Linear and a 1280x1280x3x3 conv at one thread)
 _CHUNK = 1 << 17
 
-_PERIODIC: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
+_PERIODIC: dict[tuple[int, int, int, torch.device], tuple[list[torch.Tensor], torch.Tensor]] = {}
 
 
 def _periodic(n: int, m: int, k: int, length: int, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(``valid[s]``: 1 where member j + s is in the same group, for s in 1..M-1; the int8 keep thresholds)."""
-    key = (n, m, k, length, device)
-    if key not in _PERIODIC:
+    """(``valid[s]``: 1 where member j + s is in the same group, for s in 1..M-1; the int8 keep thresholds), at
+    least ``length`` long. Every chunk starts a group, so one pattern per (N, M, K) serves every chunk, sliced."""
+    key = (n, m, k, device)
+    held = _PERIODIC.get(key)
+    if held is None or held[1].numel() < length:
         member = (torch.arange(length, device=device) // k) % m
         valid = [(member + s <= m - 1).to(torch.int8) for s in range(m)]
-        _PERIODIC[key] = (valid, (n - (m - 1 - member)).to(torch.int8))
-    return _PERIODIC[key]
+        held = _PERIODIC[key] = (valid, (n - (m - 1 - member)).to(torch.int8))
+    return held
 
 
 def chunks(w: torch.Tensor, n: int, m: int) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -55,8 +57,9 @@ def chunks(w: torch.Tensor, n: int, m: int) -> Iterator[tuple[slice, torch.Tenso
     k = math.prod(w.shape[2:])
     period = m * k
     total = flat.numel()
-    length = total if flat.device.type != "cpu" else min(total, max(1, _CHUNK // period) * period)
-    valid, threshold = _periodic(n, m, k, length, flat.device)
+    full_chunk = total if flat.device.type != "cpu" else max(1, _CHUNK // period) * period
+    length = min(total, full_chunk)
+    valid, threshold = _periodic(n, m, k, full_chunk, flat.device)
     magnitudes = buffer("nm.abs", (length,), flat.dtype, flat.device)
     above = buffer("nm.above", (length,), torch.int8, flat.device)
     count = buffer("nm.count", (length,), torch.int8, flat.device)
