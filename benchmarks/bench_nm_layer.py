@@ -1,6 +1,6 @@
 """One N:M straight-through layer's forward + backward against the same dense layer: where the 2:4 step's cost is.
 
-    .venv/bin/python benchmarks/bench_nm_layer.py [--repeats 7] [--threads 1] [--lambda-w 0]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_nm_layer.py [--repeats 7] [--threads 1] [--lambda-w 0]
 
 Layers: Linear 1280x5120 (SD-1.5's feed-forward down projection) on 64 tokens, and Conv 1280x1280x3x3 on an 8x8
 map (the UNet's middle resolution at 256 px), at one thread. Three versions of each, run round-robin: dense,
@@ -26,17 +26,25 @@ from surgeon.sparsity.patterns import _nm_mask_by_ops
 
 class _Before(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w):
-        return w * _nm_mask_by_ops(w, 2, 4)
+    def forward(ctx, w, lambda_w):
+        keep = _nm_mask_by_ops(w, 2, 4)
+        ctx.save_for_backward(w if lambda_w > 0 else None, keep if lambda_w > 0 else None)
+        ctx.lambda_w = lambda_w
+        return w * keep
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        w, keep = ctx.saved_tensors
+        return (grad + ctx.lambda_w * w * ~keep if ctx.lambda_w > 0 else grad), None
 
 
 class _BeforeMask(nn.Module):
+    def __init__(self, lambda_w: float):
+        super().__init__()
+        self.lambda_w = lambda_w
+
     def forward(self, w):
-        return _Before.apply(w)
+        return _Before.apply(w, self.lambda_w)
 
 
 def layers() -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -75,7 +83,7 @@ def main() -> None:
         now = type(dense)(*_args(dense))
         for m in (before, now):
             m.load_state_dict(dense.state_dict())
-        parametrize.register_parametrization(before, "weight", _BeforeMask(), unsafe=True)
+        parametrize.register_parametrization(before, "weight", _BeforeMask(args.lambda_w), unsafe=True)
         surgeon.inject(now, surgeon.plan(now, nm="2:4"), lambda_w=args.lambda_w)
         runs = {"dense": dense, "before": before, "now": now}
         times: dict[str, list[float]] = {k: [] for k in runs}
