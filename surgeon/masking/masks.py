@@ -16,6 +16,12 @@ Mask    fixed bool buffer; effective = W ⊙ mask, held in the stored tensor its
 NMMask  N:M straight-through: effective = S(W) keeps the N largest |w| of every M along the reduction dimension,
         recomputed each forward; backward passes the gradient straight through to W, plus the SR-STE term
         λ_W·(W − S(W)) when λ_W > 0 (SparseDM eq. 9, after Zhou et al., 2021).
+        S(W) is made by the rank kernel (:mod:`surgeon.sparsity.nm_ranks`: about one read of W and one write of
+        S(W), no copy of W in group order). Only W is kept for backward: inside a module's training forward S(W) is
+        written into a recycled block, and what the layer's op saves of it is replaced by (W, N, M) and recomputed
+        at unpack (:mod:`surgeon.masking.recompute`), so training holds no second copy of the masked weights; the
+        SR-STE term recomputes its mask from W in backward rather than saving a bool one. Gradients are bit for bit
+        those of saving S(W).
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from surgeon.masking.recompute import effective_weight
 from surgeon.masking.zeroing import keep_only_
-from surgeon.sparsity.patterns import nm_mask
+from surgeon.sparsity.patterns import nm_decay_pruned, nm_mask
 
 if TYPE_CHECKING:
     from surgeon.masking.plan import LayerPlan, Plan
@@ -156,17 +163,17 @@ class _MaskedGradient(torch.autograd.Function):
 class _NMStraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: torch.Tensor, n: int, m: int, lambda_w: float):
-        keep = nm_mask(w, n, m)
-        ctx.save_for_backward(w if lambda_w > 0 else None, keep if lambda_w > 0 else None)
-        ctx.lambda_w = lambda_w
-        return w * keep
+        # SR-STE saves W itself (the parameter: no copy); the mask is recomputed from it in backward
+        ctx.save_for_backward(w if lambda_w > 0 else None)
+        ctx.n, ctx.m, ctx.lambda_w = n, m, lambda_w
+        return effective_weight(w, n, m)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        w, keep = ctx.saved_tensors
+        (w,) = ctx.saved_tensors
         if ctx.lambda_w > 0:
             # SR-STE: λ_W·(W − S(W)) is λ_W·W at pruned positions, 0 at kept ones
-            grad = grad + ctx.lambda_w * w * ~keep
+            grad = nm_decay_pruned(grad, w, ctx.n, ctx.m, ctx.lambda_w)
         return grad, None, None, None
 
 

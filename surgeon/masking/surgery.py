@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 from surgeon.errors import SurgeonError, check_arg, check_module
 from surgeon.masking.masks import Mask, NMMask
 from surgeon.masking.plan import LayerPlan, Plan
+from surgeon.masking.recompute import recomputed, recomputing
 from surgeon.masking.shards import full
 from surgeon.masking.zeroing import keep_only_
 from surgeon.seeding import generator
@@ -245,9 +246,14 @@ def inject(
         parametrization.adopting, parametrization.adopting_zeroed = None, False
         parametrization.mask_gradient_of(module.parametrizations[name].original, module, name)
         module.parametrizations[name].register_load_state_dict_post_hook(_zero_pruned_after_load)
-    for module in {id(m): m for m in (s.module for s in sites(model).values())}.values():
+    for site in sites(model).values():
+        module = site.module
         if isinstance(module, nn.RNNBase) and _rnn_release_flat_weights not in module._forward_hooks.values():
             module.register_forward_hook(_rnn_release_flat_weights)
+        if site.is_nm and recomputing not in module._forward_pre_hooks.values():
+            # the effective weight is recomputed in backward, not saved (surgeon.masking.recompute)
+            module.register_forward_pre_hook(recomputing)
+            module.register_forward_hook(recomputed, always_call=True)
     return model
 
 
@@ -260,8 +266,12 @@ def _strip(model: nn.Module, leave_parametrized: bool) -> nn.Module:
         parametrize.remove_parametrizations(site.module, site.name, leave_parametrized=leave_parametrized)
     for module in model.modules():
         for key, hook in list(module._forward_hooks.items()):
-            if hook is _rnn_release_flat_weights:
+            if hook in (_rnn_release_flat_weights, recomputed):
                 del module._forward_hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is recomputing:
+                del module._forward_pre_hooks[key]
     return model
 
 

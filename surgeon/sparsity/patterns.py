@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from surgeon.errors import SurgeonError
+from surgeon.sparsity import nm_ranks
 from surgeon.sparsity.scratch import buffer, widened
 
 
@@ -178,19 +179,62 @@ def nm_ungroup(g: torch.Tensor, shape) -> torch.Tensor:
     return g.reshape(shape)
 
 
-_RANK_BY_COMPARISON_UP_TO_M = 8  # beyond this, m² comparisons cost more than one sort
-
-
 def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the ``n`` largest |w| of every ``m`` along the reduction dimension (ties → lower index).
+    """Keep the ``n`` largest |w| of every ``m`` along the reduction dimension (ties → lower index), as bool.
 
-    Runs every forward of an N:M straight-through layer, so it is on the training step's critical path. For small
-    M each weight's rank in its group is counted by M·(M−1)/2 elementwise comparisons of contiguous group columns
-    (each pair once; about 4× faster than a sort of [groups, M] on CPU at M = 4); larger M sorts. Both break ties the same way.
+    M ≤ 8: the rank kernel of :mod:`surgeon.sparsity.nm_ranks` (pairwise comparisons, each pair once); larger M
+    sorts. Both break ties the same way.
     """
+    if not _ranks_in_place(w, m):
+        return _nm_mask_by_ops(w, n, m)
+    w = w.detach().contiguous()
+    keep = torch.empty(w.shape, dtype=torch.bool, device=w.device)
+    flat = keep.view(-1)
+    for span, _, count, threshold in nm_ranks.chunks(w, n, m):
+        torch.lt(count, threshold, out=flat[span])
+    return keep
+
+
+def nm_apply(w: torch.Tensor, n: int, m: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The effective weight ``w * nm_mask(w, n, m)`` (bit for bit: pruned entries are ±0, or NaN where w is
+    non-finite), made chunk by chunk into ``out`` (contiguous, w's shape and dtype; default a new tensor): about one
+    read of ``w`` and one write of the result."""
+    if not _ranks_in_place(w, m):
+        return w * _nm_mask_by_ops(w, n, m)
+    w = w.detach().contiguous()
+    if out is None:
+        out = torch.empty_like(w, memory_format=torch.contiguous_format)
+    return nm_ranks.apply_chunked(w, n, m, out, lambda chunk, keep, into: torch.mul(chunk, keep, out=into))
+
+
+def nm_decay_pruned(grad: torch.Tensor, w: torch.Tensor, n: int, m: int, decay: float) -> torch.Tensor:
+    """``grad + decay * w * ~nm_mask(w, n, m)`` (SR-STE's λ_W·(W − S(W))), bit for bit, in a new tensor."""
+    if not (_ranks_in_place(w, m) and _ranks_in_place(grad, m) and grad.shape == w.shape and grad.dtype == w.dtype):
+        return grad + decay * w * ~_nm_mask_by_ops(w, n, m)
+    w, grad = w.detach().contiguous(), grad.contiguous()
+    out = torch.empty_like(grad, memory_format=torch.contiguous_format)
+    flat_grad = grad.view(-1)
+    pruned = None
+    for span, chunk, count, threshold in nm_ranks.chunks(w, n, m):
+        if pruned is None or pruned.numel() != chunk.numel():
+            pruned = buffer("nm.pruned", (chunk.numel(),), chunk.dtype, chunk.device)  # same dtype: see apply_chunked
+            term = buffer("nm.term", (chunk.numel(),), chunk.dtype, chunk.device)
+        torch.ge(count, threshold, out=pruned)
+        torch.mul(chunk, decay, out=term).mul_(pruned)
+        torch.add(flat_grad[span], term, out=out.view(-1)[span])
+    return out
+
+
+def _ranks_in_place(w: torch.Tensor, m: int) -> bool:
+    """Whether the rank kernel takes ``w``: M ≤ 8 and a plain tensor (a DTensor's shards cannot be viewed flat)."""
+    return m <= nm_ranks.RANKED_UP_TO_M and type(w) in (torch.Tensor, torch.nn.Parameter) and w.numel() > 0
+
+
+def _nm_mask_by_ops(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """nm_mask in whole-tensor ops any tensor type supports: ranks by comparison (M ≤ 8) or a stable sort."""
     groups = nm_groups(w.detach().abs(), m)
-    if m <= _RANK_BY_COMPARISON_UP_TO_M:
-        cols = groups.t().contiguous().unbind(0)  # contiguous columns: every comparison streams through memory
+    if m <= nm_ranks.RANKED_UP_TO_M:
+        cols = groups.t().contiguous().unbind(0)
         beaten_by = [torch.zeros_like(cols[0], dtype=torch.uint8) for _ in range(m)]  # how many rank above each
         for i in range(m):
             for j in range(i + 1, m):  # each pair compared once; an equal weight at the lower index ranks above

@@ -47,3 +47,35 @@ def widened(flags: torch.Tensor, width: torch.dtype, where: bool, slot: str = "w
     if slot == "words":
         made[slot] = (weakref.ref(flags), (flags._version, key), out)
     return out
+
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # FSDP2 asks the same; absent: every block is fresh
+_HELD_BLOCKS = 4  # per slot: one in flight is the rule (a layer's effective weight); more when a caller keeps one
+
+
+def recycled(slot: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` that may be handed out and outlive the call, in one of this thread's
+    blocks for ``slot`` that no tensor references any more (else in a new block).
+
+    For results that live briefly and are made again and again (an N:M layer's effective weight, every forward
+    and backward): a fresh one of more than 32 MiB would pay its page faults each time. A block is free when its
+    storage has no user but the pool's own tensor (any view, alias or ``set_`` of a handed-out tensor holds it),
+    so a result the caller keeps is never written over; it only makes the pool take another block.
+    """
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    if _use_count is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    pool = _local.__dict__.setdefault("recycled", {}).setdefault((slot, torch.device(device), dtype), [])
+    free = [i for i, (block, alone) in enumerate(pool) if _use_count(block.untyped_storage()._cdata) == alone]
+    fits = [i for i in free if pool[i][0].numel() >= numel]
+    if fits:
+        block = pool[min(fits, key=lambda i: pool[i][0].numel())][0]
+    else:
+        # the free blocks are too small for this size, which a new block serves as well as theirs; blocks still in
+        # use beyond the few held are let go (freed as usual once their users drop them)
+        pool[:] = [entry for i, entry in enumerate(pool) if i not in free][-(_HELD_BLOCKS - 1) :]
+        block = torch.empty(numel, dtype=dtype, device=device)
+        pool.append((block, _use_count(block.untyped_storage()._cdata)))
+    return block[:numel].view(shape)
