@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from surgeon import seeding
 from surgeon.errors import SurgeonError
 from surgeon.sparsity import nm_ranks
 from surgeon.sparsity.scratch import buffer, widened
@@ -89,6 +90,7 @@ def _floor_outside(keys: torch.Tensor, among: torch.Tensor) -> None:
 # below this many keys one kthvalue (about 57 ns a key on a CPU at one thread) is cheaper than sampling
 _SAMPLED_SELECTION_FROM = 1 << 15
 _SAMPLE = 1 << 16  # the most keys sampled: 1 in 16 of a smaller tensor
+_SAMPLE_SEED = 0  # the sample only sets the speed: the kept set is exact whatever it holds
 
 
 def _kth_largest(x: torch.Tensor, k: int, floor: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -106,7 +108,7 @@ def _kth_largest(x: torch.Tensor, k: int, floor: int | None = None) -> tuple[tor
     if n < _SAMPLED_SELECTION_FROM:
         return torch.kthvalue(x, n - k + 1).values, None
     m = min(_SAMPLE, max(n // 16, 1))
-    positions = torch.randint(n, (m,), generator=torch.Generator().manual_seed(0)).to(x.device)
+    positions = torch.randint(n, (m,), generator=seeding.generator(_SAMPLE_SEED)).to(x.device)
     sample = torch.sort(x.index_select(0, positions), descending=True).values
     rank, margin = k / n * m, 8 * (m * (k / n) * (1 - k / n)) ** 0.5 + 8
     hi, lo = sample[max(int(rank - margin), 0)], sample[min(int(rank + margin), m - 1)]
