@@ -370,3 +370,32 @@ def test_unserializable_config_is_refused_before_writing(tmp_path):
         surgeon.save(model, tmp_path / "out")
     assert "not JSON-serializable" in one_line(err)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("nm", [None, "2:4"])
+def test_a_folded_load_equals_folding_the_loaded_model(tmp_path, nm):
+    from surgeon.formats import packed
+
+    model = make("tiny-unet")
+    p = surgeon.plan(model, nm=nm) if nm else surgeon.plan(model, sparsity=0.7)
+    surgeon.inject(model, p, init="magnitude")
+    surgeon.save(model, tmp_path / "out")
+    want = surgeon.fold(surgeon.load(tmp_path / "out")).state_dict()
+    got = packed.load(tmp_path / "out", folded=True)
+    assert not sites(got) and got.state_dict().keys() == want.keys()
+    for key, value in got.state_dict().items():
+        assert torch.equal(value, want[key]), key
+
+
+def test_a_folded_load_checks_every_entry_before_filling_any(tmp_path):
+    from surgeon.formats import packed
+
+    model = make("tiny-unet")
+    surgeon.inject(model, surgeon.plan(model, sparsity=0.7), init="magnitude")
+    surgeon.save(model, tmp_path / "out")
+    meta, tensors = packed.read(tmp_path / "out")
+    last = list(meta["tensors"])[-1]
+    tensors[f"{last}.values"] = tensors[f"{last}.values"][1:]  # one value short, in the last entry
+    with pytest.raises(SurgeonError, match="keeps"):
+        packed.dense_entries(meta, tensors)
+    assert all(fqn not in tensors for fqn in meta["tensors"])  # nothing was filled in

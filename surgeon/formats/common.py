@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from surgeon.errors import SurgeonError, UsageError
-from surgeon.formats.packed import build, match_state, unpack_entry
+from surgeon.formats.packed import build, dense_entries, match_state
 from surgeon.masking.surgery import sites
 from surgeon.masking.targets import find_targets
 
@@ -76,14 +76,7 @@ def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {fqn: site.mask.detach().to("cpu", copy=True) for fqn, site in sites(model).items()}
 
 
-def dense_state(meta: Mapping, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A file's tensors with every ``values+mask`` entry scattered back to a dense weight (zeros where pruned)."""
-    for fqn, info in meta["tensors"].items():
-        if info.get("storage", "values+mask") != "values+mask":
-            continue
-        values, mask = unpack_entry(fqn, info, tensors, meta["file"])
-        tensors[fqn] = torch.zeros(mask.shape, dtype=values.dtype).masked_scatter_(mask, values)
-    return tensors
+dense_state = dense_entries  # the readers of csr and semi-structured files fill their dense weights the same way
 
 
 def build_plain(meta: Mapping, state: Mapping[str, torch.Tensor]) -> nn.Module:

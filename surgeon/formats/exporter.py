@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from surgeon.errors import SurgeonError, UsageError, check_arg, check_path
-from surgeon.formats import FORMATS
+from surgeon.formats import FORMATS, packed
 from surgeon.formats.common import Options, Row, dtype_name, parse_dtype
 from surgeon.formats.dense import denoiser_part
 from surgeon.formats.inputs import denoising_step
@@ -98,7 +98,11 @@ def export(
         check_apart(out, "model", source)
         meta = _source_metadata(source) if source.exists() else None
         pipeline_of_ref = source if (source / "model_index.json").is_file() else None
-        model = load_model(model, trust_code=trust_code)
+        if format == "dense" and meta is not None and meta["layout"] == packed.LAYOUT:
+            # folded as it loads: the 1-byte masks of all layers (0.7 GB at DiT-XL size) are never held at once
+            model = packed.load(meta["file"], trust_code=trust_code, folded=True)
+        else:
+            model = load_model(model, trust_code=trust_code)
     else:
         pipeline_of_ref = None
     extra = dict(meta["extra"]) if meta else {}

@@ -383,14 +383,36 @@ def build(
     return model
 
 
-def load(folder: str | os.PathLike, trust_code: bool = False) -> nn.Module:
+def dense_entries(meta: Mapping, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A file's tensors with every ``values+mask`` entry checked, then scattered back to a dense weight (zeros where
+    pruned), one at a time: a mask lives only while its weight is filled (both passes unpack it: 0.1 ns a bit)."""
+    masked = {fqn: info for fqn, info in meta["tensors"].items() if info.get("storage", "values+mask") == "values+mask"}
+    probe = dict(tensors)
+    for fqn, info in masked.items():  # every entry checked before any is taken out
+        unpack_entry(fqn, info, probe, meta["file"])
+    for fqn, info in masked.items():
+        values, mask = unpack_entry(fqn, info, tensors, meta["file"])
+        tensors[fqn] = torch.zeros(mask.shape, dtype=values.dtype).masked_scatter_(mask, values)
+        del mask
+    return tensors
+
+
+def load(folder: str | os.PathLike, trust_code: bool = False, folded: bool = False) -> nn.Module:
     """Rebuild the saved model (from its config; nothing downloaded) with its mask parametrizations.
 
     A config naming a class outside diffusers and surgeon's own models (a ``file.py:Class`` or another module) is
-    refused unless ``trust_code=True``: importing it would run its code.
+    refused unless ``trust_code=True``: importing it would run its code. ``folded``: a plain model with the masks
+    folded in (what ``fold`` of the loaded model gives), built without ever holding the masks of all layers at once.
     """
     meta, tensors = read(folder)
     with trusting_code(trust_code):
-        model = restore(build(meta, tensors, empty=True), meta, tensors)
+        model = build(meta, tensors, empty=True)
+        if folded:
+            check_tensor_info(meta)
+            state = dense_entries(meta, tensors)
+            match_state(model, state, {}, meta["file"].parent)
+            model.load_state_dict(state, strict=True, assign=True)
+        else:
+            model = restore(model, meta, tensors)
     verify_integrity(meta)
     return model
