@@ -18,6 +18,14 @@ from surgeon.masking.surgery import sites
 from surgeon.sparsity.scratch import recycled
 
 
+@pytest.fixture(autouse=True)
+def recompute_every_layer(monkeypatch):
+    """These layers are small; every one of them takes the recompute path here."""
+    from surgeon.masking import recompute
+
+    monkeypatch.setattr(recompute, "RECOMPUTED_FROM", 0)
+
+
 class _ReferenceSTE(torch.autograd.Function):
     """W ⊙ keep forward, saved by autograd as usual; gradient straight through plus λ_W·W where pruned."""
 
@@ -184,3 +192,25 @@ def test_a_recycled_block_is_never_handed_out_while_referenced():
     address = second.data_ptr()
     del second
     assert recycled("test.block", (2, 8), torch.float32, torch.device("cpu")).data_ptr() == address
+
+
+def test_a_small_layer_keeps_its_effective_weight_and_a_large_one_does_not(monkeypatch):
+    from surgeon.masking import recompute
+
+    x = _inputs().requires_grad_()
+    net = _nm(_net())
+    sizes = sorted(s.original.numel() for s in sites(net).values())
+    monkeypatch.setattr(recompute, "RECOMPUTED_FROM", sizes[-1])  # only the largest layer is recomputed
+    effective = {s.original.numel(): s.effective().detach() for s in sites(net).values()}
+    seen = _saved(lambda: net(x).square().sum().backward())
+
+    def saved(e: torch.Tensor) -> bool:  # as it is, or the transposed view a linear saves
+        flat = e.reshape(-1)
+        return any(
+            t.numel() == e.numel()
+            and (torch.equal(t.reshape(-1), flat) or (t.dim() == 2 and torch.equal(t.t().reshape(-1), flat)))
+            for t in seen
+        )
+
+    assert not saved(effective[sizes[-1]])
+    assert all(saved(effective[n]) for n in sizes[:-1])
