@@ -141,7 +141,7 @@ class RigL(MagRan):
         if dense is None:  # not captured: the update moves none of this layer's weights
             return None
         held = site.original.grad
-        if held is not None and dense is not None and held.data_ptr() == dense.data_ptr():
+        if held is not None and held.data_ptr() == dense.data_ptr():
             # the parameter's own gradient (Mask.take_dense_grad): zero_grad without set_to_none zeroes it in place
             raise SurgeonError(
                 f"RigL's dense gradient of {site.fqn} is still the parameter's .grad at the mask update",

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from surgeon.errors import SurgeonError, UsageError
-from surgeon.formats.packed import build, dense_entries, match_state
+from surgeon.formats.packed import build, match_state
 from surgeon.masking.surgery import sites
 from surgeon.masking.targets import find_targets
 
@@ -74,9 +74,6 @@ def target_kinds(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
 def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """The bool mask of every masked tensor, taken before the masks are folded away."""
     return {fqn: site.mask.detach().to("cpu", copy=True) for fqn, site in sites(model).items()}
-
-
-dense_state = dense_entries  # the readers of csr and semi-structured files fill their dense weights the same way
 
 
 def build_plain(meta: Mapping, state: Mapping[str, torch.Tensor]) -> nn.Module:

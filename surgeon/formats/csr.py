@@ -29,7 +29,6 @@ from surgeon.formats.common import (
     Row,
     build_plain,
     damaged,
-    dense_state,
     dtype_name,
     masks_of,
     nbytes,
@@ -45,7 +44,7 @@ from surgeon.formats.csr_layers import (
     is_plain_recurrent,
     to_csr,
 )
-from surgeon.formats.packed import header_fields, plain_state, write_model
+from surgeon.formats.packed import dense_entries, header_fields, plain_state, write_model
 from surgeon.io.bitpack import pack_mask
 from surgeon.io.classes import copy_model
 from surgeon.io.container import read_tensors
@@ -292,7 +291,7 @@ def read(meta: Mapping, device: torch.device | str | None = None) -> nn.Module:
         tensors[fqn] = w.to_dense().reshape(shape)  # the plain model is built dense first, then swapped
         module, _, name = fqn.rpartition(".")
         stored.setdefault(module, {})[name] = w
-    model = build_plain(meta, dense_state(meta, tensors))
+    model = build_plain(meta, dense_entries(meta, tensors))
     csr = meta.get("csr") or {}
     for fqn, d in csr.items():
         module = model.get_submodule(fqn)

@@ -407,8 +407,7 @@ def load(folder: str | os.PathLike, trust_code: bool = False, folded: bool = Fal
     meta, tensors = read(folder)
     with trusting_code(trust_code):
         model = build(meta, tensors, empty=True)
-        if folded:
-            check_tensor_info(meta)
+        if folded:  # read() checked the tensor entries
             state = dense_entries(meta, tensors)
             match_state(model, state, {}, meta["file"].parent)
             model.load_state_dict(state, strict=True, assign=True)

@@ -28,13 +28,12 @@ from surgeon.formats.common import (
     Row,
     build_plain,
     damaged,
-    dense_state,
     dtype_name,
     masks_of,
     nbytes,
     target_kinds,
 )
-from surgeon.formats.packed import header_fields, plain_state, write_model
+from surgeon.formats.packed import dense_entries, header_fields, plain_state, write_model
 from surgeon.io.bitpack import pack_mask
 from surgeon.io.container import read_tensors
 from surgeon.masking.surgery import remove
@@ -171,7 +170,7 @@ def read(meta: Mapping, device: torch.device | str | None = None) -> nn.Module:
             tensors[fqn] = decompress(values, positions, shape)
         except ValueError as e:
             raise damaged(meta, f"{fqn}: {e}") from e
-    model = build_plain(meta, dense_state(meta, tensors))
+    model = build_plain(meta, dense_entries(meta, tensors))
     if device is None:
         return model
     model.to(device)

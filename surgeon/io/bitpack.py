@@ -44,7 +44,7 @@ def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
 
 def kept_values(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``t[mask]`` (1-D, on CPU), by numpy's boolean indexing: about twice as fast as torch's on a CPU at one thread
-    (5 vs 11 ns per element at 860M weights). Dtypes numpy lacks (bfloat16) are moved as integers of their width."""
+    (5 vs 11 ns per element on a 14.7M-weight layer). Dtypes numpy lacks (bfloat16) are moved as integers of their width."""
     t, mask = t.detach().to("cpu").contiguous(), mask.detach().to("cpu", torch.bool).contiguous()
     if t.is_complex() or t.element_size() not in _SAME_WIDTH:
         return t[mask]

@@ -8,6 +8,7 @@ tensor needs it. Its contents are garbage on return and valid until the same thr
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 
@@ -21,9 +22,7 @@ def buffer(slot: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, d
     """An uninitialised tensor of ``shape`` and ``dtype`` in this thread's buffer ``slot``."""
     buffers = _local.__dict__.setdefault("buffers", {})
     key = (slot, torch.device(device), dtype)
-    numel = 1
-    for size in shape:
-        numel *= int(size)
+    numel = math.prod(int(size) for size in shape)
     held = buffers.get(key)
     if held is None or held.numel() < numel:
         held = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
@@ -62,9 +61,7 @@ def recycled(slot: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype,
     storage has no user but the pool's own tensor (any view, alias or ``set_`` of a handed-out tensor holds it),
     so a result the caller keeps is never written over; it only makes the pool take another block.
     """
-    numel = 1
-    for size in shape:
-        numel *= int(size)
+    numel = math.prod(int(size) for size in shape)
     if _use_count is None:
         return torch.empty(shape, dtype=dtype, device=device)
     pool = _local.__dict__.setdefault("recycled", {}).setdefault((slot, torch.device(device), dtype), [])
